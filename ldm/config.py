@@ -1,0 +1,376 @@
+"""Typed, frozen configs for every part of an LDM, a preset registry, YAML io and key=value overrides.
+
+No dotted-path `target:` strings: every component is chosen by a plain field (`reg="kl"`,
+`text_encoder="hf"`) and built by ordinary code in the module that owns it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, has the wrong type, or contradicts another value."""
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """First stage (paper §3.1): image x (H,W,3) -> latent z (H/f, W/f, c)."""
+    reg: str = "kl"                      # "kl" (KL-reg., §3.1) or "vq" (VQ-reg., §3.1)
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128                        # base width
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    z_channels: int = 4
+    embed_dim: int = 4                   # latent channels c after quant_conv
+    n_embed: int = 8192                  # VQ codebook size |Z|
+    beta: float = 0.25                   # VQ commitment weight (van den Oord et al.)
+    norm_groups: int = 32
+
+    @property
+    def downsample_factor(self) -> int:  # f in the paper
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        r = self.resolution // self.downsample_factor
+        return (self.embed_dim, r, r)
+
+
+@dataclass(frozen=True)
+class FirstStageLossConfig:
+    """Stage-1 objective (paper §3.1, App. G): rec + perceptual + patch-GAN + KL or codebook term."""
+    rec_loss: str = "l1"                 # "l1" or "l2"
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "effnet-lite0"  # or "lpips" (needs lpips_vgg_path + lpips_lin_path)
+    lpips_vgg_path: str = ""
+    lpips_lin_path: str = ""
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"             # "hinge" or "vanilla"
+    disc_num_layers: int = 3
+    disc_ndf: int = 64
+    kl_weight: float = 1e-6
+    codebook_weight: float = 1.0
+    logvar_init: float = 0.0
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Time-conditional UNet eps_theta(z_t, t, tau(y)) with cross-attention (paper §3.3, eq. 3)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample rates ds with attention
+    num_heads: int = 8
+    num_head_channels: int = -1          # >0: fixed head width instead of fixed head count
+    transformer_depth: int = 1
+    context_dim: int | None = 768        # d_tau; None = no cross-attention (self-attention blocks)
+    num_classes: int | None = None       # class-conditional embedding added to the time embedding
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    norm_groups: int = 32
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process and objective (paper §3.2, eq. 1-2; DDPM, Ho et al. 2020)."""
+    timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" (CompVis "linear") | "cosine"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    zero_terminal_snr: bool = False      # Lin et al. 2024 rescale
+    parameterization: str = "eps"        # "eps" | "x0" | "v"
+    loss_type: str = "l2"                # "l2" | "l1"
+    loss_weighting: str = "simple"       # "simple" (L_simple) | "min_snr" (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    offset_noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """tau_theta(y) (paper §3.3): what conditions the UNet and how it is dropped for CFG."""
+    kind: str = "text"                   # "text" | "class" | "none"
+    text_encoder: str = "hf"             # "hf" (frozen, from a local/s3 path) | "transformer" (trained, paper)
+    text_encoder_path: str = ""          # "" = the offline all-MiniLM-L6-v2 when installed
+    max_length: int = 77
+    # the paper's trainable transformer over a BERT tokenizer (used when text_encoder="transformer")
+    n_embed: int = 1280
+    n_layer: int = 32
+    n_head: int = 8
+    vocab_size: int = 30522
+    num_classes: int = 0                 # kind="class"
+    concat_channels: int = 0             # dense conditions concatenated to z_t (SR, inpainting, semantic)
+    cond_drop_prob: float = 0.1          # classifier-free guidance dropout, applied at train time
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    name: str = "custom"
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    scale_factor: float = 0.0            # 0 = take 1/std of the latents from the cache manifest (§4.3.2)
+
+    def validate(self) -> "LDMConfig":
+        ae, un, cond = self.autoencoder, self.unet, self.conditioning
+        if ae.reg not in ("kl", "vq"):
+            raise ConfigError(f"autoencoder.reg must be 'kl' or 'vq', got {ae.reg!r}")
+        if ae.resolution % ae.downsample_factor:
+            raise ConfigError(f"autoencoder.resolution={ae.resolution} is not divisible by f={ae.downsample_factor}")
+        for name, c in (("autoencoder.ch", ae.ch), ("unet.model_channels", un.model_channels)):
+            groups = ae.norm_groups if name.startswith("autoencoder") else un.norm_groups
+            if c % groups:
+                raise ConfigError(f"{name}={c} must be a multiple of norm_groups={groups}")
+        want_in = ae.embed_dim + cond.concat_channels
+        if un.in_channels != want_in:
+            raise ConfigError(f"unet.in_channels={un.in_channels} but the latent has autoencoder.embed_dim="
+                              f"{ae.embed_dim} + conditioning.concat_channels={cond.concat_channels} = {want_in}; "
+                              f"set unet.in_channels={want_in}")
+        if un.out_channels != ae.embed_dim:
+            raise ConfigError(f"unet.out_channels={un.out_channels} must equal autoencoder.embed_dim={ae.embed_dim}")
+        if cond.kind == "text" and un.context_dim is None:
+            raise ConfigError("conditioning.kind='text' needs unet.context_dim (the text encoder's width)")
+        if cond.kind == "text" and cond.text_encoder == "transformer" and un.context_dim != cond.n_embed:
+            raise ConfigError(f"unet.context_dim={un.context_dim} must equal conditioning.n_embed={cond.n_embed}")
+        if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
+            raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
+                              "(the extra class is the null label for classifier-free guidance)")
+        if self.diffusion.parameterization not in ("eps", "x0", "v"):
+            raise ConfigError(f"diffusion.parameterization must be eps, x0 or v, got {self.diffusion.parameterization!r}")
+        if self.diffusion.loss_weighting not in ("simple", "min_snr"):
+            raise ConfigError(f"diffusion.loss_weighting must be simple or min_snr, got {self.diffusion.loss_weighting!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / YAML io with type checking
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Turn a YAML/JSON value into the annotated type `tp`, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable identity of a config (used to match a latent cache to its autoencoder)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path: str | Path, cls: type = None) -> Any:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    cls = cls or LDMConfig
+    return from_dict(cls, data)
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """`["unet.model_channels=64", "diffusion.parameterization=v"]` -> a new frozen config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. unet.model_channels=64")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        cfg = _set(cfg, key.strip().split("."), value, key)
+    return cfg
+
+
+def _set(cfg: Any, path: list[str], value: Any, full: str) -> Any:
+    hints = typing.get_type_hints(type(cfg))
+    name = path[0]
+    if name not in hints:
+        raise ConfigError(f"override {full!r}: {type(cfg).__name__} has no field {name!r}; "
+                          f"valid: {sorted(hints)}")
+    if len(path) == 1:
+        return replace(cfg, **{name: _coerce(hints[name], value, full)})
+    sub = getattr(cfg, name)
+    if not dataclasses.is_dataclass(sub):
+        raise ConfigError(f"override {full!r}: {name!r} is not a section")
+    return replace(cfg, **{name: _set(sub, path[1:], value, full)})
+
+
+def format_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+PRESETS: dict[str, Callable[[], LDMConfig]] = {}
+
+
+def register_preset(name: str):
+    def deco(fn: Callable[[], LDMConfig]):
+        PRESETS[name] = fn
+        return fn
+    return deco
+
+
+def get_preset(name: str) -> LDMConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def load_config(preset: str = "", yaml_path: str = "", overrides: list[str] | tuple[str, ...] = ()) -> LDMConfig:
+    """Preset, then a YAML file on top (whole sections or single keys), then key=value overrides."""
+    if not preset and not yaml_path:
+        raise ConfigError("give a preset name or a YAML config file")
+    cfg = get_preset(preset) if preset else LDMConfig()
+    if yaml_path:
+        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in _flatten(data)])
+    return apply_overrides(cfg, overrides).validate()
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@register_preset("tiny")
+def _tiny() -> LDMConfig:
+    """Unit tests: 16x16 images, f=2, a UNet of ~0.3M params; seconds on a CPU."""
+    return LDMConfig(
+        name="tiny",
+        autoencoder=AutoencoderConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                      z_channels=4, embed_dim=4, n_embed=64),
+        loss=FirstStageLossConfig(disc_start=0, disc_ndf=16, disc_num_layers=2),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(2,), num_heads=2, context_dim=32),
+        diffusion=DiffusionConfig(timesteps=100),
+        conditioning=ConditioningConfig(kind="text", text_encoder="transformer", n_embed=32, n_layer=2, n_head=2,
+                                        max_length=16),
+    )
+
+
+@register_preset("demo")
+def _demo() -> LDMConfig:
+    """The CPU demo: 32x32 Fashion-MNIST, KL f=4 (8x8x4 latents), a ~5M-param UNet, frozen MiniLM text."""
+    return LDMConfig(
+        name="demo",
+        autoencoder=AutoencoderConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                      z_channels=4, embed_dim=4, n_embed=512),
+        loss=FirstStageLossConfig(disc_start=2001, disc_ndf=32, disc_num_layers=2, perceptual_weight=0.1),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=2,
+                        attention_resolutions=(1, 2), num_heads=4, context_dim=384),
+        diffusion=DiffusionConfig(timesteps=1000),
+        conditioning=ConditioningConfig(kind="text", text_encoder="hf", max_length=32),
+    )
+
+
+@register_preset("ldm-kl-8")
+def _ldm_kl_8() -> LDMConfig:
+    """The paper's LAION text-to-image LDM-KL-8 (txt2img-1p4B): 256px, f=8, BERT-tokenizer transformer."""
+    return LDMConfig(
+        name="ldm-kl-8",
+        autoencoder=AutoencoderConfig(resolution=256, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                      z_channels=4, embed_dim=4),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                        num_res_blocks=2, attention_resolutions=(4, 2, 1), num_heads=8, context_dim=1280),
+        diffusion=DiffusionConfig(timesteps=1000, linear_start=0.00085, linear_end=0.012),
+        conditioning=ConditioningConfig(kind="text", text_encoder="transformer", n_embed=1280, n_layer=32,
+                                        max_length=77),
+        scale_factor=0.18215,
+    )
+
+
+@register_preset("sd-v1-like")
+def _sd_v1_like() -> LDMConfig:
+    """Stable Diffusion v1's shape: 512px, KL f=8, 860M UNet, frozen 768-d text encoder from a local path."""
+    return LDMConfig(
+        name="sd-v1-like",
+        autoencoder=AutoencoderConfig(resolution=512, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                      z_channels=4, embed_dim=4),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                        num_res_blocks=2, attention_resolutions=(4, 2, 1), num_heads=8, context_dim=768),
+        diffusion=DiffusionConfig(timesteps=1000, linear_start=0.00085, linear_end=0.012),
+        conditioning=ConditioningConfig(kind="text", text_encoder="hf", max_length=77),
+        scale_factor=0.18215,
+    )
