@@ -1,0 +1,152 @@
+"""Samplers as pure functions over a model callable `model(x, t) -> prediction` (k-diffusion style).
+
+`parameterization` says what the callable predicts (eps, x0 or v); every sampler converts it to
+(eps, x0) with `predict_eps_x0`. Wrap a conditional UNet with `guided(...)` for classifier-free
+guidance (Ho & Salimans 2022; paper §4.3.2 and §4.5) and pass `mask`/`x0_known` to inpaint (§4.5).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def predict_eps_x0(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | float, parameterization: str):
+    """(eps, x0) from a model output at noise level alpha_bar = a (eq. 1 solved for the unknowns)."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    sa, s1a = a.sqrt().item(), (1 - a).sqrt().item()
+    if parameterization == "eps":
+        return out, (x - s1a * out) / sa
+    if parameterization == "x0":
+        return (x - sa * out) / s1a, out
+    if parameterization == "v":
+        return sa * out + s1a * x, sa * x - s1a * out
+    raise ValueError(f"unknown parameterization {parameterization!r}")
+
+
+def _cat(a, b):
+    return None if a is None else torch.cat([a, b])
+
+
+def guided(model: Callable, cond: dict, uncond: dict, scale: float) -> Model:
+    """Classifier-free guidance: e_u + s (e_c - e_u); scale 1 is exactly the conditional model."""
+    if scale == 1.0:
+        return lambda x, t: model(x, t, **cond)
+
+    def fn(x, t):
+        kw = {k: _cat(uncond.get(k), cond[k]) for k in cond}
+        out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), **kw).chunk(2)
+        return out_u + scale * (out_c - out_u)
+    return fn
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int, offset: int = 1) -> torch.Tensor:
+    """Evenly spaced ("leading") steps, descending: [.., 2c+1, c+1, 1] with c = T // num_steps (CompVis)."""
+    step = num_train_timesteps // num_steps
+    ts = torch.arange(num_steps, dtype=torch.long) * step + offset
+    return ts.clamp(max=num_train_timesteps - 1).flip(0)
+
+
+def _noise_like(x, generator, noises, i):
+    if noises is not None:
+        return noises[i]
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _paste_known(x, mask, x0_known, t, alphas_cumprod, generator):
+    """Inpainting: keep the known region (mask = 1) at the current noise level, generate the rest."""
+    if mask is None:
+        return x
+    a = alphas_cumprod[t]
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    known = a.sqrt().item() * x0_known + (1 - a).sqrt().item() * noise
+    return mask * known + (1 - mask) * x
+
+
+@torch.no_grad()
+def sample_ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+                eta: float = 0.0, parameterization: str = "eps", final_alpha_cumprod: float | None = None,
+                generator: torch.Generator | None = None, noises: list | None = None,
+                mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                callback: Callable | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z.
+    The last step lands on alpha_bar_0 (CompVis / diffusers `set_alpha_to_one=False`) unless
+    `final_alpha_cumprod=1.0`."""
+    ac = alphas_cumprod.double()
+    final = ac[0].item() if final_alpha_cumprod is None else final_alpha_cumprod
+    for i, t in enumerate(timesteps.tolist()):
+        x = _paste_known(x, mask, x0_known, t, ac, generator)
+        a = ac[t].item()
+        a_prev = ac[timesteps[i + 1]].item() if i + 1 < len(timesteps) else final
+        eps, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
+                                 x, a, parameterization)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * _noise_like(x, generator, noises, i)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x if mask is None else mask * x0_known + (1 - mask) * x
+
+
+@torch.no_grad()
+def sample_ddpm(model: Model, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | None = None,
+                *, parameterization: str = "eps", generator: torch.Generator | None = None,
+                noises: list | None = None, mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                callback: Callable | None = None) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 6-7), on all
+    T steps or a respaced subset (betas recomputed from alpha_bar at the chosen steps)."""
+    ac = alphas_cumprod.double()
+    if timesteps is None:
+        timesteps = torch.arange(ac.shape[0] - 1, -1, -1)
+    for i, t in enumerate(timesteps.tolist()):
+        x = _paste_known(x, mask, x0_known, t, ac, generator)
+        a = ac[t].item()
+        a_prev = ac[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        beta = 1 - a / a_prev
+        eps, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
+                                 x, a, parameterization)
+        mean = (a_prev ** 0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
+        var = beta * (1 - a_prev) / (1 - a)  # posterior variance beta~_t
+        x = mean + var ** 0.5 * _noise_like(x, generator, noises, i) if i + 1 < len(timesteps) else mean
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x if mask is None else mask * x0_known + (1 - mask) * x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+                    parameterization: str = "eps", generator: torch.Generator | None = None,
+                    mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                    callback: Callable | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma); ends at the clean sample."""
+    ac = alphas_cumprod.double()
+    x0_prev, h_prev = None, None
+    ts = timesteps.tolist()
+    for i, t in enumerate(ts):
+        x = _paste_known(x, mask, x0_known, t, ac, generator)
+        a = ac[t].item()
+        _, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
+                               x, a, parameterization)
+        if i + 1 == len(ts):  # final step to sigma = 0: the data prediction itself
+            x = x0
+        else:
+            a_next = ac[ts[i + 1]].item()
+            alpha, sigma = a ** 0.5, (1 - a) ** 0.5
+            alpha_n, sigma_n = a_next ** 0.5, (1 - a_next) ** 0.5
+            lam, lam_n = torch.log(torch.tensor(alpha / sigma)), torch.log(torch.tensor(alpha_n / sigma_n))
+            h = (lam_n - lam).item()
+            d = x0
+            if x0_prev is not None:  # second order: linear extrapolation of the data prediction
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma_n / sigma) * x - alpha_n * (torch.expm1(torch.tensor(-h)).item()) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x if mask is None else mask * x0_known + (1 - mask) * x
+
+
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
