@@ -41,7 +41,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     from scipy import linalg
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     sa, sb = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(sa @ sb, disp=False)
+    covmean = linalg.sqrtm(sa @ sb)
     if not np.isfinite(covmean).all():
         eps = np.eye(sa.shape[0]) * 1e-6
         covmean = linalg.sqrtm((sa + eps) @ (sb + eps))

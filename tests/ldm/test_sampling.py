@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from ldm.diffusion import Schedule
+from ldm.config import DiffusionConfig
+from ldm.sampling import ddim_timesteps, guided, predict_eps_x0, sample_ddim, sample_ddpm, sample_dpmpp_2m
+
+SCHED = Schedule.from_config(DiffusionConfig(timesteps=1000))
+AC = SCHED.alphas_cumprod
+
+
+def perfect(x_star, param):
+    """The ideal denoiser for a single data point x*: predicts exactly what would reach x*."""
+    def model(x, t):
+        a = AC[t[0]].item()
+        eps = (x - a ** 0.5 * x_star) / (1 - a) ** 0.5
+        return {"eps": eps, "x0": x_star.expand_as(x), "v": a ** 0.5 * eps - (1 - a) ** 0.5 * x_star}[param]
+    return model
+
+
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
+def test_predict_eps_x0_inverts_each_parameterisation(param):
+    x0, eps, a = torch.randn(2, 4), torch.randn(2, 4), 0.3
+    x = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+    out = {"eps": eps, "x0": x0, "v": a ** 0.5 * eps - (1 - a) ** 0.5 * x0}[param]
+    e, z = predict_eps_x0(out, x, a, param)
+    assert torch.allclose(e, eps, atol=1e-5) and torch.allclose(z, x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("param", ["eps", "v"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddim_eta", "ddpm", "ddpm_respaced", "dpmpp_2m"])
+def test_perfect_denoiser_reaches_the_data_point(sampler, param):
+    g = torch.Generator().manual_seed(0)
+    x_star = torch.randn(1, 3, 4, 4, generator=g)
+    x_T = torch.randn(2, 3, 4, 4, generator=g)
+    m = perfect(x_star, param)
+    ts = ddim_timesteps(1000, 20)
+    if sampler == "ddim":
+        out = sample_ddim(m, x_T, ts, AC, parameterization=param, final_alpha_cumprod=1.0)
+    elif sampler == "ddim_eta":
+        out = sample_ddim(m, x_T, ts, AC, eta=1.0, parameterization=param, final_alpha_cumprod=1.0, generator=g)
+    elif sampler == "ddpm":
+        out = sample_ddpm(m, x_T, AC, parameterization=param, generator=g)
+    elif sampler == "ddpm_respaced":
+        out = sample_ddpm(m, x_T, AC, ts, parameterization=param, generator=g)
+    else:
+        out = sample_dpmpp_2m(m, x_T, ts, AC, parameterization=param)
+    assert (out - x_star).abs().max() < 1e-3, (out - x_star).abs().max()
+
+
+def test_ddim_default_ends_at_alpha_bar_0_like_compvis():
+    x_star = torch.randn(1, 3, 4, 4)
+    out = sample_ddim(perfect(x_star, "eps"), torch.randn(1, 3, 4, 4), ddim_timesteps(1000, 10), AC)
+    assert (out - x_star).abs().max() < 0.1  # within sqrt(1 - alpha_bar_0) ~ 0.03 of x*
+
+
+def test_ddim_timesteps_leading():
+    assert ddim_timesteps(1000, 4).tolist() == [751, 501, 251, 1]
+
+
+def _cond_model(x, t, context=None):
+    return x * 0.5 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def test_cfg_scale_one_equals_conditional_model():
+    x, t = torch.randn(3, 2, 4, 4), torch.full((3,), 10)
+    cond, uncond = {"context": torch.randn(3, 5, 8)}, {"context": torch.zeros(3, 5, 8)}
+    assert torch.equal(guided(_cond_model, cond, uncond, 1.0)(x, t), _cond_model(x, t, **cond))
+    out = guided(_cond_model, cond, uncond, 3.0)(x, t)
+    u, c = _cond_model(x, t, **uncond), _cond_model(x, t, **cond)
+    assert torch.allclose(out, u + 3.0 * (c - u), atol=1e-6)
+
+
+def test_cfg_with_real_unet_scale_one():
+    from ldm.config import get_preset
+    from ldm.unet import UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(get_preset("tiny").unet).eval()
+    for p in unet.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 50])
+    cond, uncond = {"context": torch.randn(2, 6, 32)}, {"context": torch.zeros(2, 6, 32)}
+    with torch.no_grad():
+        assert torch.allclose(guided(unet, cond, uncond, 1.0)(x, t), unet(x, t, **cond))
+        assert not torch.allclose(guided(unet, cond, uncond, 4.0)(x, t), unet(x, t, **cond))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_inpainting_keeps_known_region(sampler):
+    g = torch.Generator().manual_seed(0)
+    x_star = torch.randn(1, 3, 8, 8, generator=g)
+    known = torch.randn(1, 3, 8, 8, generator=g)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    ts = ddim_timesteps(1000, 10)
+    m = perfect(x_star, "eps")
+    kw = dict(mask=mask, x0_known=known, generator=g)
+    out = {"ddim": lambda: sample_ddim(m, torch.randn(1, 3, 8, 8, generator=g), ts, AC, final_alpha_cumprod=1.0, **kw),
+           "ddpm": lambda: sample_ddpm(m, torch.randn(1, 3, 8, 8, generator=g), AC, ts, **kw),
+           "dpmpp_2m": lambda: sample_dpmpp_2m(m, torch.randn(1, 3, 8, 8, generator=g), ts, AC, **kw)}[sampler]()
+    assert torch.equal(out[..., :4], known[..., :4])
+    assert (out[..., 4:] - x_star[..., 4:]).abs().max() < 1e-3
