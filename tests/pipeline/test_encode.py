@@ -1,0 +1,178 @@
+"""jobs/encode_latents.py end to end on real shards through a real (embedded) Ray."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ldm.metrics import psnr
+from pipeline import storage
+from pipeline.encode import EncodeOptions, run_encode
+from pipeline.latent_cache import CacheMismatch, part_files, read_manifest
+from pipeline.models import load_autoencoder
+from pipeline.preprocess import PreprocessConfig, decode_image, resize_crop
+from pipeline.sources import discover_shards, read_shard
+from salted import write_bad_parquet_set, write_salted_webdataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def opts(inp, out, ae, **kw):
+    pre = kw.pop("preprocess", PreprocessConfig(resolution=16))
+    return EncodeOptions(input=str(inp), output=str(out), autoencoder=ae, preprocess=pre, batch_size=32,
+                         max_length=16, **kw)
+
+
+def read_cache(out):
+    m = read_manifest(str(out))
+    tables = [pq.read_table(storage.read_bytes(f) if "://" in f else f) if "://" not in f else
+              pq.read_table(__import__("io").BytesIO(storage.read_bytes(f))) for f in part_files(str(out), m)]
+    keys = [k for t in tables for k in t["key"].to_pylist()]
+    return m, tables, keys
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_encode_real_shards_and_decode_back(ray_local, fmnist_shards, tiny_ae_ckpt, tmp_path, layout):
+    out = tmp_path / "latents"
+    s = run_encode(opts(fmnist_shards[layout], out, tiny_ae_ckpt))
+    m, tables, keys = read_cache(out)
+    shards = discover_shards(fmnist_shards[layout])
+    n_records = sum(1 for sh in shards.shards for r in read_shard({"uri": sh, "shard": 0}, shards.layout) if r["key"])
+    assert s["read"] == n_records and m["counts"]["read"] == n_records
+    assert len(keys) == len(set(keys)) == s["kept"] == n_records  # every real record is good
+    assert m["latent_shape"] == [4, 8, 8] and len(m["latent_channel_std"] if "latent_channel_std" in m else
+                                                  m["totals"]["latent_channel_std"]) == 4
+    assert set(m["completed_shards"]) == set(shards.shards) and not m["failed_shards"]
+    t = tables[0]
+    assert t["latent_mean"].type.value_type == __import__("pyarrow").float16()
+    assert t["input_ids"].type.list_size == 16 and t["label"].null_count < len(t)
+    # decoding the stored posterior mean reproduces the image within the autoencoder's own error
+    ae = load_autoencoder(tiny_ae_ckpt).model
+    originals = {r["key"]: r for sh in shards.shards for r in read_shard({"uri": sh, "shard": 0}, shards.layout)}
+    pre = PreprocessConfig(resolution=16)
+    rows = t.slice(0, 16).to_pylist()
+    x = torch.stack([torch.from_numpy(resize_crop(decode_image(originals[r["key"]]["image"], pre)[0], pre, r["key"])[0])
+                     .permute(2, 0, 1).float() / 127.5 - 1 for r in rows])
+    stored = torch.tensor(np.array([r["latent_mean"] for r in rows], np.float32)).view(-1, 4, 8, 8)
+    with torch.no_grad():
+        from_cache = ae.decode(stored)
+        direct = ae.decode(ae.encode(x).mean)
+    p_cache, p_direct = psnr(from_cache, x).mean(), psnr(direct, x).mean()
+    assert p_direct > 18, p_direct  # the tiny AE really reconstructs
+    assert abs(p_cache - p_direct) < 0.2, (p_cache, p_direct)
+    # rerun: nothing to do, same cache
+    s2 = run_encode(opts(fmnist_shards[layout], out, tiny_ae_ckpt))
+    assert s2["encoded_this_run"] == 0 and read_cache(out)[2] == keys
+
+
+def test_salted_records_counted_by_reason_and_bad_shard_named(ray_local, tmp_path):
+    expect = write_salted_webdataset(tmp_path / "salted")
+    pre = PreprocessConfig(resolution=16, min_aesthetic=4.5)
+    s = run_encode(opts(tmp_path / "salted", tmp_path / "out", "random:tiny", preprocess=pre))
+    assert len(expect["skipped"]) >= 10
+    assert s["skipped"] == expect["skipped"]
+    m, tables, keys = read_cache(tmp_path / "out")
+    assert set(keys) == expect["good_keys"] and s["kept"] == expect["kept"]
+    (failed_uri, err), = m["failed_shards"].items()
+    assert failed_uri.endswith("00001.tar") and "00001.tar" in err and "ReadError" in err
+    # the truncated shard's whole records before the cut are kept, it is retried by a rerun
+    assert m["shards"][failed_uri]["kept"] == 5
+    s2 = run_encode(opts(tmp_path / "salted", tmp_path / "out", "random:tiny", preprocess=pre))
+    assert s2["encoded_this_run"] == 1 and read_cache(tmp_path / "out")[2].count("tgood0") == 1
+
+
+def test_bad_parquet_shards_do_not_stop_others(ray_local, fmnist_shards, tmp_path):
+    good = Path(fmnist_shards["parquet"], "00000.parquet").read_bytes()
+    write_bad_parquet_set(tmp_path / "pq", good)
+    s = run_encode(opts(tmp_path / "pq", tmp_path / "out", "random:tiny"))
+    assert s["kept"] == 40 and set(Path(u).name for u in s["shards_failed"]) == {"00001.parquet", "00002.parquet"}
+    assert "no image column" in s["shards_failed"][str(tmp_path / "pq" / "00002.parquet")]
+
+
+def test_clear_errors(ray_local, fmnist_shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_encode(opts(tmp_path / "nope", tmp_path / "o", "random:tiny"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.geteuid() != 0:  # root writes anywhere; a file in the way works for everyone
+        with pytest.raises(PermissionError, match="not writable"):
+            run_encode(opts(fmnist_shards["webdataset"], ro / "x", "random:tiny"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        run_encode(opts(fmnist_shards["webdataset"], tmp_path / "afile" / "x", "random:tiny"))
+    with pytest.raises(ValueError, match="not a multiple"):
+        run_encode(opts(fmnist_shards["webdataset"], tmp_path / "o", "random:demo",
+                        preprocess=PreprocessConfig(resolution=18)))
+    run_encode(opts(fmnist_shards["webdataset"], tmp_path / "o2", "random:tiny", max_shards=1))
+    with pytest.raises(CacheMismatch, match="latents of different encoders must not be mixed"):
+        run_encode(opts(fmnist_shards["webdataset"], tmp_path / "o2", "random:tiny:1"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_autoencoder(str(tmp_path / "missing.safetensors"))
+
+
+def test_s3_input_and_output(ray_local, s3_server, fmnist_shards, tmp_path):
+    import s3fs
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ldm-test")
+    fs.put(fmnist_shards["webdataset"] + "/", "ldm-test/shards/", recursive=True)
+    s = run_encode(opts("s3://ldm-test/shards", "s3://ldm-test/latents", "random:tiny"))
+    assert s["shards_done"] == 3 and not s["shards_failed"]
+    m = json.loads(fs.cat("ldm-test/latents/manifest.json"))
+    assert m["counts"]["kept"] == s["kept"] > 100
+    assert all(fs.exists(f"ldm-test/latents/{sh['file']}") for sh in m["shards"].values())
+
+
+def test_mlflow_summary(ray_local, fmnist_shards, tmp_path):
+    import mlflow
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    s = run_encode(opts(fmnist_shards["webdataset"], tmp_path / "o", "random:tiny", mlflow_uri=uri, max_shards=1))
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run(s["mlflow_run_id"])
+    assert run.data.metrics["kept"] == s["kept"] and run.data.params["preprocess.resolution"] == "16"
+    assert "manifest.json" in [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+
+
+def _encode_cmd(inp, out):
+    return [sys.executable, str(ROOT / "jobs" / "encode_latents.py"), "--input", str(inp), "--output", str(out),
+            "--autoencoder", "random:demo", "--resolution", "32", "--batch-size", "16", "--max-length", "8"]
+
+
+def test_kill_and_resume_equals_uninterrupted(ray_local, tmp_path):
+    from pipeline.make_shards import fashion_records, write_shards
+    write_shards(fashion_records("test", 480, 1, "png"), str(tmp_path / "in"), "webdataset", 60, seed=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = subprocess.run(_encode_cmd(tmp_path / "in", tmp_path / "full"), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen(_encode_cmd(tmp_path / "in", tmp_path / "part"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest = tmp_path / "part" / "manifest.json"
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if manifest.exists() and len(json.loads(manifest.read_text())["completed_shards"]) >= 2:
+            break
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = json.loads(manifest.read_text())["completed_shards"]
+    assert 2 <= len(done_at_kill) < 8, done_at_kill
+    visible = sorted(p.name for p in (tmp_path / "part" / "parts").iterdir() if not p.name.startswith("."))
+    assert len(visible) >= len(done_at_kill)  # only whole files under final names
+    resumed = subprocess.run(_encode_cmd(tmp_path / "in", tmp_path / "part"), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{len(done_at_kill)} already done" in resumed.stdout
+    mf, _, keys_full = read_cache(tmp_path / "full")
+    mp, _, keys_part = read_cache(tmp_path / "part")
+    assert sorted(keys_part) == sorted(keys_full) and len(keys_part) == len(set(keys_part)) == 480
+    assert mp["counts"] == mf["counts"] and mp["completed_shards"] == mf["completed_shards"]
+    assert not [p for p in (tmp_path / "part" / "parts").iterdir() if p.name.startswith(".")]  # stale temp files swept
