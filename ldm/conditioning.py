@@ -163,7 +163,8 @@ def build_text_encoder(cfg: ConditioningConfig, context_dim: int | None = None) 
 
 def drop_mask(batch: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Which samples lose their condition this step (classifier-free guidance training, p ~ 0.1)."""
-    return (torch.rand(batch, generator=generator) < p).to(device)
+    dev = generator.device if generator is not None else device
+    return (torch.rand(batch, generator=generator, device=dev) < p).to(device)
 
 
 def apply_drop(cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:

@@ -96,11 +96,12 @@ def loss_weight(snr: torch.Tensor, parameterization: str, weighting: str, gamma:
 
 def sample_noise(x0: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """eps ~ N(0, I), plus offset noise (a per-channel constant) that lets the model change mean brightness."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    dev = generator.device if generator is not None else x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     if offset > 0:
         noise = noise + offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator,
-                                             device=x0.device, dtype=x0.dtype)
-    return noise
+                                             device=dev, dtype=x0.dtype)
+    return noise.to(x0.device)
 
 
 def diffusion_loss(model, x0: torch.Tensor, cfg: DiffusionConfig, schedule: Schedule,
@@ -109,7 +110,8 @@ def diffusion_loss(model, x0: torch.Tensor, cfg: DiffusionConfig, schedule: Sche
     """L_LDM per sample (eq. 2): draw t and eps, noise z_0, regress the chosen target."""
     b = x0.shape[0]
     if t is None:
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device="cpu").to(x0.device)
+        dev = generator.device if generator is not None else x0.device
+        t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=dev).to(x0.device)
     noise = sample_noise(x0, cfg.offset_noise, generator)
     zt = q_sample(x0, t, noise, schedule.alphas_cumprod)
     target = training_target(x0, noise, t, schedule.alphas_cumprod, cfg.parameterization)

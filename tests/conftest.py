@@ -94,3 +94,30 @@ def ray_local(s3_server):
     assert init_ray() in ("local", "cluster")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on 127.0.0.1 (sqlite backend, local artifact store)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    exe = shutil.which("mlflow", path=str(VENV_BIN)) or shutil.which("mlflow")
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, timeout=120, proc=proc)
+    import urllib.request
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,38 @@
+"""Image grids for samples and reconstructions (PNG, written atomically)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import storage
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = arr[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8, upscale: int = 1) -> str:
+    im = Image.fromarray(make_grid(images, nrow))
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    storage.write_bytes_atomic(path, buf.getvalue())
+    return path

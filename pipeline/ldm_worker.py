@@ -1,0 +1,406 @@
+"""The Ray Train worker loop of jobs/train_ldm.py, top to bottom:
+
+  set up DeepSpeed on the LatentDiffusion module (UNet + trainable tau, if any) -> restore a checkpoint
+  -> for each step: draw z = mean + std * eps from the cached posterior, scale it, drop captions for CFG,
+     L_LDM (paper eq. 2) -> NaN guard -> DeepSpeed backward/step -> EMA -> log
+  -> every N steps a checkpoint (DeepSpeed shards + EMA + RNG + data position) reported to Ray Train
+  -> every M steps a sample grid (EMA model, DDIM + CFG) -> at the end a consolidated safetensors export.
+
+The frozen autoencoder and text encoder stay outside DeepSpeed. MLflow is written by rank 0 only, and a
+tracking server that goes away costs a warning, never the run.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import torch
+
+from ldm.conditioning import apply_drop, drop_mask
+from ldm.config import LDMConfig, from_dict, to_dict
+from ldm.diffusion import Schedule, diffusion_loss
+from ldm.ema import EMA
+from ldm.model import LatentDiffusion
+from ldm.sampling import ddim_timesteps, guided, sample_ddim
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _import_deepspeed(cpu: bool):
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # skip the ~150 s JIT build of DeepSpeed's CPU shared-memory all-reduce; gloo does the work here
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+    return deepspeed
+
+
+def _say(*parts) -> None:
+    """Rank-0 status lines, written once (Ray Train V2 also tees print() into its logger)."""
+    sys.__stdout__.write(" ".join(str(p) for p in parts) + "\n")
+    sys.__stdout__.flush()
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        return 1.0 - (1.0 - min_ratio) * p  # linear
+    return fn
+
+
+def deepspeed_config(opts: dict, world: int, use_gpu: bool) -> dict:
+    from pipeline.train_config import load_deepspeed_preset
+    ds = load_deepspeed_preset(opts["zero_stage"], opts.get("deepspeed_config") or None)
+    ds["train_micro_batch_size_per_gpu"] = opts["batch_size"]
+    ds["gradient_accumulation_steps"] = opts["grad_accum"]
+    ds["train_batch_size"] = opts["batch_size"] * opts["grad_accum"] * world
+    ds["gradient_clipping"] = opts["grad_clip"]
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    ds["optimizer"]["params"]["lr"] = opts["lr"]
+    ds["optimizer"]["params"]["weight_decay"] = opts["weight_decay"]
+    if opts["precision"] == "bf16":
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if opts["offload"] and opts["zero_stage"] >= 1:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if opts["zero_stage"] == 3:
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    return ds
+
+
+class Tracker:
+    """Rank-0 MLflow writer: metrics buffered and sent in batches; failures are warnings."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id, self.buf, self.warned = uri, run_id, [], False
+        self.client = None
+        if uri and run_id:
+            import mlflow
+            self.client = mlflow.MlflowClient(uri)
+
+    def metric(self, name: str, value: float, step: int) -> None:
+        if self.client is not None:
+            from mlflow.entities import Metric
+            self.buf.append(Metric(name, float(value), int(time.time() * 1000), step))
+
+    def _guard(self, fn, what: str):
+        if self.client is None:
+            return
+        try:
+            fn()
+            self.warned = False
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            if not self.warned:
+                _say(f"[train] WARNING: MLflow {what} failed ({type(e).__name__}: {str(e)[:200]}); "
+                      f"training continues and will retry")
+            self.warned = True
+
+    def flush(self) -> None:
+        if self.buf:
+            def send():
+                for i in range(0, len(self.buf), 900):
+                    self.client.log_batch(self.run_id, metrics=self.buf[i:i + 900])
+                self.buf = []
+            self._guard(send, "metric logging")
+
+    def artifact(self, path: str, artifact_path: str) -> None:
+        self._guard(lambda: self.client.log_artifact(self.run_id, path, artifact_path), "artifact upload")
+
+
+def _gathered(engine, stage: int):
+    import deepspeed
+    if stage == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _full_state(engine, stage: int) -> dict[str, torch.Tensor]:
+    with _gathered(engine, stage):
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+
+
+def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    opts = config["train"]
+    cfg: LDMConfig = from_dict(LDMConfig, config["ldm"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = torch.cuda.is_available() and opts["use_gpu"]
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    torch.set_num_threads(max(1, opts["threads_per_worker"]))
+    deepspeed = _import_deepspeed(cpu=not use_gpu)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
+    stage = opts["zero_stage"]
+    log = _say if rank == 0 else (lambda *a: None)
+    tracker = Tracker(opts["mlflow_uri"], opts["mlflow_run_id"]) if rank == 0 else Tracker("", "")
+
+    # ---- conditioning: cached embeddings, a frozen encoder on cached tokens, the trained transformer, or class
+    cond_cfg = cfg.conditioning
+    mode = cond_cfg.kind
+    text = None
+    if mode == "text":
+        if cond_cfg.text_encoder == "transformer":
+            mode = "trainable"
+        else:
+            from ldm.conditioning import FrozenHFTextEncoder
+            text = FrozenHFTextEncoder(opts["text_encoder"], cond_cfg.max_length).to(device)
+            mode = "cached_emb" if opts["cached_embeddings"] else "frozen"
+    torch.manual_seed(opts["seed"])  # same initial weights on every rank
+    model = LatentDiffusion(cfg)
+    null = {}
+    if mode in ("frozen", "cached_emb"):
+        emb, m = text([""])
+        null = {"context": emb, "mask": m}
+    elif mode == "trainable":
+        ids, m = model.cond_stage.tokenize([""])
+        null = {"input_ids": ids.to(device), "mask": m.to(device)}
+    elif mode == "class":
+        null = {"y": torch.tensor([cond_cfg.num_classes], device=device)}
+
+    ds_cfg = deepspeed_config(opts, world, use_gpu)
+    sched_fn = lr_lambda(opts["lr_schedule"], opts["warmup_steps"], opts["max_steps"], opts["min_lr_ratio"])
+    engine, _, _, lr_sched = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), dist_init_required=False)
+    schedule = Schedule.from_config(cfg.diffusion)
+    gen = torch.Generator(device=device).manual_seed(opts["seed"] * 1000 + rank)
+    ema = EMA(_full_state(engine, stage), opts["ema_decay"]) if rank == 0 else None
+    if stage == 3 and rank != 0:
+        _full_state(engine, stage)  # the gather above is collective
+    state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
+
+    # ---- restore: Ray Train's latest checkpoint (worker restart / same run name), else --resume PATH
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and opts.get("resume_from"):
+        ckpt = Checkpoint(opts["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+            state.update(json.loads(open(os.path.join(d, "train_state.json")).read()))
+            rng = os.path.join(d, f"rng_rank{rank}.pt")
+            if os.path.exists(rng):
+                gen.set_state(torch.load(rng, weights_only=True))
+            if rank == 0:
+                ema.load_state_dict(torch.load(os.path.join(d, "ema.pt"), weights_only=True))
+        log(f"[train] resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
+            f"batch {state['batch_in_epoch']} of it)")
+
+    shape = tuple(opts["latent_shape"])
+    scale, shift = opts["scale_factor"], opts["shift_factor"]
+    ae = None
+
+    def samples(step: int) -> None:
+        """Rank 0: a grid from fixed prompts and seeds with the EMA model, DDIM + CFG, decoded."""
+        nonlocal ae
+        from pipeline.grid import save_grid
+        if ae is None:
+            from pipeline.models import load_autoencoder
+            ae = load_autoencoder(opts["autoencoder"]).model.to(device)
+        net = LatentDiffusion(cfg).to(device).eval()
+        net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
+        prompts = opts["sample_prompts"]
+        n = len(prompts)
+        if mode in ("frozen", "cached_emb"):
+            c_emb, c_mask = text(prompts)
+            cond = {"context": c_emb, "mask": c_mask}
+            uncond = {"context": null["context"].expand(n, -1, -1), "mask": null["mask"].expand(n, -1)}
+        elif mode == "trainable":
+            ids, m = net.cond_stage.tokenize(prompts)
+            cond = {"input_ids": ids.to(device), "mask": m.to(device)}
+            uncond = {"input_ids": null["input_ids"].expand(n, -1), "mask": null["mask"].expand(n, -1)}
+        elif mode == "class":
+            cond = {"y": torch.tensor([int(p) for p in prompts], device=device)}
+            uncond = {"y": null["y"].expand(n)}
+        else:
+            cond, uncond = {}, {}
+        g = torch.Generator(device=device).manual_seed(opts["sample_seed"])
+        x_t = torch.randn((n, *shape), generator=g, device=device)
+        with torch.no_grad():
+            fn = guided(net, cond, uncond, opts["cfg_scale"]) if cond else (lambda x, t: net(x, t))
+            z = sample_ddim(fn, x_t, ddim_timesteps(cfg.diffusion.timesteps, opts["sample_steps"]),
+                            schedule.alphas_cumprod, parameterization=cfg.diffusion.parameterization)
+            images = ae.decode(z / scale + shift).clamp(-1, 1).cpu()
+        path = os.path.join(tempfile.mkdtemp(), f"step_{step:07d}.png")
+        save_grid(images, path, nrow=min(8, n))
+        with open(os.path.join(os.path.dirname(path), "prompts.txt"), "w") as f:
+            f.write("\n".join(str(p) for p in prompts))
+        tracker.artifact(path, "samples")
+        tracker.artifact(os.path.join(os.path.dirname(path), "prompts.txt"), "samples")
+        log(f"[train] step {step}: sample grid {os.path.basename(path)} ({n} prompts, cfg {opts['cfg_scale']})")
+        del net
+
+    def export(step: int, out_dir: str) -> str | None:
+        """Consolidated safetensors: UNet, EMA UNet, trained text transformer, config, AE reference."""
+        full = _full_state(engine, stage)
+        if rank != 0:
+            return None
+        from ldm.checkpoint import save_components
+        comps = {"unet": _split(full, "unet."), "ema_unet": _split(ema.shadow, "unet.")}
+        if model.cond_stage is not None:
+            comps["cond_stage"] = _split(full, "cond_stage.")
+            comps["ema_cond_stage"] = _split(ema.shadow, "cond_stage.")
+        path = os.path.join(out_dir, "model.safetensors")
+        meta = {"step": str(step), "scale_factor": str(scale), "shift_factor": str(shift),
+                "autoencoder": json.dumps(opts["autoencoder_identity"]),
+                "text_encoder": json.dumps(opts["text_encoder_identity"])}
+        save_components(path, comps, {**to_dict(cfg), "scale_factor": scale}, meta)
+        return path
+
+    def checkpoint(metrics: dict, final: bool = False) -> None:
+        d = tempfile.mkdtemp(prefix="ldm-ckpt-")
+        try:
+            engine.save_checkpoint(d, tag="ds", client_state={"step": state["step"]})
+            torch.save(gen.get_state(), os.path.join(d, f"rng_rank{rank}.pt"))
+            if rank == 0:
+                torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))
+                with open(os.path.join(d, "train_state.json"), "w") as f:
+                    json.dump(state, f)
+            if final:
+                os.makedirs(os.path.join(d, "export"), exist_ok=True)
+                path = export(state["step"], os.path.join(d, "export"))
+                if path:
+                    tracker.artifact(path, "model")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    # ---- the loop
+    data = ray.train.get_dataset_shard("train")
+    B, acc = opts["batch_size"], opts["grad_accum"]
+    t_start, seen_start, step_start = time.time(), state["images_seen"], state["step"]
+    consecutive_bad, last_loss = 0, float("nan")
+    loss_sum, loss_n = 0.0, 0
+    if state["step"] >= opts["max_steps"]:
+        log(f"[train] already at step {state['step']} >= --max-steps {opts['max_steps']}; nothing to train")
+    epoch, skip = state["epoch"], state["batch_in_epoch"]
+    while state["step"] < opts["max_steps"]:
+        state["epoch"], state["batch_in_epoch"], batches = epoch, 0, 0
+        for i, batch in enumerate(data.iter_torch_batches(batch_size=B, drop_last=True,
+                                                          local_shuffle_buffer_size=opts["shuffle_buffer"] or None,
+                                                          local_shuffle_seed=opts["seed"] + epoch * 7919 + rank)):
+            state["batch_in_epoch"], batches = i + 1, batches + 1
+            if i < skip:  # data position of a resumed run: batches this epoch already trained on
+                continue
+            mean = batch["latent_mean"].to(device).float().view(-1, *shape)
+            std = batch["latent_std"].to(device).float().view(-1, *shape)
+            eps = torch.randn(mean.shape, generator=gen, device=device)
+            z0 = (mean + std * eps - shift) * scale  # z ~ q(z|x), rescaled to unit variance (§4.3.2)
+            drop = drop_mask(z0.shape[0], cond_cfg.cond_drop_prob, gen, device)  # CFG dropout, at train time
+            kw = {}
+            if mode == "cached_emb":
+                c = batch["text_emb"].to(device).float().view(z0.shape[0], cond_cfg.max_length, -1)
+                kw = {"context": apply_drop(c, null["context"], drop),
+                      "mask": apply_drop(batch["attention_mask"].to(device).long(), null["mask"], drop)}
+            elif mode == "frozen":
+                ids, m = batch["input_ids"].to(device).long(), batch["attention_mask"].to(device).long()
+                with torch.no_grad():
+                    c = text.encode(ids, m)
+                kw = {"context": apply_drop(c, null["context"], drop), "mask": apply_drop(m, null["mask"], drop)}
+            elif mode == "trainable":
+                kw = {"input_ids": apply_drop(batch["input_ids"].to(device).long(), null["input_ids"], drop),
+                      "mask": apply_drop(batch["attention_mask"].to(device).long(), null["mask"], drop)}
+            elif mode == "class":
+                kw = {"y": apply_drop(batch["label"].to(device).long(), null["y"], drop)}
+            loss = diffusion_loss(engine, z0, cfg.diffusion, schedule, generator=gen, **kw).mean()
+            # NaN guard: every rank agrees before anyone calls backward
+            ok = torch.tensor([1.0 if torch.isfinite(loss) else 0.0])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item() < 1:
+                state["skipped_steps"] += 1
+                consecutive_bad += 1
+                tracker.metric("skipped_steps", state["skipped_steps"], state["step"])
+                log(f"[train] step {state['step']}: non-finite loss, step skipped "
+                    f"({consecutive_bad} in a row, {state['skipped_steps']} in all)")
+                if consecutive_bad >= opts["nan_tolerance"]:
+                    tracker.flush()
+                    raise NonFiniteLoss(
+                        f"{consecutive_bad} non-finite losses in a row at step {state['step']} (limit "
+                        f"--nan-tolerance {opts['nan_tolerance']}); stopping. The last good checkpoint is intact: "
+                        f"lower the learning rate or check the latent cache for NaN/Inf, then --resume")
+                continue
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+            loss_n += 1
+            if not engine.is_gradient_accumulation_boundary() and loss_n % acc:
+                continue
+            if not engine.was_step_applied():  # DeepSpeed saw non-finite gradients and skipped the update
+                state["skipped_steps"] += 1
+                consecutive_bad += 1
+                if consecutive_bad >= opts["nan_tolerance"]:
+                    raise NonFiniteLoss(f"{consecutive_bad} non-finite gradient steps in a row at step {state['step']}")
+                continue
+            consecutive_bad = 0
+            state["step"] += 1
+            state["images_seen"] += z0.shape[0] * acc * world
+            step = state["step"]
+            mean_loss = torch.tensor([loss_sum / max(1, loss_n)])
+            dist.all_reduce(mean_loss)
+            last_loss = mean_loss.item() / world
+            loss_sum, loss_n = 0.0, 0
+            if ema is not None or stage == 3:
+                if step % opts["ema_every"] == 0:
+                    if stage == 3:
+                        full = _full_state(engine, stage)
+                        if ema is not None:
+                            ema.update(full)
+                    else:
+                        ema.update(engine.module.state_dict())
+            elapsed = time.time() - t_start
+            rate = (state["images_seen"] - seen_start) / max(1e-9, elapsed)
+            lr = lr_sched.get_last_lr()[0]
+            gn = engine.get_global_grad_norm()
+            tracker.metric("loss", last_loss, step)
+            tracker.metric("lr", lr, step)
+            tracker.metric("samples_per_s", rate, step)
+            tracker.metric("images_seen", state["images_seen"], step)
+            tracker.metric("skipped_steps", state["skipped_steps"], step)
+            if gn is not None and math.isfinite(float(gn)):
+                tracker.metric("grad_norm", float(gn), step)
+            if step % opts["log_every"] == 0 or step == opts["max_steps"]:
+                eta = (opts["max_steps"] - step) * elapsed / max(1, step - step_start)
+                log(f"[train] step {step}/{opts['max_steps']} | images {state['images_seen']} | loss {last_loss:.4f} "
+                    f"| lr {lr:.2e} | {rate:.1f} samples/s | skipped {state['skipped_steps']} | "
+                    f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+                tracker.flush()
+            if opts["sample_every"] and step % opts["sample_every"] == 0 and rank == 0 and opts["autoencoder"]:
+                try:
+                    samples(step)
+                except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
+                    log(f"[train] WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
+            metrics = {"step": step, "loss": last_loss, "images_seen": state["images_seen"],
+                       "skipped_steps": state["skipped_steps"]}
+            if step >= opts["max_steps"]:
+                break
+            if step % opts["checkpoint_every"] == 0:
+                checkpoint(metrics)
+        if batches == 0:
+            raise ValueError(f"the latent cache gives this worker no full batch of {B}: lower --batch-size or "
+                             f"--num-workers, or encode more data")
+        epoch, skip = epoch + 1, 0
+    final = {"step": state["step"], "loss": last_loss, "images_seen": state["images_seen"],
+             "skipped_steps": state["skipped_steps"]}
+    tracker.flush()
+    checkpoint(final, final=True)
+    tracker.flush()
+

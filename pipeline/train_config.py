@@ -1,0 +1,82 @@
+"""Training options of jobs/train_ldm.py (a frozen dataclass, printed and logged in full) and the DeepSpeed
+JSON presets in infra/deepspeed/."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_deepspeed_preset(stage: int, override_path: str | None = None) -> dict:
+    """infra/deepspeed/zero{stage}.json, deep-merged with a user JSON file; `_comment` keys dropped."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {stage}")
+    cfg = json.loads((DEEPSPEED_DIR / f"zero{stage}.json").read_text())
+    if override_path:
+        p = Path(override_path)
+        if not p.exists():
+            raise FileNotFoundError(f"--deepspeed-config {override_path} does not exist")
+        try:
+            cfg = _merge(cfg, json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed-config {override_path} is not valid JSON: {e}") from e
+        cfg["zero_optimization"]["stage"] = stage
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    latents: str
+    preset: str = "demo"
+    config_yaml: str = ""
+    overrides: tuple[str, ...] = ()
+    num_workers: int = 1
+    zero_stage: int = 2
+    precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU
+    offload: bool = False
+    deepspeed_config: str = ""
+    max_steps: int = 1000
+    batch_size: int = 32                 # per worker, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"        # constant | cosine | linear
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_every: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 50
+    cfg_scale: float = 5.0
+    sample_seed: int = 0
+    log_every: int = 10
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    autoencoder: str = ""                # for sample grids; default: the cache's autoencoder source
+    text_encoder: str = ""               # frozen encoder folder; default: the cache's
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0         # 0 = auto
+    threads_per_worker: int = 0          # 0 = auto
+    max_failures: int = 3
+    nan_tolerance: int = 5
+    storage_path: str = "runs"
+    name: str = ""
+    resume: str = ""
+    mlflow_uri: str = ""
+    experiment: str = "train_ldm"
+    register_model: str = ""             # registered model name ("" = ldm-<preset>)
+    num_cpus: int = 0                    # embedded Ray only
+    object_store_mb: int = 512

@@ -1,0 +1,179 @@
+"""jobs/train_ldm.py end to end: Ray Train (2 CPU workers) + real DeepSpeed ZeRO + MLflow."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ldm.checkpoint import load_components
+from ldm.config import ConfigError
+from pipeline.encode import EncodeOptions, run_encode
+from pipeline.latent_cache import part_files, read_manifest
+from pipeline.make_shards import fashion_records, write_shards
+from pipeline.preprocess import PreprocessConfig
+from pipeline.train_config import TrainOptions
+from pipeline.train_ldm import CacheConfigMismatch, run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_TEXT = ("conditioning.text_encoder=hf", "unet.context_dim=384")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(ray_local, tmp_path_factory):
+    """A real latent cache: 320 Fashion-MNIST images, random:tiny first stage, real MiniLM tokens."""
+    root = tmp_path_factory.mktemp("train-cache")
+    write_shards(fashion_records("train", 320, 0, "png"), str(root / "shards"), "webdataset", 80, seed=0)
+    run_encode(EncodeOptions(input=str(root / "shards"), output=str(root / "latents"), autoencoder="random:tiny",
+                             preprocess=PreprocessConfig(resolution=16), max_length=16, batch_size=64))
+    return str(root / "latents")
+
+
+def topts(cache, tmp_path, **kw):
+    base = dict(latents=cache, preset="tiny", overrides=TINY_TEXT, num_workers=2, zero_stage=2, max_steps=12,
+                batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=5, sample_every=6, sample_steps=4,
+                log_every=2, storage_path=str(tmp_path / "runs"), ema_decay=0.99, seed=0, max_failures=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def metric_history(uri, run_id, key):
+    return [m.value for m in sorted(mlflow.MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, stage):
+    s = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, mlflow_uri=mlflow_server,
+                        experiment=f"zero{stage}", name=f"z{stage}"))
+    assert s["step"] == 12 and s["images_seen"] == 12 * 8 * 2
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["ldm.unet.model_channels"] == "32"
+    assert len(metric_history(mlflow_server, run.info.run_id, "loss")) >= 3
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_0000006.png", "samples/step_0000012.png"} <= arts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.safetensors"]
+    assert s["model_version"] is not None
+    local = mlflow.artifacts.download_artifacts(f"models:/ldm-tiny/{s['model_version']}", tracking_uri=mlflow_server)
+    comps, config, meta = load_components(glob.glob(f"{local}/**/*.safetensors", recursive=True)[0])
+    assert {"unet", "ema_unet"} <= set(comps) and config["unet"]["model_channels"] == 32
+    assert float(meta["scale_factor"]) > 0 and json.loads(meta["autoencoder"])["source"] == "random:tiny"
+    # ema differs from the raw weights after training
+    k = "out.2.weight"
+    assert not torch.equal(comps["unet"][k], comps["ema_unet"][k])
+    # the export also lies in the last Ray checkpoint
+    assert Path(s["export"]).exists()
+
+
+def test_loss_falls_on_a_fixed_cache(tiny_cache, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    s = run_train(topts(tiny_cache, tmp_path, num_workers=1, zero_stage=0, max_steps=150, lr=3e-3, sample_every=0,
+                        checkpoint_every=1000, mlflow_uri=uri, name="falls", batch_size=16))
+    loss = metric_history(uri, s["mlflow_run_id"], "loss")
+    assert len(loss) == 150
+    assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:5]), (loss[:5], loss[-10:])
+
+
+def test_resume_to_2n_matches_uninterrupted(tiny_cache, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    common = dict(max_failures=0, sample_every=0, checkpoint_every=10, mlflow_uri=uri, lr=1e-3)
+    a1 = run_train(topts(tiny_cache, tmp_path, max_steps=20, name="resumed", **common))
+    assert a1["step"] == 20
+    a2 = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="resumed", **common))  # same run dir: resume
+    b = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="straight", **common))
+    assert a2["step"] == b["step"] == 40 and a2["images_seen"] == b["images_seen"]
+    assert a2["mlflow_run_id"] == a1["mlflow_run_id"]  # one MLflow run continued
+    la = metric_history(uri, a2["mlflow_run_id"], "loss")
+    lb = metric_history(uri, b["mlflow_run_id"], "loss")
+    assert len(la) == len(lb) == 40
+    ra, rb = np.mean(la[-8:]), np.mean(lb[-8:])
+    assert abs(ra - rb) < 0.15 * rb + 0.02, (ra, rb)
+    # --resume from an explicit Ray checkpoint directory works too
+    c = run_train(topts(tiny_cache, tmp_path, max_steps=45, name="from-ckpt", resume=b["checkpoint"], **common))
+    assert c["step"] == 45 and c["images_seen"] == 45 * 16
+
+
+def test_killed_worker_restarts_from_last_checkpoint(tiny_cache, tmp_path):
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_ldm.py"), "--latents", tiny_cache, "--preset", "tiny",
+           *TINY_TEXT, "--num-workers", "2", "--zero-stage", "2", "--max-steps", "40", "--batch-size", "8",
+           "--checkpoint-every", "8", "--sample-every", "0", "--log-every", "1", "--storage-path",
+           str(tmp_path / "runs"), "--name", "killed", "--max-failures", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, killed = [], None
+    t0 = time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and "step 20/40" in line:
+            workers = [p for p in psutil.process_iter(["cmdline", "status", "create_time"])
+                       if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+                       and p.info["status"] != psutil.STATUS_ZOMBIE]
+            assert workers, "no Ray Train worker process found"
+            killed = max(workers, key=lambda p: p.info["create_time"]).pid
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() - t0 < 500
+    proc.wait()
+    text = "".join(lines)
+    (tmp_path / "job.log").write_text(text)
+    assert proc.returncode == 0, text[-4000:]
+    assert killed is not None
+    # the checkpoint of step 16 may still be in flight to the controller when the worker dies; 8 is not
+    resumed = [int(ln.split("resumed at step ")[1].split()[0]) for ln in lines if "resumed at step " in ln]
+    assert resumed and resumed[0] in (8, 16), text[-4000:]
+    assert "done: step 40" in text
+
+
+def _nan_cache(src, dst, nan_parts):
+    """A copy of a cache whose first `nan_parts` part files hold NaN latents (corrupt data)."""
+    (dst / "parts").mkdir(parents=True)
+    m = read_manifest(src)
+    for i, f in enumerate(part_files(src, m)):
+        t = pq.read_table(f)
+        if i < nan_parts:
+            mean = np.full((len(t), t["latent_mean"].type.list_size), np.nan, np.float16)
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(mean.reshape(-1), pa.float16()), mean.shape[1])
+            t = t.set_column(t.schema.get_field_index("latent_mean"), "latent_mean", arr)
+        pq.write_table(t, dst / "parts" / Path(f).name)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return str(dst)
+
+
+def test_non_finite_steps_skipped_and_counted(tiny_cache, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    bad = _nan_cache(tiny_cache, tmp_path / "quarter-nan", nan_parts=1)
+    # 45 steps of 8 > one epoch of 320 rows: the corrupt quarter is certainly met
+    s = run_train(topts(bad, tmp_path, num_workers=1, zero_stage=1, max_steps=45, sample_every=0, name="some-nan",
+                        nan_tolerance=100, mlflow_uri=uri, shuffle_buffer=0, checkpoint_every=100))
+    assert s["step"] == 45 and s["skipped_steps"] >= 8
+    assert metric_history(uri, s["mlflow_run_id"], "skipped_steps")[-1] == s["skipped_steps"]
+    assert np.isfinite(metric_history(uri, s["mlflow_run_id"], "loss")).all()
+
+
+def test_non_finite_run_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path):
+    good = run_train(topts(tiny_cache, tmp_path, max_steps=10, checkpoint_every=10, sample_every=0, name="good",
+                           max_failures=0))
+    before = {p: p.stat().st_mtime for p in Path(good["checkpoint"]).rglob("*") if p.is_file()}
+    bad = _nan_cache(tiny_cache, tmp_path / "all-nan", nan_parts=99)
+    with pytest.raises(Exception, match="non-finite losses in a row"):
+        run_train(topts(bad, tmp_path, max_steps=30, sample_every=0, name="nan", nan_tolerance=3,
+                        resume=good["checkpoint"], max_failures=0))
+    assert {p: p.stat().st_mtime for p in Path(good["checkpoint"]).rglob("*") if p.is_file()} == before
+    assert json.loads((Path(good["checkpoint"]) / "train_state.json").read_text())["step"] == 10
+
+
+def test_cache_mismatch_refused(tiny_cache, tmp_path):
+    with pytest.raises(CacheConfigMismatch, match="was encoded with autoencoder config"):
+        run_train(topts(tiny_cache, tmp_path, overrides=TINY_TEXT + ("autoencoder.ch=64",)))
+    with pytest.raises(CacheConfigMismatch, match="unet.context_dim"):
+        run_train(topts(tiny_cache, tmp_path, overrides=("conditioning.text_encoder=hf", "unet.context_dim=32")))
+    with pytest.raises(ConfigError):
+        run_train(topts(tiny_cache, tmp_path, overrides=("unet.nope=1",)))
