@@ -54,8 +54,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     import ray
 
     from pipeline.encoder import LatentEncoder
+    from pipeline.datasets import preprocessed_records
     from pipeline.runtime import init_ray
-    from pipeline.sources import read_shard
 
     shard_set = discover_shards(opts.input)
     storage.check_writable(opts.output)
@@ -85,12 +85,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
             f"{gpus} GPU), batch {opts.batch_size}")
-        ds = ray.data.from_items([{"uri": u, "shard": i} for i, u in enumerate(todo)],
-                                 override_num_blocks=len(todo))
-        ds = ds.flat_map(read_shard, fn_kwargs={"layout": shard_set.layout}, num_cpus=opts.cpus_per_decoder)
-        from pipeline.preprocess import preprocess_batch
-        ds = ds.map_batches(preprocess_batch, fn_kwargs={"cfg": opts.preprocess}, batch_size=opts.decode_batch_size,
-                            batch_format="numpy", num_cpus=opts.cpus_per_decoder)
+        ds = preprocessed_records(todo, shard_set.layout, opts.preprocess, opts.cpus_per_decoder,
+                                  opts.decode_batch_size)
         ds = ds.map_batches(
             LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder,

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import torch
@@ -27,6 +26,7 @@ from ldm.diffusion import Schedule, diffusion_loss
 from ldm.ema import EMA
 from ldm.model import LatentDiffusion
 from ldm.sampling import ddim_timesteps, guided, sample_ddim
+from pipeline.tracking import Tracker, say as _say
 
 
 class NonFiniteLoss(RuntimeError):
@@ -40,12 +40,6 @@ def _import_deepspeed(cpu: bool):
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
     return deepspeed
-
-
-def _say(*parts) -> None:
-    """Rank-0 status lines, written once (Ray Train V2 also tees print() into its logger)."""
-    sys.__stdout__.write(" ".join(str(p) for p in parts) + "\n")
-    sys.__stdout__.flush()
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
@@ -78,45 +72,6 @@ def deepspeed_config(opts: dict, world: int, use_gpu: bool) -> dict:
         if opts["zero_stage"] == 3:
             ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
     return ds
-
-
-class Tracker:
-    """Rank-0 MLflow writer: metrics buffered and sent in batches; failures are warnings."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id, self.buf, self.warned = uri, run_id, [], False
-        self.client = None
-        if uri and run_id:
-            import mlflow
-            self.client = mlflow.MlflowClient(uri)
-
-    def metric(self, name: str, value: float, step: int) -> None:
-        if self.client is not None:
-            from mlflow.entities import Metric
-            self.buf.append(Metric(name, float(value), int(time.time() * 1000), step))
-
-    def _guard(self, fn, what: str):
-        if self.client is None:
-            return
-        try:
-            fn()
-            self.warned = False
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            if not self.warned:
-                _say(f"[train] WARNING: MLflow {what} failed ({type(e).__name__}: {str(e)[:200]}); "
-                      f"training continues and will retry")
-            self.warned = True
-
-    def flush(self) -> None:
-        if self.buf:
-            def send():
-                for i in range(0, len(self.buf), 900):
-                    self.client.log_batch(self.run_id, metrics=self.buf[i:i + 900])
-                self.buf = []
-            self._guard(send, "metric logging")
-
-    def artifact(self, path: str, artifact_path: str) -> None:
-        self._guard(lambda: self.client.log_artifact(self.run_id, path, artifact_path), "artifact upload")
 
 
 def _gathered(engine, stage: int):

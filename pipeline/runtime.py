@@ -28,3 +28,34 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: boo
                  include_dashboard=False, runtime_env={"env_vars": env},
                  logging_level="WARNING" if quiet else "INFO")
         return "local"
+
+
+def worker_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float = 0.0, threads: int = 0,
+                     local: bool = True) -> tuple[float, int]:
+    """CPUs reserved per Ray Train worker and torch threads in it. On a small CPU node the workers leave one
+    CPU to Ray Data (2 workers x 1 CPU on 2 cores starve the readers and hang)."""
+    import ray
+    total = ray.cluster_resources().get("CPU", 1)
+    cpus = cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, (total - 1) / num_workers)))
+    threads = threads or (max(1, int(total // max(1, num_workers))) if local else max(1, int(cpus)))
+    return cpus, threads
+
+
+def fit(loop, config: dict, *, num_workers: int, use_gpu: bool, cpus: float, storage_path: str, name: str,
+        keep_checkpoints: int, max_failures: int, datasets: dict):
+    """Run a Ray Train TorchTrainer; a rerun with the same (storage_path, name) resumes from its latest
+    checkpoint (Ray Train V2), and a worker failure restarts the group from there (FailureConfig)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    trainer = TorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets=datasets)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result

@@ -7,6 +7,8 @@ artifact location beside the database instead.
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from pathlib import Path
 
 
@@ -37,3 +39,102 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str | None = None, 
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
                           nested=nested, tags=tags) as run:
         yield run
+
+
+def say(*parts) -> None:
+    """Rank-0 status lines, written once (Ray Train V2 also tees print() into its logger)."""
+    sys.__stdout__.write(" ".join(str(p) for p in parts) + "\n")
+    sys.__stdout__.flush()
+
+
+class Tracker:
+    """Rank-0 MLflow writer: metrics buffered and sent in batches; failures are warnings."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id, self.buf, self.warned = uri, run_id, [], False
+        self.client = None
+        if uri and run_id:
+            import mlflow
+            self.client = mlflow.MlflowClient(uri)
+
+    def metric(self, name: str, value: float, step: int) -> None:
+        if self.client is not None:
+            from mlflow.entities import Metric
+            self.buf.append(Metric(name, float(value), int(time.time() * 1000), step))
+
+    def _guard(self, fn, what: str):
+        if self.client is None:
+            return
+        try:
+            fn()
+            self.warned = False
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            if not self.warned:
+                say(f"[train] WARNING: MLflow {what} failed ({type(e).__name__}: {str(e)[:200]}); "
+                      f"training continues and will retry")
+            self.warned = True
+
+    def flush(self) -> None:
+        if self.buf:
+            def send():
+                for i in range(0, len(self.buf), 900):
+                    self.client.log_batch(self.run_id, metrics=self.buf[i:i + 900])
+                self.buf = []
+            self._guard(send, "metric logging")
+
+    def artifact(self, path: str, artifact_path: str) -> None:
+        self._guard(lambda: self.client.log_artifact(self.run_id, path, artifact_path), "artifact upload")
+
+
+def flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def open_or_continue_run(uri: str, experiment: str, run_dir: str, params: dict, tags: dict, log,
+                         parent_run_id: str = "") -> str:
+    """Driver side: the MLflow run of a Ray Train run dir. A new run logs `params` (the full config); a
+    resumed run dir (its `mlflow_run_id` marker exists) continues its run, so curves stay in one place."""
+    import mlflow
+    from mlflow.entities import Param
+
+    from pipeline import storage
+    marker = storage.join(run_dir, "mlflow_run_id")
+    exp_id = ensure_experiment(uri, experiment)
+    client = mlflow.MlflowClient(uri)
+    if storage.exists(marker):
+        run_id = storage.read_bytes(marker).decode().strip()
+        log(f"[mlflow] continuing run {run_id}")
+        client.set_tag(run_id, "resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
+        return run_id
+    all_tags = {"ray_run_dir": run_dir, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_dir.rstrip("/").rsplit("/", 1)[-1], tags=all_tags)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        client.log_batch(run.info.run_id, params=items[i:i + 90])
+    storage.write_bytes_atomic(marker, run.info.run_id.encode())
+    log(f"[mlflow] run {run.info.run_id} in experiment {experiment!r} at {uri}")
+    return run.info.run_id
+
+
+def register_version(uri: str, run_id: str, name: str, log, artifact: str = "model") -> str | None:
+    """Register the run's `model/` artifact folder (a safetensors export) as a new model version."""
+    import mlflow
+    try:
+        client = mlflow.MlflowClient(uri)
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            pass  # exists already: add a version
+        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact}"
+        mv = client.create_model_version(name, source=source, run_id=run_id)
+        log(f"[mlflow] registered model {name} version {mv.version} (mlflow-models:/{name}/{mv.version})")
+        return str(mv.version)
+    except Exception as e:  # noqa: BLE001
+        log(f"[mlflow] WARNING: model registration failed: {type(e).__name__}: {e}")
+        return None

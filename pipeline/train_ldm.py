@@ -10,6 +10,7 @@ from pathlib import Path
 from ldm.config import ConfigError, config_hash, format_config, load_config, to_dict
 from pipeline import storage
 from pipeline.latent_cache import part_files, read_manifest
+from pipeline.tracking import flatten, open_or_continue_run, register_version
 from pipeline.train_config import TrainOptions, load_deepspeed_preset
 
 
@@ -88,12 +89,9 @@ def resolve_resume(resume: str, storage_path: str, name: str) -> tuple[str, str,
 
 def run_train(opts: TrainOptions, log=print) -> dict:
     import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from pipeline.ldm_worker import train_loop_per_worker
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import fit, init_ray, worker_resources
 
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
     manifest = read_manifest(opts.latents)
@@ -128,10 +126,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
         run_id = open_mlflow_run(opts, cfg, run_dir, manifest, scale, shift, log)
 
     mode = init_ray(opts.num_cpus or None, opts.object_store_mb)
-    total_cpus = ray.cluster_resources().get("CPU", 1)
-    cpus = opts.cpus_per_worker or (1.0 if opts.use_gpu else max(0.25, min(1.0, (total_cpus - 1) / opts.num_workers)))
-    threads = opts.threads_per_worker or max(1, int(total_cpus // max(1, opts.num_workers)) if mode == "local" else
-                                             int(max(1, cpus)))
+    cpus, threads = worker_resources(opts.num_workers, opts.use_gpu, opts.cpus_per_worker, opts.threads_per_worker,
+                                     local=mode == "local")
     columns = ["latent_mean", "latent_std"]
     if cfg.conditioning.kind == "text":
         columns += ["input_ids", "attention_mask"] + (["text_emb"] if cached_emb else [])
@@ -146,20 +142,12 @@ def run_train(opts: TrainOptions, log=print) -> dict:
                   "autoencoder_identity": manifest["autoencoder"], "text_encoder_identity": text_id,
                   "text_encoder": text_path, "cached_embeddings": cached_emb, "threads_per_worker": threads},
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=worker_cfg,
-        scaling_config=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if opts.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=opts.max_failures)),
-        datasets={"train": ds})
     log(f"[train] ray {mode}: {opts.num_workers} worker(s) x {cpus:g} CPU ({threads} threads), ZeRO-{opts.zero_stage} "
         f"{precision}, run dir {run_dir}")
     t0 = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = fit(train_loop_per_worker, worker_cfg, num_workers=opts.num_workers, use_gpu=opts.use_gpu, cpus=cpus,
+                 storage_path=storage_path, name=name, keep_checkpoints=opts.keep_checkpoints,
+                 max_failures=opts.max_failures, datasets={"train": ds})
     metrics = result.metrics or {}
     summary = {"run_dir": run_dir, "name": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "step": metrics.get("step"), "loss": metrics.get("loss"), "images_seen": metrics.get("images_seen"),
@@ -176,56 +164,14 @@ def run_train(opts: TrainOptions, log=print) -> dict:
 
 def open_mlflow_run(opts: TrainOptions, cfg, run_dir: str, manifest: dict, scale: float, shift: float, log) -> str:
     """A new MLflow run with the full config as params, or the run this run dir already has (resume)."""
-    import mlflow
-
-    from pipeline.tracking import ensure_experiment
-    marker = storage.join(run_dir, "mlflow_run_id")
-    exp_id = ensure_experiment(opts.mlflow_uri, opts.experiment)
-    if storage.exists(marker):
-        run_id = storage.read_bytes(marker).decode().strip()
-        log(f"[train] continuing MLflow run {run_id}")
-        mlflow.MlflowClient(opts.mlflow_uri).set_tag(run_id, "resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
-        return run_id
-    client = mlflow.MlflowClient(opts.mlflow_uri)
-    run = client.create_run(exp_id, run_name=run_dir.rsplit("/", 1)[-1],
-                            tags={"ray_run_dir": run_dir, "latent_cache": opts.latents, "preset": cfg.name})
-    params = {f"ldm.{k}": v for k, v in _flatten(to_dict(cfg))}
+    params = {f"ldm.{k}": v for k, v in flatten(to_dict(cfg))}
     params.update({f"train.{k}": v for k, v in asdict(opts).items()})
     params.update({"cache.autoencoder_config_hash": manifest["autoencoder"]["config_hash"],
                    "cache.autoencoder_weights": manifest["autoencoder"]["weights_sha256"],
                    "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": scale, "latent.shift": shift})
-    from mlflow.entities import Param
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 90):
-        client.log_batch(run.info.run_id, params=items[i:i + 90])
-    storage.write_bytes_atomic(marker, run.info.run_id.encode())
-    log(f"[train] MLflow run {run.info.run_id} in experiment {opts.experiment!r} at {opts.mlflow_uri}")
-    return run.info.run_id
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
+    return open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
+                                {"latent_cache": opts.latents, "preset": cfg.name}, log)
 
 
 def register(opts: TrainOptions, cfg, run_id: str, log) -> str | None:
-    import mlflow
-    try:
-        mlflow.set_tracking_uri(opts.mlflow_uri)
-        name = opts.register_model or f"ldm-{cfg.name}"
-        client = mlflow.MlflowClient(opts.mlflow_uri)
-        try:
-            client.create_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            pass  # exists already: add a version
-        source = f"{client.get_run(run_id).info.artifact_uri}/model"  # the consolidated safetensors export
-        mv = client.create_model_version(name, source=source, run_id=run_id)
-        log(f"[train] registered model {name} version {mv.version} (mlflow-models:/{name}/{mv.version})")
-        return str(mv.version)
-    except Exception as e:  # noqa: BLE001
-        log(f"[train] WARNING: model registration failed: {type(e).__name__}: {e}")
-        return None
-
+    return register_version(opts.mlflow_uri, run_id, opts.register_model or f"ldm-{cfg.name}", log)
