@@ -147,7 +147,7 @@ def main() -> None:
         print(f"  {n:6d} images: loop {n / t_l:7.1f} img/s ({t_l:5.1f} s) | job {n / t_j:7.1f} img/s ({t_j:5.1f} s) "
               f"| RATIO job/loop {t_l / t_j:5.2f}x")
     (_, ml1, _, mj1), (_, mlk, _, mjk) = res[1], res[a.scale]
-    print(f"\npeak RSS of the whole process tree (the job: driver + Ray workers)")
+    print("\npeak RSS of the whole process tree (the job: driver + Ray workers)")
     print(f"  job : 1x {mj1 / 2 ** 20:6.0f} MiB, {a.scale}x {mjk / 2 ** 20:6.0f} MiB | RATIO {a.scale}x/1x {mjk / mj1:5.2f}x")
     print(f"  loop: 1x {ml1 / 2 ** 20:6.0f} MiB, {a.scale}x {mlk / 2 ** 20:6.0f} MiB | RATIO {a.scale}x/1x {mlk / ml1:5.2f}x")
     print("  (streaming keeps the ratio near 1 whatever the input size)")

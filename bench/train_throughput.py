@@ -153,7 +153,7 @@ def main() -> None:
     print(f"  streaming the cache (Ray)   : {ips_stream:8.1f} samples/s   RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x")
     print(f"  encoding images on the fly  : {ips_fly:8.1f} samples/s   RATIO cache/on-the-fly {ips_stream / ips_fly:5.2f}x"
           f"  (ideal 1 + encoder/UNet = 1 + {enc_cost * 1e3:.0f} ms / {unet_cost * 1e3:.0f} ms = {ideal:.2f}x)")
-    print(f"  ours vs diffusers UNet2DConditionModel (matched config, same weights):")
+    print("  ours vs diffusers UNet2DConditionModel (matched config, same weights):")
     print(f"    ours {ips_ours:8.1f} samples/s | diffusers {ips_diffusers:8.1f} samples/s | RATIO ours/diffusers "
           f"{ips_ours / ips_diffusers:5.2f}x")
     ray.shutdown()

@@ -56,7 +56,6 @@ def ae_train_loop(config: dict) -> None:
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=opts["lr"], betas=betas)
     ema = EMA(raw.state_dict(), opts["ema_decay"]) if opts["ema_decay"] > 0 else None
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0}
-    gen = torch.Generator(device=device).manual_seed(opts["seed"] * 1000 + rank)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and opts.get("resume_from"):

@@ -25,7 +25,7 @@ from ldm.config import LDMConfig, from_dict, to_dict
 from ldm.diffusion import Schedule, diffusion_loss
 from ldm.ema import EMA
 from ldm.model import LatentDiffusion
-from ldm.sampling import ddim_timesteps, guided, sample_ddim
+from pipeline.sample import condition, generate, null_condition
 from pipeline.tracking import Tracker, say as _say
 
 
@@ -122,15 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
             mode = "cached_emb" if opts["cached_embeddings"] else "frozen"
     torch.manual_seed(opts["seed"])  # same initial weights on every rank
     model = LatentDiffusion(cfg)
-    null = {}
-    if mode in ("frozen", "cached_emb"):
-        emb, m = text([""])
-        null = {"context": emb, "mask": m}
-    elif mode == "trainable":
-        ids, m = model.cond_stage.tokenize([""])
-        null = {"input_ids": ids.to(device), "mask": m.to(device)}
-    elif mode == "class":
-        null = {"y": torch.tensor([cond_cfg.num_classes], device=device)}
+    null = null_condition(mode, model, text, device)
 
     ds_cfg = deepspeed_config(opts, world, use_gpu)
     sched_fn = lr_lambda(opts["lr_schedule"], opts["warmup_steps"], opts["max_steps"], opts["min_lr_ratio"])
@@ -174,35 +166,17 @@ def train_loop_per_worker(config: dict) -> None:
         net = LatentDiffusion(cfg).to(device).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
         prompts = opts["sample_prompts"]
-        n = len(prompts)
-        if mode in ("frozen", "cached_emb"):
-            c_emb, c_mask = text(prompts)
-            cond = {"context": c_emb, "mask": c_mask}
-            uncond = {"context": null["context"].expand(n, -1, -1), "mask": null["mask"].expand(n, -1)}
-        elif mode == "trainable":
-            ids, m = net.cond_stage.tokenize(prompts)
-            cond = {"input_ids": ids.to(device), "mask": m.to(device)}
-            uncond = {"input_ids": null["input_ids"].expand(n, -1), "mask": null["mask"].expand(n, -1)}
-        elif mode == "class":
-            cond = {"y": torch.tensor([int(p) for p in prompts], device=device)}
-            uncond = {"y": null["y"].expand(n)}
-        else:
-            cond, uncond = {}, {}
-        g = torch.Generator(device=device).manual_seed(opts["sample_seed"])
-        x_t = torch.randn((n, *shape), generator=g, device=device)
-        with torch.no_grad():
-            fn = guided(net, cond, uncond, opts["cfg_scale"]) if cond else (lambda x, t: net(x, t))
-            z = sample_ddim(fn, x_t, ddim_timesteps(cfg.diffusion.timesteps, opts["sample_steps"]),
-                            schedule.alphas_cumprod, parameterization=cfg.diffusion.parameterization)
-            images = ae.decode(z / scale + shift).clamp(-1, 1).cpu()
-        path = os.path.join(tempfile.mkdtemp(), f"step_{step:07d}.png")
-        save_grid(images, path, nrow=min(8, n))
-        with open(os.path.join(os.path.dirname(path), "prompts.txt"), "w") as f:
+        cond, uncond = condition(prompts, mode, net, text, null, device)
+        images = generate(net, ae.decode, cond, uncond, len(prompts), shape, scale, shift, opts["sample_steps"],
+                          opts["cfg_scale"], opts["sample_seed"], device=device).cpu()
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, f"step_{step:07d}.png")
+        save_grid(images, path, nrow=min(8, len(prompts)))
+        with open(os.path.join(d, "prompts.txt"), "w") as f:
             f.write("\n".join(str(p) for p in prompts))
         tracker.artifact(path, "samples")
-        tracker.artifact(os.path.join(os.path.dirname(path), "prompts.txt"), "samples")
-        log(f"[train] step {step}: sample grid {os.path.basename(path)} ({n} prompts, cfg {opts['cfg_scale']})")
-        del net
+        tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
+        log(f"[train] step {step}: sample grid {os.path.basename(path)} ({len(prompts)} prompts, cfg {opts['cfg_scale']})")
 
     def export(step: int, out_dir: str) -> str | None:
         """Consolidated safetensors: UNet, EMA UNet, trained text transformer, config, AE reference."""
@@ -216,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
             comps["ema_cond_stage"] = _split(ema.shadow, "cond_stage.")
         path = os.path.join(out_dir, "model.safetensors")
         meta = {"step": str(step), "scale_factor": str(scale), "shift_factor": str(shift),
+                "latent_shape": json.dumps(list(shape)),
                 "autoencoder": json.dumps(opts["autoencoder_identity"]),
                 "text_encoder": json.dumps(opts["text_encoder_identity"])}
         save_components(path, comps, {**to_dict(cfg), "scale_factor": scale}, meta)

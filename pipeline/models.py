@@ -37,7 +37,7 @@ def weights_sha256(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _local_file(uri: str) -> str:
+def local_file(uri: str) -> str:
     if uri.startswith(("mlflow-models:/", "models:/", "runs:/")):
         import mlflow
         path = Path(mlflow.artifacts.download_artifacts(uri.replace("mlflow-models:/", "models:/", 1)))
@@ -67,7 +67,7 @@ def load_autoencoder(spec: str, preset: str = "") -> LoadedAutoencoder:
               f"!! meaningless for training a real model; use it only for tests and benchmarks.\n{'!' * 78}\n",
               file=sys.stderr, flush=True)
     else:
-        path = spec if Path(spec).is_dir() else _local_file(spec)
+        path = spec if Path(spec).is_dir() else local_file(spec)
         if Path(path).is_dir():
             cfg, sd = load_diffusers_vae(path)
         elif path.endswith(".safetensors"):

@@ -28,7 +28,7 @@ def _vae_pair():
                 latent_channels=4, norm_num_groups=32, sample_size=32)
     theirs = diffusers.AutoencoderKL(**dcfg).eval()
     sd = convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}, dcfg)
-    missing, unexpected = theirs.load_state_dict(sd, strict=True), None
+    theirs.load_state_dict(sd, strict=True)
     return ours, theirs, cfg
 
 

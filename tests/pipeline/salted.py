@@ -89,7 +89,7 @@ def write_salted_webdataset(folder) -> dict:
     write_tar(folder / "00001.tar", renamed)
     data = (folder / "00001.tar").read_bytes()
     # cut inside the 6th record: records 0..4 are whole
-    offsets, pos = [], 0
+    offsets = []
     with tarfile.open(folder / "00001.tar") as t:
         for m in t.getmembers():
             offsets.append((m.name, m.offset_data))

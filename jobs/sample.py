@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Generate images from a trained LDM export (model.safetensors written by jobs/train_ldm.py):
+DDIM, DPM-Solver++(2M) or DDPM with classifier-free guidance, decoded by the first stage.
+
+  python jobs/sample.py --model runs/ldm-demo-.../checkpoint_.../export/model.safetensors \\
+      --prompt "a photo of a sneaker" --prompt "a photo of a dress" --n 4 --out samples.png
+"""
+import argparse
+import sys
+
+import _common  # noqa: F401
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="LDM export: a model.safetensors path or mlflow-models:/NAME/VERSION")
+    p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable); class ids for class models")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--out", default="samples.png", help="output grid PNG (one row per prompt)")
+    p.add_argument("--sampler", choices=["ddim", "dpmpp_2m", "ddpm"], default="ddim", help="sampler")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--autoencoder", default="", help="first stage (default: the one recorded in the export)")
+    p.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the recorded one)")
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from pipeline.grid import save_grid
+    from pipeline.models import local_file
+    from pipeline.sample import sample_images
+    a = parse(argv)
+    if not a.prompt:
+        a.prompt = [""]
+    images, used = sample_images(local_file(a.model), a.prompt, a.n, a.autoencoder, a.text_encoder, a.steps,
+                                 a.cfg_scale, a.seed, a.sampler)
+    save_grid(images, a.out, nrow=a.n, upscale=a.upscale)
+    print(f"[sample] {len(used)} images ({len(a.prompt)} prompts x {a.n}) -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"[sample] error: {e}", file=sys.stderr)
+        sys.exit(2)
