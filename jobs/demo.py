@@ -9,9 +9,8 @@ Fashion-MNIST classifier; everything tracked in MLflow (a sqlite store under --o
 Ends by printing the stage-1 PSNR, the prompt-class agreement, the grid's path and how to open the MLflow UI.
 """
 import argparse
-import sys
 
-import _common  # noqa: F401
+from _common import run
 
 
 def parse(argv=None):
@@ -38,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "demo")

@@ -13,7 +13,7 @@ and in manifest.json `failed_shards`; a rerun retries them).
 import argparse
 import sys
 
-import _common  # noqa: F401
+from _common import run
 
 from pipeline.encode import EncodeOptions, run_encode
 from pipeline.preprocess import PreprocessConfig
@@ -92,10 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm.config import ConfigError
-    from pipeline.latent_cache import CacheMismatch
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, PermissionError, ConfigError, CacheMismatch, ValueError) as e:
-        print(f"[encode] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, "encode")

@@ -7,9 +7,8 @@ ImageNet EfficientNet-Lite0 features of reconstructions vs inputs; not FID) and,
 """
 import argparse
 import json
-import sys
 
-import _common  # noqa: F401
+from _common import run
 
 
 def parse(argv=None):
@@ -53,9 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm.config import ConfigError
-    try:
-        sys.exit(main())
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"[eval] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, "eval")

@@ -6,10 +6,9 @@ Examples:
   python jobs/make_shards.py --output s3://bucket/laion-like/ --dataset photos --layout parquet --image-format jpg
 """
 import argparse
-import sys
 import time
 
-import _common  # noqa: F401
+from _common import run
 
 from pipeline import storage
 from pipeline.make_shards import fashion_records, photo_records, write_shards
@@ -53,8 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, PermissionError, ValueError) as e:
-        print(f"[make_shards] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, "make_shards")

@@ -6,9 +6,8 @@ DDIM, DPM-Solver++(2M) or DDPM with classifier-free guidance, decoded by the fir
       --prompt "a photo of a sneaker" --prompt "a photo of a dress" --n 4 --out samples.png
 """
 import argparse
-import sys
 
-import _common  # noqa: F401
+from _common import run
 
 
 def parse(argv=None):
@@ -42,8 +41,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[sample] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, "sample")

@@ -12,9 +12,8 @@ registered model version) is what `jobs/encode_latents.py --autoencoder` takes.
 Exit status: 0 trained; 2 bad arguments or config; 4 training failed.
 """
 import argparse
-import sys
 
-import _common  # noqa: F401
+from _common import run
 
 from pipeline.train_autoencoder import AETrainOptions
 
@@ -82,12 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm.config import ConfigError
-    try:
-        sys.exit(main())
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"[stage1] error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001
-        print(f"[stage1] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(4)
+    run(main, "stage1")

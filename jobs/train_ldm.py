@@ -10,9 +10,8 @@ Trailing key=value arguments override the preset (after --config YAML). A rerun 
 Exit status: 0 trained; 2 bad arguments, config or cache; 4 training failed (non-finite loss, workers).
 """
 import argparse
-import sys
 
-import _common  # noqa: F401
+from _common import run
 
 from pipeline.train_config import TrainOptions
 
@@ -98,12 +97,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm.config import ConfigError
-    try:
-        sys.exit(main())
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"[train] error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - a clear last line for `ray job logs`
-        print(f"[train] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(4)
+    run(main, "train")

@@ -302,14 +302,15 @@ def load_config(preset: str = "", yaml_path: str = "", overrides: list[str] | tu
     cfg = get_preset(preset) if preset else LDMConfig()
     if yaml_path:
         data = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in _flatten(data)])
+        cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in flatten(data)])
     return apply_overrides(cfg, overrides).validate()
 
 
-def _flatten(d: dict, prefix: str = ""):
+def flatten(d: dict, prefix: str = ""):
+    """{"unet": {"model_channels": 64}} -> ("unet.model_channels", 64), ..."""
     for k, v in d.items():
         if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
+            yield from flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
 
@@ -344,7 +345,7 @@ def _demo() -> LDMConfig:
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=2,
                         attention_resolutions=(1, 2), num_heads=4, context_dim=384),
         diffusion=DiffusionConfig(timesteps=1000),
-        conditioning=ConditioningConfig(kind="text", text_encoder="hf", max_length=32),
+        conditioning=ConditioningConfig(kind="text", text_encoder="hf", max_length=16),
     )
 
 

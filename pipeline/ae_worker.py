@@ -22,6 +22,7 @@ from ldm.config import AutoencoderConfig, FirstStageLossConfig, from_dict, to_di
 from ldm.ema import EMA
 from ldm.losses import FirstStageLoss
 from ldm.metrics import psnr
+from pipeline.runtime import resumable_batches
 from pipeline.tracking import Tracker, say
 
 
@@ -121,65 +122,56 @@ def ae_train_loop(config: dict) -> None:
     data = ray.train.get_dataset_shard("train")
     B = opts["batch_size"]
     t0, seen0, step0 = time.time(), state["images_seen"], state["step"]
-    epoch, skip = state["epoch"], state["batch_in_epoch"]
-    while state["step"] < opts["max_steps"]:
-        state["epoch"], state["batch_in_epoch"], batches = epoch, 0, 0
-        for i, batch in enumerate(data.iter_torch_batches(batch_size=B, drop_last=True,
-                                                          local_shuffle_buffer_size=opts["shuffle_buffer"] or None,
-                                                          local_shuffle_seed=opts["seed"] + epoch * 7919 + rank)):
-            state["batch_in_epoch"], batches = i + 1, batches + 1
-            if i < skip:
-                continue
-            step = state["step"]
-            x = batch["image"].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            if isinstance(raw, AutoencoderKL):
-                xrec, post = model(x)
-                kw = {"posterior": post}
-            else:
-                xrec, qloss, info = model(x)
-                kw = {"codebook_loss": qloss}
-            g_loss, logs = loss_fn.generator_loss(x, xrec, step, last_layer, **kw)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            _average_grads([loss_fn.logvar])
-            opt_g.step()
-            if loss_fn.disc_factor(step) > 0:
-                d_loss, dlogs = loss_fn.discriminator_loss(x, xrec.detach(), step)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                _average_grads(loss_fn.discriminator.parameters())
-                opt_d.step()
-                logs.update(dlogs)
-            if ema is not None:
-                ema.update(raw.state_dict())
-            state["step"] += 1
-            state["images_seen"] += x.shape[0] * world
-            step = state["step"]
-            with torch.no_grad():
-                logs["psnr"] = psnr(xrec.clamp(-1, 1), x).mean()
-            if cfg.reg == "vq":
-                logs["perplexity"], logs["codebook_usage"] = info["perplexity"], info["usage"]
-            if cfg.reg == "kl":
-                logs["kl"] = post.kl().mean().detach()
-            for k, v in logs.items():
-                tracker.metric(k, float(v), step)
-            rate = (state["images_seen"] - seen0) / max(1e-9, time.time() - t0)
-            tracker.metric("samples_per_s", rate, step)
-            if step % opts["log_every"] == 0 or step == opts["max_steps"]:
-                eta = (opts["max_steps"] - step) * (time.time() - t0) / max(1, step - step0)
-                log(f"[stage1] step {step}/{opts['max_steps']} | rec {float(logs['rec_loss']):.4f} | psnr "
-                    f"{float(logs['psnr']):.2f} dB | g {float(logs['g_loss']):.3f} | "
-                    f"d {float(logs.get('d_loss', 0.0)):.3f} | {rate:.1f} img/s | ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
-                tracker.flush()
-            if rank == 0 and opts["sample_every"] and step % opts["sample_every"] == 0:
-                recon_grid(x, step)
-            if step >= opts["max_steps"]:
-                break
-            if step % opts["checkpoint_every"] == 0:
-                checkpoint({"step": step, "rec_loss": float(logs["rec_loss"]), "psnr": float(logs["psnr"])})
-        if batches == 0:
-            raise ValueError(f"the shards give this worker no full batch of {B}: lower --batch-size or --num-workers")
-        epoch, skip = epoch + 1, 0
+    for batch in resumable_batches(data, state, B, opts["shuffle_buffer"], opts["seed"], rank):
+        if state["step"] >= opts["max_steps"]:
+            break
+        step = state["step"]
+        x = batch["image"].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if isinstance(raw, AutoencoderKL):
+            xrec, post = model(x)
+            kw = {"posterior": post}
+        else:
+            xrec, qloss, info = model(x)
+            kw = {"codebook_loss": qloss}
+        g_loss, logs = loss_fn.generator_loss(x, xrec, step, last_layer, **kw)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        _average_grads([loss_fn.logvar])
+        opt_g.step()
+        if loss_fn.disc_factor(step) > 0:
+            d_loss, dlogs = loss_fn.discriminator_loss(x, xrec.detach(), step)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            _average_grads(loss_fn.discriminator.parameters())
+            opt_d.step()
+            logs.update(dlogs)
+        if ema is not None:
+            ema.update(raw.state_dict())
+        state["step"] += 1
+        state["images_seen"] += x.shape[0] * world
+        step = state["step"]
+        with torch.no_grad():
+            logs["psnr"] = psnr(xrec.clamp(-1, 1), x).mean()
+        if cfg.reg == "vq":
+            logs["perplexity"], logs["codebook_usage"] = info["perplexity"], info["usage"]
+        if cfg.reg == "kl":
+            logs["kl"] = post.kl().mean().detach()
+        for k, v in logs.items():
+            tracker.metric(k, float(v), step)
+        rate = (state["images_seen"] - seen0) / max(1e-9, time.time() - t0)
+        tracker.metric("samples_per_s", rate, step)
+        if step % opts["log_every"] == 0 or step == opts["max_steps"]:
+            eta = (opts["max_steps"] - step) * (time.time() - t0) / max(1, step - step0)
+            log(f"[stage1] step {step}/{opts['max_steps']} | rec {float(logs['rec_loss']):.4f} | psnr "
+                f"{float(logs['psnr']):.2f} dB | g {float(logs['g_loss']):.3f} | "
+                f"d {float(logs.get('d_loss', 0.0)):.3f} | {rate:.1f} img/s | ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+            tracker.flush()
+        if rank == 0 and opts["sample_every"] and step % opts["sample_every"] == 0:
+            recon_grid(x, step)
+        if step >= opts["max_steps"]:
+            break
+        if step % opts["checkpoint_every"] == 0:
+            checkpoint({"step": step, "rec_loss": float(logs["rec_loss"]), "psnr": float(logs["psnr"])})
     tracker.flush()
     checkpoint({"step": state["step"], "images_seen": state["images_seen"]}, final=True)
     tracker.flush()

@@ -99,7 +99,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     prog.stage("encode the latent cache with the trained autoencoder + MiniLM tokens")
     enc = run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / "latents"),
                                    autoencoder=ae["export"], preprocess=PreprocessConfig(resolution=32),
-                                   max_length=32, batch_size=128, mlflow_uri=uri, experiment="demo-encode"), log)
+                                   max_length=16, batch_size=128, mlflow_uri=uri, experiment="demo-encode"), log)
 
     prompts = [f"a photo of {p}" for p in FASHION_PHRASES]
     prog.stage(f"LDM: text-conditional UNet on the cache, {size.ldm_steps} steps, CFG dropout 0.1 (paper §3.3)")

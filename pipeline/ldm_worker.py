@@ -26,6 +26,7 @@ from ldm.diffusion import Schedule, diffusion_loss
 from ldm.ema import EMA
 from ldm.model import LatentDiffusion
 from pipeline.sample import condition, generate, null_condition
+from pipeline.runtime import resumable_batches
 from pipeline.tracking import Tracker, say as _say
 
 
@@ -222,112 +223,102 @@ def train_loop_per_worker(config: dict) -> None:
     loss_sum, loss_n = 0.0, 0
     if state["step"] >= opts["max_steps"]:
         log(f"[train] already at step {state['step']} >= --max-steps {opts['max_steps']}; nothing to train")
-    epoch, skip = state["epoch"], state["batch_in_epoch"]
-    while state["step"] < opts["max_steps"]:
-        state["epoch"], state["batch_in_epoch"], batches = epoch, 0, 0
-        for i, batch in enumerate(data.iter_torch_batches(batch_size=B, drop_last=True,
-                                                          local_shuffle_buffer_size=opts["shuffle_buffer"] or None,
-                                                          local_shuffle_seed=opts["seed"] + epoch * 7919 + rank)):
-            state["batch_in_epoch"], batches = i + 1, batches + 1
-            if i < skip:  # data position of a resumed run: batches this epoch already trained on
-                continue
-            mean = batch["latent_mean"].to(device).float().view(-1, *shape)
-            std = batch["latent_std"].to(device).float().view(-1, *shape)
-            eps = torch.randn(mean.shape, generator=gen, device=device)
-            z0 = (mean + std * eps - shift) * scale  # z ~ q(z|x), rescaled to unit variance (§4.3.2)
-            drop = drop_mask(z0.shape[0], cond_cfg.cond_drop_prob, gen, device)  # CFG dropout, at train time
-            kw = {}
-            if mode == "cached_emb":
-                c = batch["text_emb"].to(device).float().view(z0.shape[0], cond_cfg.max_length, -1)
-                kw = {"context": apply_drop(c, null["context"], drop),
-                      "mask": apply_drop(batch["attention_mask"].to(device).long(), null["mask"], drop)}
-            elif mode == "frozen":
-                ids, m = batch["input_ids"].to(device).long(), batch["attention_mask"].to(device).long()
-                with torch.no_grad():
-                    c = text.encode(ids, m)
-                kw = {"context": apply_drop(c, null["context"], drop), "mask": apply_drop(m, null["mask"], drop)}
-            elif mode == "trainable":
-                kw = {"input_ids": apply_drop(batch["input_ids"].to(device).long(), null["input_ids"], drop),
-                      "mask": apply_drop(batch["attention_mask"].to(device).long(), null["mask"], drop)}
-            elif mode == "class":
-                kw = {"y": apply_drop(batch["label"].to(device).long(), null["y"], drop)}
-            loss = diffusion_loss(engine, z0, cfg.diffusion, schedule, generator=gen, **kw).mean()
-            # NaN guard: every rank agrees before anyone calls backward
-            ok = torch.tensor([1.0 if torch.isfinite(loss) else 0.0])
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if ok.item() < 1:
-                state["skipped_steps"] += 1
-                consecutive_bad += 1
-                tracker.metric("skipped_steps", state["skipped_steps"], state["step"])
-                log(f"[train] step {state['step']}: non-finite loss, step skipped "
-                    f"({consecutive_bad} in a row, {state['skipped_steps']} in all)")
-                if consecutive_bad >= opts["nan_tolerance"]:
-                    tracker.flush()
-                    raise NonFiniteLoss(
-                        f"{consecutive_bad} non-finite losses in a row at step {state['step']} (limit "
-                        f"--nan-tolerance {opts['nan_tolerance']}); stopping. The last good checkpoint is intact: "
-                        f"lower the learning rate or check the latent cache for NaN/Inf, then --resume")
-                continue
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
-            loss_n += 1
-            if not engine.is_gradient_accumulation_boundary() and loss_n % acc:
-                continue
-            if not engine.was_step_applied():  # DeepSpeed saw non-finite gradients and skipped the update
-                state["skipped_steps"] += 1
-                consecutive_bad += 1
-                if consecutive_bad >= opts["nan_tolerance"]:
-                    raise NonFiniteLoss(f"{consecutive_bad} non-finite gradient steps in a row at step {state['step']}")
-                continue
-            consecutive_bad = 0
-            state["step"] += 1
-            state["images_seen"] += z0.shape[0] * acc * world
-            step = state["step"]
-            mean_loss = torch.tensor([loss_sum / max(1, loss_n)])
-            dist.all_reduce(mean_loss)
-            last_loss = mean_loss.item() / world
-            loss_sum, loss_n = 0.0, 0
-            if ema is not None or stage == 3:
-                if step % opts["ema_every"] == 0:
-                    if stage == 3:
-                        full = _full_state(engine, stage)
-                        if ema is not None:
-                            ema.update(full)
-                    else:
-                        ema.update(engine.module.state_dict())
-            elapsed = time.time() - t_start
-            rate = (state["images_seen"] - seen_start) / max(1e-9, elapsed)
-            lr = lr_sched.get_last_lr()[0]
-            gn = engine.get_global_grad_norm()
-            tracker.metric("loss", last_loss, step)
-            tracker.metric("lr", lr, step)
-            tracker.metric("samples_per_s", rate, step)
-            tracker.metric("images_seen", state["images_seen"], step)
-            tracker.metric("skipped_steps", state["skipped_steps"], step)
-            if gn is not None and math.isfinite(float(gn)):
-                tracker.metric("grad_norm", float(gn), step)
-            if step % opts["log_every"] == 0 or step == opts["max_steps"]:
-                eta = (opts["max_steps"] - step) * elapsed / max(1, step - step_start)
-                log(f"[train] step {step}/{opts['max_steps']} | images {state['images_seen']} | loss {last_loss:.4f} "
-                    f"| lr {lr:.2e} | {rate:.1f} samples/s | skipped {state['skipped_steps']} | "
-                    f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+    for batch in resumable_batches(data, state, B, opts["shuffle_buffer"], opts["seed"], rank):
+        if state["step"] >= opts["max_steps"]:
+            break
+        mean = batch["latent_mean"].to(device).float().view(-1, *shape)
+        std = batch["latent_std"].to(device).float().view(-1, *shape)
+        eps = torch.randn(mean.shape, generator=gen, device=device)
+        z0 = (mean + std * eps - shift) * scale  # z ~ q(z|x), rescaled to unit variance (§4.3.2)
+        drop = drop_mask(z0.shape[0], cond_cfg.cond_drop_prob, gen, device)  # CFG dropout, at train time
+        kw = {}
+        if mode == "cached_emb":
+            c = batch["text_emb"].to(device).float().view(z0.shape[0], cond_cfg.max_length, -1)
+            kw = {"context": apply_drop(c, null["context"], drop),
+                  "mask": apply_drop(batch["attention_mask"].to(device).long(), null["mask"], drop)}
+        elif mode == "frozen":
+            ids, m = batch["input_ids"].to(device).long(), batch["attention_mask"].to(device).long()
+            with torch.no_grad():
+                c = text.encode(ids, m)
+            kw = {"context": apply_drop(c, null["context"], drop), "mask": apply_drop(m, null["mask"], drop)}
+        elif mode == "trainable":
+            kw = {"input_ids": apply_drop(batch["input_ids"].to(device).long(), null["input_ids"], drop),
+                  "mask": apply_drop(batch["attention_mask"].to(device).long(), null["mask"], drop)}
+        elif mode == "class":
+            kw = {"y": apply_drop(batch["label"].to(device).long(), null["y"], drop)}
+        loss = diffusion_loss(engine, z0, cfg.diffusion, schedule, generator=gen, **kw).mean()
+        # NaN guard: every rank agrees before anyone calls backward
+        ok = torch.tensor([1.0 if torch.isfinite(loss) else 0.0])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() < 1:
+            state["skipped_steps"] += 1
+            consecutive_bad += 1
+            tracker.metric("skipped_steps", state["skipped_steps"], state["step"])
+            log(f"[train] step {state['step']}: non-finite loss, step skipped "
+                f"({consecutive_bad} in a row, {state['skipped_steps']} in all)")
+            if consecutive_bad >= opts["nan_tolerance"]:
                 tracker.flush()
-            if opts["sample_every"] and step % opts["sample_every"] == 0 and rank == 0 and opts["autoencoder"]:
-                try:
-                    samples(step)
-                except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
-                    log(f"[train] WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
-            metrics = {"step": step, "loss": last_loss, "images_seen": state["images_seen"],
-                       "skipped_steps": state["skipped_steps"]}
-            if step >= opts["max_steps"]:
-                break
-            if step % opts["checkpoint_every"] == 0:
-                checkpoint(metrics)
-        if batches == 0:
-            raise ValueError(f"the latent cache gives this worker no full batch of {B}: lower --batch-size or "
-                             f"--num-workers, or encode more data")
-        epoch, skip = epoch + 1, 0
+                raise NonFiniteLoss(
+                    f"{consecutive_bad} non-finite losses in a row at step {state['step']} (limit "
+                    f"--nan-tolerance {opts['nan_tolerance']}); stopping. The last good checkpoint is intact: "
+                    f"lower the learning rate or check the latent cache for NaN/Inf, then --resume")
+            continue
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+        loss_n += 1
+        if not engine.is_gradient_accumulation_boundary() and loss_n % acc:
+            continue
+        if not engine.was_step_applied():  # DeepSpeed saw non-finite gradients and skipped the update
+            state["skipped_steps"] += 1
+            consecutive_bad += 1
+            if consecutive_bad >= opts["nan_tolerance"]:
+                raise NonFiniteLoss(f"{consecutive_bad} non-finite gradient steps in a row at step {state['step']}")
+            continue
+        consecutive_bad = 0
+        state["step"] += 1
+        state["images_seen"] += z0.shape[0] * acc * world
+        step = state["step"]
+        mean_loss = torch.tensor([loss_sum / max(1, loss_n)])
+        dist.all_reduce(mean_loss)
+        last_loss = mean_loss.item() / world
+        loss_sum, loss_n = 0.0, 0
+        if ema is not None or stage == 3:
+            if step % opts["ema_every"] == 0:
+                if stage == 3:
+                    full = _full_state(engine, stage)
+                    if ema is not None:
+                        ema.update(full)
+                else:
+                    ema.update(engine.module.state_dict())
+        elapsed = time.time() - t_start
+        rate = (state["images_seen"] - seen_start) / max(1e-9, elapsed)
+        lr = lr_sched.get_last_lr()[0]
+        gn = engine.get_global_grad_norm()
+        tracker.metric("loss", last_loss, step)
+        tracker.metric("lr", lr, step)
+        tracker.metric("samples_per_s", rate, step)
+        tracker.metric("images_seen", state["images_seen"], step)
+        tracker.metric("skipped_steps", state["skipped_steps"], step)
+        if gn is not None and math.isfinite(float(gn)):
+            tracker.metric("grad_norm", float(gn), step)
+        if step % opts["log_every"] == 0 or step == opts["max_steps"]:
+            eta = (opts["max_steps"] - step) * elapsed / max(1, step - step_start)
+            log(f"[train] step {step}/{opts['max_steps']} | images {state['images_seen']} | loss {last_loss:.4f} "
+                f"| lr {lr:.2e} | {rate:.1f} samples/s | skipped {state['skipped_steps']} | "
+                f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+            tracker.flush()
+        if opts["sample_every"] and step % opts["sample_every"] == 0 and rank == 0 and opts["autoencoder"]:
+            try:
+                samples(step)
+            except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
+                log(f"[train] WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
+        metrics = {"step": step, "loss": last_loss, "images_seen": state["images_seen"],
+                   "skipped_steps": state["skipped_steps"]}
+        if step >= opts["max_steps"]:
+            break
+        if step % opts["checkpoint_every"] == 0:
+            checkpoint(metrics)
     final = {"step": state["step"], "loss": last_loss, "images_seen": state["images_seen"],
              "skipped_steps": state["skipped_steps"]}
     tracker.flush()

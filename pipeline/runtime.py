@@ -59,3 +59,22 @@ def fit(loop, config: dict, *, num_workers: int, use_gpu: bool, cpus: float, sto
     if result.error:
         raise result.error
     return result
+
+
+def resumable_batches(shard, state: dict, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
+    """Endless training batches from a Ray Train dataset shard, epoch after epoch (Ray Data re-reads the
+    files in a new shuffled order each epoch). `state["epoch"]` and `state["batch_in_epoch"]` record the data
+    position for checkpoints; a restored state skips the batches of its epoch that were already trained on."""
+    epoch, skip = state["epoch"], state["batch_in_epoch"]
+    while True:
+        state["epoch"], state["batch_in_epoch"], n = epoch, 0, 0
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                                           local_shuffle_buffer_size=shuffle_buffer or None,
+                                                           local_shuffle_seed=seed + epoch * 7919 + rank)):
+            state["batch_in_epoch"], n = i + 1, n + 1
+            if i >= skip:
+                yield batch
+        if n == 0:
+            raise ValueError(f"the dataset gives this worker no full batch of {batch_size}: lower --batch-size or "
+                             f"--num-workers, or add data")
+        epoch, skip = epoch + 1, 0

@@ -86,14 +86,6 @@ class Tracker:
         self._guard(lambda: self.client.log_artifact(self.run_id, path, artifact_path), "artifact upload")
 
 
-def flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
 def open_or_continue_run(uri: str, experiment: str, run_dir: str, params: dict, tags: dict, log,
                          parent_run_id: str = "") -> str:
     """Driver side: the MLflow run of a Ray Train run dir. A new run logs `params` (the full config); a

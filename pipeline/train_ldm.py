@@ -7,10 +7,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ldm.config import ConfigError, config_hash, format_config, load_config, to_dict
+from ldm.config import ConfigError, config_hash, flatten, format_config, load_config, to_dict
 from pipeline import storage
 from pipeline.latent_cache import part_files, read_manifest
-from pipeline.tracking import flatten, open_or_continue_run, register_version
+from pipeline.tracking import open_or_continue_run, register_version
 from pipeline.train_config import TrainOptions, load_deepspeed_preset
 
 
