@@ -34,6 +34,10 @@ def parse(argv=None):
     t.add_argument("--max-steps", type=int, default=2000, help="generator steps")
     t.add_argument("--batch-size", type=int, default=32, help="images per worker per step")
     t.add_argument("--lr", type=float, default=4.5e-6 * 32, help="Adam learning rate (betas 0.5, 0.9)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="cosine",
+                   help="LR after warm-up, for the generator and the discriminator")
+    t.add_argument("--warmup-steps", type=int, default=100, help="linear LR warm-up steps")
+    t.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR / peak LR for cosine and linear")
     t.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights for the export (0 = off)")
     t.add_argument("--shuffle-buffer", type=int, default=2000, help="local shuffle buffer (images) per worker")
     t.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     opts = AETrainOptions(
         input=a.input, eval_input=a.eval_input, preset=a.preset, config_yaml=a.config, overrides=tuple(a.overrides),
         reg=a.reg, f=a.f, num_workers=a.num_workers, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
+        lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio,
         ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
         sample_every=a.sample_every, log_every=a.log_every, shuffle_buffer=a.shuffle_buffer, seed=a.seed,
         use_gpu=a.use_gpu, cpus_per_worker=a.cpus_per_worker, threads_per_worker=a.threads_per_worker,

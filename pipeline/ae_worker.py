@@ -23,6 +23,7 @@ from ldm.ema import EMA
 from ldm.losses import FirstStageLoss
 from ldm.metrics import psnr
 from pipeline.runtime import resumable_batches
+from pipeline.train_config import lr_lambda
 from pipeline.tracking import Tracker, say
 
 
@@ -55,6 +56,9 @@ def ae_train_loop(config: dict) -> None:
     betas = (0.5, 0.9)  # taming / CompVis stage-1 settings
     opt_g = torch.optim.Adam(list(raw.parameters()) + [loss_fn.logvar], lr=opts["lr"], betas=betas)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=opts["lr"], betas=betas)
+    sched_fn = lr_lambda(opts["lr_schedule"], opts["warmup_steps"], opts["max_steps"], opts["min_lr_ratio"])
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, sched_fn)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, sched_fn)
     ema = EMA(raw.state_dict(), opts["ema_decay"]) if opts["ema_decay"] > 0 else None
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0}
 
@@ -68,6 +72,8 @@ def ae_train_loop(config: dict) -> None:
             loss_fn.load_state_dict(load("loss.pt"), strict=False)  # frozen perceptual net is not saved
             opt_g.load_state_dict(load("opt_g.pt"))
             opt_d.load_state_dict(load("opt_d.pt"))
+            sched_g.load_state_dict(load("sched_g.pt"))
+            sched_d.load_state_dict(load("sched_d.pt"))
             if ema is not None and os.path.exists(os.path.join(d, "ema.pt")):
                 ema.load_state_dict(load("ema.pt"))
             state.update(json.loads(open(os.path.join(d, "train_state.json")).read()))
@@ -96,6 +102,8 @@ def ae_train_loop(config: dict) -> None:
                 torch.save(trainable_loss_state(), os.path.join(d, "loss.pt"))
                 torch.save(opt_g.state_dict(), os.path.join(d, "opt_g.pt"))
                 torch.save(opt_d.state_dict(), os.path.join(d, "opt_d.pt"))
+                torch.save(sched_g.state_dict(), os.path.join(d, "sched_g.pt"))
+                torch.save(sched_d.state_dict(), os.path.join(d, "sched_d.pt"))
                 if ema is not None:
                     torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))
                 with open(os.path.join(d, "train_state.json"), "w") as f:
@@ -145,6 +153,8 @@ def ae_train_loop(config: dict) -> None:
             _average_grads(loss_fn.discriminator.parameters())
             opt_d.step()
             logs.update(dlogs)
+        sched_g.step()
+        sched_d.step()
         if ema is not None:
             ema.update(raw.state_dict())
         state["step"] += 1
@@ -160,6 +170,7 @@ def ae_train_loop(config: dict) -> None:
             tracker.metric(k, float(v), step)
         rate = (state["images_seen"] - seen0) / max(1e-9, time.time() - t0)
         tracker.metric("samples_per_s", rate, step)
+        tracker.metric("lr", sched_g.get_last_lr()[0], step)
         if step % opts["log_every"] == 0 or step == opts["max_steps"]:
             eta = (opts["max_steps"] - step) * (time.time() - t0) / max(1, step - step0)
             log(f"[stage1] step {step}/{opts['max_steps']} | rec {float(logs['rec_loss']):.4f} | psnr "

@@ -57,6 +57,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     from pipeline.datasets import preprocessed_records
     from pipeline.runtime import init_ray
 
+    import yaml
+    log("[encode] options:\n" + yaml.safe_dump(asdict(opts), sort_keys=False).rstrip())
     shard_set = discover_shards(opts.input)
     storage.check_writable(opts.output)
     ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset)

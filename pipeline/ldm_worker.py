@@ -27,6 +27,7 @@ from ldm.ema import EMA
 from ldm.model import LatentDiffusion
 from pipeline.sample import condition, generate, null_condition
 from pipeline.runtime import resumable_batches
+from pipeline.train_config import lr_lambda
 from pipeline.tracking import Tracker, say as _say
 
 
@@ -41,19 +42,6 @@ def _import_deepspeed(cpu: bool):
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
     return deepspeed
-
-
-def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        p = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        return 1.0 - (1.0 - min_ratio) * p  # linear
-    return fn
 
 
 def deepspeed_config(opts: dict, world: int, use_gpu: bool) -> dict:

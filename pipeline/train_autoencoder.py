@@ -24,6 +24,9 @@ class AETrainOptions:
     max_steps: int = 2000
     batch_size: int = 32
     lr: float = 4.5e-6 * 32              # the paper's base lr x batch (App. G scaling)
+    lr_schedule: str = "cosine"          # constant | cosine | linear (after warm-up)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
     ema_decay: float = 0.0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -90,7 +93,7 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
     ae = cfg.autoencoder
     eval_input = opts.eval_input or default_eval_input(opts.input)
     tag = f"{ae.reg}-f{ae.downsample_factor}"
-    storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name)
+    storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name, opts.mlflow_uri)
     name = name or f"ae-{cfg.name}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = storage_path if storage.is_remote(storage_path) else str(Path(storage_path).resolve())
     run_dir = storage.join(storage_path, name)

@@ -3,6 +3,7 @@ JSON presets in infra/deepspeed/."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def load_deepspeed_preset(stage: int, override_path: str | None = None) -> dict:
             raise ValueError(f"--deepspeed-config {override_path} is not valid JSON: {e}") from e
         cfg["zero_optimization"]["stage"] = stage
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        return 1.0 - (1.0 - min_ratio) * p  # linear
+    return fn
 
 
 @dataclass(frozen=True)

@@ -66,14 +66,15 @@ def default_prompts(files: list[str], n: int = 8) -> list[str]:
     return seen
 
 
-def resolve_resume(resume: str, storage_path: str, name: str) -> tuple[str, str, str]:
-    """-> (storage_path, name, resume_from checkpoint path or "")."""
+def resolve_resume(resume: str, storage_path: str, name: str, mlflow_uri: str = "") -> tuple[str, str, str]:
+    """-> (storage_path, name, resume_from checkpoint path or ""). `resume` is a run dir, a Ray Train
+    checkpoint dir, or `mlflow:RUN_ID` (the run's `ray_run_dir` tag names its run dir)."""
     if not resume:
         return storage_path, name, ""
     if resume.startswith(("mlflow:", "runs:/")):
         import mlflow
         run_id = resume.split(":", 1)[1].lstrip("/").split("/")[0]
-        run = mlflow.get_run(run_id)
+        run = mlflow.MlflowClient(mlflow_uri or None).get_run(run_id)
         run_dir = run.data.tags.get("ray_run_dir")
         if not run_dir:
             raise FileNotFoundError(f"MLflow run {run_id} has no ray_run_dir tag: pass the run directory instead")
@@ -108,7 +109,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     if not prompts:
         prompts = ([str(i) for i in range(cfg.conditioning.num_classes)] if cfg.conditioning.kind == "class"
                    else default_prompts(files))
-    storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name)
+    storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name, opts.mlflow_uri)
     name = name or f"ldm-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = storage_path if storage.is_remote(storage_path) else str(Path(storage_path).resolve())
     run_dir = storage.join(storage_path, name)

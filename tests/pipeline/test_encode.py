@@ -123,10 +123,14 @@ def test_s3_input_and_output(ray_local, s3_server, fmnist_shards, tmp_path):
     fs = s3fs.S3FileSystem()
     fs.mkdir("ldm-test")
     fs.put(fmnist_shards["webdataset"] + "/", "ldm-test/shards/", recursive=True)
-    s = run_encode(opts("s3://ldm-test/shards", "s3://ldm-test/latents", "random:tiny"))
+    from ldm.conditioning import default_text_encoder_path
+    fs.put(default_text_encoder_path() + "/", "ldm-test/minilm/", recursive=True)  # a text encoder on S3 too
+    s = run_encode(opts("s3://ldm-test/shards", "s3://ldm-test/latents", "random:tiny",
+                        text_encoder="s3://ldm-test/minilm", store_text_embeddings=True))
     assert s["shards_done"] == 3 and not s["shards_failed"]
     m = json.loads(fs.cat("ldm-test/latents/manifest.json"))
-    assert m["counts"]["kept"] == s["kept"] > 100
+    assert m["counts"]["kept"] == s["kept"] > 100 and m["text_encoder"]["source"] == "s3://ldm-test/minilm"
+    assert m["text_encoder"]["dim"] == 384 and m["text_encoder"]["embeddings"] is True
     assert all(fs.exists(f"ldm-test/latents/{sh['file']}") for sh in m["shards"].values())
 
 

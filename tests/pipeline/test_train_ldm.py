@@ -101,6 +101,9 @@ def test_resume_to_2n_matches_uninterrupted(tiny_cache, tmp_path):
     # --resume from an explicit Ray checkpoint directory works too
     c = run_train(topts(tiny_cache, tmp_path, max_steps=45, name="from-ckpt", resume=b["checkpoint"], **common))
     assert c["step"] == 45 and c["images_seen"] == 45 * 16
+    # ... and from an MLflow run: its ray_run_dir tag names the run dir, whose latest checkpoint is step 40
+    d = run_train(topts(tiny_cache, tmp_path, max_steps=44, resume=f"mlflow:{a2['mlflow_run_id']}", **common))
+    assert d["step"] == 44 and d["mlflow_run_id"] == a1["mlflow_run_id"]
 
 
 def test_killed_worker_restarts_from_last_checkpoint(tiny_cache, tmp_path):
