@@ -29,7 +29,7 @@ class FashionCNN(nn.Module):
 
 def _prep(images) -> torch.Tensor:
     """uint8 (N, 28, 28) -> (N, 1, 32, 32) in [-1, 1], as the shards' bicubic resize to 32 px."""
-    x = torch.as_tensor(images, dtype=torch.float32)[:, None] / 127.5 - 1
+    x = torch.tensor(images, dtype=torch.float32)[:, None] / 127.5 - 1
     return F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 

@@ -30,9 +30,9 @@ SIZES = {
     # a wiring check of every stage in about two minutes (tests); its samples are not meant to be good
     "smoke": DemoSize(train_images=400, test_images=100, ae_steps=20, ldm_steps=20, samples_per_class=1,
                       classifier_epochs=1),
-    "quick": DemoSize(train_images=6000, test_images=1000, ae_steps=300, ldm_steps=700, samples_per_class=5,
+    "quick": DemoSize(train_images=3000, test_images=500, ae_steps=120, ldm_steps=200, samples_per_class=5,
                       classifier_epochs=1),
-    "default": DemoSize(train_images=20000, test_images=2000, ae_steps=1200, ldm_steps=2400, samples_per_class=10,
+    "default": DemoSize(train_images=12000, test_images=2000, ae_steps=600, ldm_steps=900, samples_per_class=10,
                         classifier_epochs=2),
 }
 
@@ -91,15 +91,17 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     prog.stage(f"stage 1: KL autoencoder, f=4, {size.ae_steps} steps (paper §3.1)")
     ae = run_train_autoencoder(AETrainOptions(
         input=str(out / "shards" / "train"), preset="demo", max_steps=size.ae_steps, batch_size=32, lr=1e-3,
-        checkpoint_every=max(100, size.ae_steps // 3), sample_every=max(100, size.ae_steps // 2), log_every=50,
+        checkpoint_every=max(100, size.ae_steps // 2), sample_every=max(50, size.ae_steps // 2), log_every=50,
         storage_path=str(out / "runs"), name="stage1", mlflow_uri=uri, experiment="demo-stage1",
-        register_model="demo-autoencoder", eval_max_images=size.test_images, seed=opts.seed), log)
+        register_model="demo-autoencoder", eval_max_images=min(1000, size.test_images), eval_fd=False,
+        seed=opts.seed), log)
     ae_psnr = ae["eval"]["psnr"]
 
     prog.stage("encode the latent cache with the trained autoencoder + MiniLM tokens")
     enc = run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / "latents"),
                                    autoencoder=ae["export"], preprocess=PreprocessConfig(resolution=32),
-                                   max_length=16, batch_size=128, mlflow_uri=uri, experiment="demo-encode"), log)
+                                   max_length=16, store_text_embeddings=True, batch_size=128, mlflow_uri=uri,
+                                   experiment="demo-encode"), log)
 
     prompts = [f"a photo of {p}" for p in FASHION_PHRASES]
     prog.stage(f"LDM: text-conditional UNet on the cache, {size.ldm_steps} steps, CFG dropout 0.1 (paper §3.3)")

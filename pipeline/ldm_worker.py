@@ -209,6 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
     t_start, seen_start, step_start = time.time(), state["images_seen"], state["step"]
     consecutive_bad, last_loss = 0, float("nan")
     loss_sum, loss_n = 0.0, 0
+    log(f"[train] rank 0 of {world}: device {device}, {torch.get_num_threads()} torch threads, conditioning {mode}")
     if state["step"] >= opts["max_steps"]:
         log(f"[train] already at step {state['step']} >= --max-steps {opts['max_steps']}; nothing to train")
     for batch in resumable_batches(data, state, B, opts["shuffle_buffer"], opts["seed"], rank):
