@@ -3,8 +3,8 @@
 stage-1 autoencoder -> latent cache -> text-conditional LDM -> a sample grid for every class, judged by a
 Fashion-MNIST classifier; everything tracked in MLflow (a sqlite store under --out unless --mlflow-uri).
 
-  python jobs/demo.py            # about 15 minutes on 2 cores
-  python jobs/demo.py --quick    # about 5 minutes, smaller everything
+  python jobs/demo.py            # about 20 minutes on 2 cores (measured 19m50s, 91% agreement)
+  python jobs/demo.py --quick    # a few minutes, smaller everything (poorer samples)
 
 Ends by printing the stage-1 PSNR, the prompt-class agreement, the grid's path and how to open the MLflow UI.
 """
@@ -15,7 +15,7 @@ from _common import run
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the ~5 minute size (fewer images and steps)")
+    p.add_argument("--quick", action="store_true", help="the small size: fewer images and steps, a few minutes")
     p.add_argument("--size", choices=["smoke", "quick", "default"], default="",
                    help="explicit size: smoke is a ~2 minute wiring check of every stage (its samples are poor)")
     p.add_argument("--out", default="demo-out", help="where shards, runs, the cache, the grid and MLflow go")

@@ -31,7 +31,8 @@ def parse(argv=None):
     m.add_argument("--autoencoder", required=True,
                    help="first stage: an ldm-ray .safetensors (local or s3://), mlflow-models:/NAME/VERSION, a "
                         "diffusers vae/ folder, a CompVis .ckpt (with --autoencoder-preset), or random:PRESET "
-                        "(random weights: tests/benchmarks only)")
+                        "(random weights: tests/benchmarks only); MLflow models come from --mlflow-uri or "
+                        "MLFLOW_TRACKING_URI")
     m.add_argument("--autoencoder-preset", default="", help="config preset for a CompVis .ckpt (e.g. ldm-kl-8)")
     m.add_argument("--text-encoder", default="",
                    help="Hugging Face text encoder folder (local or s3://) whose tokenizer (and, with "

@@ -61,7 +61,7 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     log("[encode] options:\n" + yaml.safe_dump(asdict(opts), sort_keys=False).rstrip())
     shard_set = discover_shards(opts.input)
     storage.check_writable(opts.output)
-    ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset)
+    ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset, opts.mlflow_uri)
     res, f = opts.preprocess.resolution, ae.cfg.downsample_factor
     if res % f:
         raise ValueError(f"--resolution {res} is not a multiple of the autoencoder's downsampling factor f={f}")
@@ -96,7 +96,7 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
             fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
                                        text_encoder=opts.text_encoder, max_length=opts.max_length,
                                        store_text_embeddings=opts.store_text_embeddings, resolution=res,
-                                       threads=max(1, int(opts.cpus_per_encoder))))
+                                       threads=max(1, int(opts.cpus_per_encoder)), tracking_uri=opts.mlflow_uri))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for uri in writer.add_batch(batch):
                 n_done += 1

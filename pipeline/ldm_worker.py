@@ -151,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
         from pipeline.grid import save_grid
         if ae is None:
             from pipeline.models import load_autoencoder
-            ae = load_autoencoder(opts["autoencoder"]).model.to(device)
+            ae = load_autoencoder(opts["autoencoder"], tracking_uri=opts["mlflow_uri"]).model.to(device)
         net = LatentDiffusion(cfg).to(device).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
         prompts = opts["sample_prompts"]

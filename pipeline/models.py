@@ -37,9 +37,13 @@ def weights_sha256(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def local_file(uri: str) -> str:
+def local_file(uri: str, tracking_uri: str = "") -> str:
+    """A local path for a checkpoint URI: local as is, s3:// copied once into a cache, an MLflow model
+    (registry URI `tracking_uri`, else MLFLOW_TRACKING_URI) downloaded."""
     if uri.startswith(("mlflow-models:/", "models:/", "runs:/")):
         import mlflow
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
         path = Path(mlflow.artifacts.download_artifacts(uri.replace("mlflow-models:/", "models:/", 1)))
         if path.is_dir():
             found = sorted(path.rglob("*.safetensors"))
@@ -56,7 +60,7 @@ def local_file(uri: str) -> str:
     return uri
 
 
-def load_autoencoder(spec: str, preset: str = "") -> LoadedAutoencoder:
+def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> LoadedAutoencoder:
     if spec.startswith("random:"):
         parts = spec.split(":")
         name, seed = parts[1], int(parts[2]) if len(parts) > 2 else 0
@@ -67,7 +71,7 @@ def load_autoencoder(spec: str, preset: str = "") -> LoadedAutoencoder:
               f"!! meaningless for training a real model; use it only for tests and benchmarks.\n{'!' * 78}\n",
               file=sys.stderr, flush=True)
     else:
-        path = spec if Path(spec).is_dir() else local_file(spec)
+        path = spec if Path(spec).is_dir() else local_file(spec, tracking_uri)
         if Path(path).is_dir():
             cfg, sd = load_diffusers_vae(path)
         elif path.endswith(".safetensors"):

@@ -66,9 +66,8 @@ def test_kl_two_workers_tracked_resumed_and_usable_by_encode(stage1_shards, tmp_
     assert len(client.get_metric_history(s["mlflow_run_id"], "psnr")) == 60  # 40 + 20, no step trained twice
     # the registered model feeds the encode job directly
     spec = f"models:/ae-tiny-kl-f2/{s2['model_version']}"
-    mlflow.set_tracking_uri(uri)
     out = run_encode(EncodeOptions(input=str(stage1_shards / "test"), output=str(tmp_path / "lat"), autoencoder=spec,
-                                   preprocess=PreprocessConfig(resolution=16), max_length=8))
+                                   preprocess=PreprocessConfig(resolution=16), max_length=8, mlflow_uri=uri))
     assert out["kept"] > 120 and not out["shards_failed"]
 
 
