@@ -2,8 +2,6 @@
 actor, turning preprocessed pixels into the posterior (mean, std) in fp16 and captions into tokens."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -56,6 +54,3 @@ class LatentEncoder:
                 out["text_emb"] = emb.reshape(n, -1).astype(np.float16)
         return out
 
-
-def default_threads() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)

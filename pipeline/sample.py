@@ -94,8 +94,8 @@ def text_encoder_for(cfg: LDMConfig, info: dict, path: str = "", device="cpu"):
     if conditioning_mode(cfg) != "frozen":
         return None
     from ldm.conditioning import FrozenHFTextEncoder
-    src = path or info.get("text_encoder", {}).get("source", "")
-    src = src if src.startswith(("/", "s3://")) else ""  # "" = the offline MiniLM
+    from pipeline.models import text_encoder_path
+    src = path or text_encoder_path(info.get("text_encoder", {}))
     return FrozenHFTextEncoder(src, cfg.conditioning.max_length).to(device)
 
 

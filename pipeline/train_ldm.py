@@ -10,6 +10,7 @@ from pathlib import Path
 from ldm.config import ConfigError, config_hash, flatten, format_config, load_config, to_dict
 from pipeline import storage
 from pipeline.latent_cache import part_files, read_manifest
+from pipeline.models import text_encoder_path
 from pipeline.tracking import open_or_continue_run, register_version
 from pipeline.train_config import TrainOptions, load_deepspeed_preset
 
@@ -102,8 +103,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
                                               len(manifest["totals"]["latent_channel_mean"]))
     files = part_files(opts.latents, manifest)
     text_id = manifest.get("text_encoder", {})
-    text_path = opts.text_encoder or (text_id.get("source", "") if text_id.get("source", "").startswith(("/", "s3://"))
-                                      else "")
+    text_path = opts.text_encoder or text_encoder_path(text_id)
     cached_emb = bool(text_id.get("embeddings")) and cfg.conditioning.text_encoder == "hf"
     prompts = list(opts.sample_prompts)
     if not prompts:

@@ -9,7 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint  # noqa: E402
 
-from conftest import perturb_  # noqa: E402
+from helpers import perturb_  # noqa: E402
 from ldm.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.checkpoint import diffusers_unet_to_compvis, diffusers_vae_to_compvis  # noqa: E402
 from ldm.config import AutoencoderConfig, UNetConfig  # noqa: E402
