@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> None:
@@ -129,18 +130,8 @@ def main() -> None:
     ideal = 1 + enc_cost / unet_cost
 
     # (D) diffusers UNet2DConditionModel at a matched config, same weights
-    import diffusers
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    u = cfg.unet
-    types = ["CrossAttnDownBlock2D" if 2 ** i in u.attention_resolutions else "DownBlock2D"
-             for i in range(len(u.channel_mult))]
-    dcfg = dict(sample_size=shape[1], in_channels=u.in_channels, out_channels=u.out_channels,
-                block_out_channels=[u.model_channels * k for k in u.channel_mult], layers_per_block=u.num_res_blocks,
-                down_block_types=types, up_block_types=[t.replace("Down", "Up") for t in reversed(types)],
-                cross_attention_dim=ctx_dim, attention_head_dim=u.num_heads, norm_num_groups=u.norm_groups)
-    theirs = diffusers.UNet2DConditionModel(**dcfg)
-    theirs.load_state_dict(convert_ldm_unet_checkpoint(
-        {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}, dcfg), strict=True)
+    from matched import diffusers_twin
+    theirs = diffusers_twin(unet, shape[1], ctx_dim)
     opt_d = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
     call_d = {"opt": opt_d, "fwd": lambda x, t: theirs(x, t, encoder_hidden_states=context).sample}
     ips_diffusers = timed(cycle(mem_batches), lambda ms: step(draw(ms), theirs, call_d))

@@ -27,15 +27,21 @@ class EMA:
         self.num_updates += 1
         return decay
 
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "num_updates": self.num_updates, "max_decay": self.max_decay,
+    def to(self, device) -> "EMA":
+        """Keep the shadow where the weights are (a GPU step then copies nothing to the host)."""
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
+    def state_dict(self) -> dict:  # on the CPU, ready for torch.save / safetensors
+        return {"shadow": {k: v.cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates, "max_decay": self.max_decay,
                 "warmup": self.warmup}
 
     def load_state_dict(self, d: dict) -> None:
         missing = set(self.shadow) - set(d["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}...")
-        self.shadow = {k: v.float().clone() for k, v in d["shadow"].items()}
+        dev = next(iter(self.shadow.values())).device if self.shadow else "cpu"
+        self.shadow = {k: v.to(dev, torch.float32).clone() for k, v in d["shadow"].items()}
         self.num_updates, self.max_decay, self.warmup = int(d["num_updates"]), float(d["max_decay"]), bool(d["warmup"])
 
     @torch.no_grad()

@@ -25,8 +25,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    def forward(self, x):  # normalise in fp32 even under bf16/fp16 training
-        return super().forward(x.float()).type(x.dtype)
+    def forward(self, x):  # normalise in fp32 even under bf16/fp16 training (and with bf16 weights)
+        w, b = self.weight, self.bias
+        return F.group_norm(x.float(), self.num_groups, w.float() if w is not None else None,
+                            b.float() if b is not None else None, self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -143,10 +145,13 @@ class UNetModel(nn.Module):
                 concat: torch.Tensor | None = None) -> torch.Tensor:
         """x: z_t (B,C,h,w); t: (B,) steps; context: tau(y) (B,L,d); y: class labels; concat: dense cond."""
         if concat is not None:
-            x = torch.cat([x, concat], dim=1)  # dense conditions enter by concatenation (paper §3.3)
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # dense conditions enter by concatenation (paper §3.3)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        dtype = self.out[-1].weight.dtype  # run in the weights' dtype (bf16 under DeepSpeed, like CompVis)
+        x = x.to(dtype)
+        context = context.to(dtype) if context is not None else None
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         if self.cfg.num_classes:
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass y (class labels)")

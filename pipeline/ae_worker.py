@@ -88,7 +88,7 @@ def ae_train_loop(config: dict) -> None:
         from ldm.checkpoint import save_components
         sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
         if ema is not None:
-            sd = {k: (ema.shadow[k].to(v.dtype) if k in ema.shadow else v) for k, v in sd.items()}
+            sd = {k: (ema.shadow[k].to("cpu", v.dtype) if k in ema.shadow else v) for k, v in sd.items()}
         path = os.path.join(out_dir, "autoencoder.safetensors")
         save_components(path, {"autoencoder": sd}, {"autoencoder": to_dict(cfg), "loss": to_dict(loss_cfg)},
                         {"step": str(state["step"]), "ema": str(ema is not None)})

@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), dist_init_required=False)
     schedule = Schedule.from_config(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(opts["seed"] * 1000 + rank)
-    ema = EMA(_full_state(engine, stage), opts["ema_decay"]) if rank == 0 else None
+    ema = EMA(_full_state(engine, stage), opts["ema_decay"]).to(device) if rank == 0 else None
     if stage == 3 and rank != 0:
         _full_state(engine, stage)  # the gather above is collective
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
@@ -173,10 +173,11 @@ def train_loop_per_worker(config: dict) -> None:
         if rank != 0:
             return None
         from ldm.checkpoint import save_components
-        comps = {"unet": _split(full, "unet."), "ema_unet": _split(ema.shadow, "unet.")}
+        shadow = ema.state_dict()["shadow"]
+        comps = {"unet": _split(full, "unet."), "ema_unet": _split(shadow, "unet.")}
         if model.cond_stage is not None:
             comps["cond_stage"] = _split(full, "cond_stage.")
-            comps["ema_cond_stage"] = _split(ema.shadow, "cond_stage.")
+            comps["ema_cond_stage"] = _split(shadow, "cond_stage.")
         path = os.path.join(out_dir, "model.safetensors")
         meta = {"step": str(step), "scale_factor": str(scale), "shift_factor": str(shift),
                 "latent_shape": json.dumps(list(shape)),
@@ -237,7 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
             kw = {"y": apply_drop(batch["label"].to(device).long(), null["y"], drop)}
         loss = diffusion_loss(engine, z0, cfg.diffusion, schedule, generator=gen, **kw).mean()
         # NaN guard: every rank agrees before anyone calls backward
-        ok = torch.tensor([1.0 if torch.isfinite(loss) else 0.0])
+        ok = torch.isfinite(loss.detach()).float().reshape(1)  # on the loss's device: NCCL reduces CUDA tensors only
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1:
             state["skipped_steps"] += 1
@@ -268,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
         state["step"] += 1
         state["images_seen"] += z0.shape[0] * acc * world
         step = state["step"]
-        mean_loss = torch.tensor([loss_sum / max(1, loss_n)])
+        mean_loss = torch.tensor([loss_sum / max(1, loss_n)], device=device)
         dist.all_reduce(mean_loss)
         last_loss = mean_loss.item() / world
         loss_sum, loss_n = 0.0, 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "LDM_")
+_STARTED_HERE = False  # True once init_ray started an embedded Ray in this process
 
 
 def forwarded_env() -> dict[str, str]:
@@ -14,9 +15,10 @@ def forwarded_env() -> dict[str, str]:
 def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: bool = True) -> str:
     """Returns "cluster" or "local". Passing num_cpus to an existing cluster would raise, so it is only
     used for the embedded one."""
+    global _STARTED_HERE
     import ray
-    if ray.is_initialized():
-        return "cluster" if ray.get_runtime_context().gcs_address else "local"
+    if ray.is_initialized():  # a second stage of the same process (jobs/demo.py): keep the first answer
+        return "local" if _STARTED_HERE else "cluster"
     env = forwarded_env()
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     try:
@@ -27,6 +29,7 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: boo
         ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_mb * 2 ** 20,
                  include_dashboard=False, runtime_env={"env_vars": env},
                  logging_level="WARNING" if quiet else "INFO")
+        _STARTED_HERE = True
         return "local"
 
 

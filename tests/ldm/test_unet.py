@@ -48,3 +48,17 @@ def test_class_conditional_concat_and_scale_shift():
 def test_demo_unet_is_a_few_million_params():
     n = sum(p.numel() for p in UNetModel(get_preset("demo").unet).parameters())
     assert 1e6 < n < 2e7, n
+
+
+def test_runs_in_its_weights_dtype_like_a_deepspeed_bf16_module():
+    """DeepSpeed bf16 casts the module, not the inputs: fp32 latents and context must still go through."""
+    torch.manual_seed(0)
+    unet = UNetModel(get_preset("tiny").unet)
+    for p in unet.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 60]), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        ref = unet(x, t, context=ctx)
+        out = unet.to(torch.bfloat16)(x, t, context=ctx)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
