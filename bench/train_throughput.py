@@ -97,7 +97,7 @@ def main() -> None:
     ips_mem = timed(cycle(mem_batches), lambda ms: step(draw(ms)))
 
     # (B) streaming the cache through Ray Data
-    ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m), columns=["latent_mean", "latent_std"])
+    ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(["latent_mean", "latent_std"])
 
     def stream():
         while True:

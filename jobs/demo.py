@@ -12,6 +12,8 @@ import argparse
 
 from _common import run
 
+from pipeline.demo import DemoOptions
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,15 +22,16 @@ def parse(argv=None):
                    help="explicit size: smoke is a ~2 minute wiring check of every stage (its samples are poor)")
     p.add_argument("--out", default="demo-out", help="where shards, runs, the cache, the grid and MLflow go")
     p.add_argument("--mlflow-uri", default="", help="track to this MLflow instead of sqlite under --out")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale of the final grid")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the final grid")
+    p.add_argument("--cfg-scale", type=float, default=DemoOptions.cfg_scale,
+                   help="classifier-free guidance scale of the final grid")
+    p.add_argument("--sample-steps", type=int, default=DemoOptions.sample_steps, help="DDIM steps of the final grid")
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded Ray (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, weights and samples")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from pipeline.demo import DemoOptions, run_demo
+    from pipeline.demo import run_demo
     a = parse(argv)
     size = a.size or ("quick" if a.quick else "default")
     run_demo(DemoOptions(out=a.out, size=size, mlflow_uri=a.mlflow_uri,

@@ -2,6 +2,7 @@
 embedded local Ray sized for this machine. Forwards S3/MLflow settings to the workers."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "LDM_")
@@ -31,6 +32,20 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: boo
                  logging_level="WARNING" if quiet else "INFO")
         _STARTED_HERE = True
         return "local"
+
+
+@contextlib.contextmanager
+def quiet_data_progress():
+    """Datasets created inside run without Ray Data progress bars: a training stream re-runs every epoch and its
+    bars would bury the workers' own step/ETA lines (and cost the driver CPU on a small machine)."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # each Dataset copies the current context when it is created
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = old
 
 
 def worker_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float = 0.0, threads: int = 0,

@@ -9,45 +9,25 @@ from pathlib import Path
 
 from ldm.config import ConfigError, LDMConfig, apply_overrides, format_config, load_config, to_dict
 from pipeline import storage
+from pipeline.train_config import RunOptions
 
 
-@dataclass(frozen=True)
-class AETrainOptions:
+@dataclass(frozen=True, kw_only=True)
+class AETrainOptions(RunOptions):
     input: str
     eval_input: str = ""                 # held-out shards; default: the sibling test/ of a .../train input
-    preset: str = "demo"
-    config_yaml: str = ""
-    overrides: tuple[str, ...] = ()
     reg: str = ""                        # "" = the preset's; kl | vq
     f: int = 0                           # 0 = the preset's downsampling factor
-    num_workers: int = 1
     max_steps: int = 2000
-    batch_size: int = 32
     lr: float = 4.5e-6 * 32              # the paper's base lr x batch (App. G scaling)
-    lr_schedule: str = "cosine"          # constant | cosine | linear (after warm-up)
-    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.05
     ema_decay: float = 0.0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    sample_every: int = 500
     log_every: int = 50
     shuffle_buffer: int = 2000
-    seed: int = 0
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.0
-    threads_per_worker: int = 0
-    max_failures: int = 3
-    storage_path: str = "runs"
-    name: str = ""
-    resume: str = ""
-    mlflow_uri: str = ""
     experiment: str = "train_autoencoder"
-    register_model: str = ""
     eval_max_images: int = 2000
     eval_fd: bool = True
-    num_cpus: int = 0
-    object_store_mb: int = 512
 
 
 def ch_mult_for_f(f: int, base: tuple[int, ...]) -> tuple[int, ...]:
@@ -85,7 +65,7 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
     from pipeline.ae_worker import ae_train_loop
     from pipeline.datasets import training_images
     from pipeline.preprocess import PreprocessConfig
-    from pipeline.runtime import fit, init_ray, worker_resources
+    from pipeline.runtime import fit, init_ray, quiet_data_progress, worker_resources
     from pipeline.tracking import open_or_continue_run, register_version
     from pipeline.train_ldm import resolve_resume
 
@@ -111,7 +91,8 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
     mode = init_ray(opts.num_cpus or None, opts.object_store_mb)
     cpus, threads = worker_resources(opts.num_workers, opts.use_gpu, opts.cpus_per_worker, opts.threads_per_worker,
                                      local=mode == "local")
-    ds = training_images(opts.input, PreprocessConfig(resolution=ae.resolution)).select_columns(["image"])
+    with quiet_data_progress():
+        ds = training_images(opts.input, PreprocessConfig(resolution=ae.resolution)).select_columns(["image"])
     worker_cfg = {"autoencoder": to_dict(ae), "loss": to_dict(cfg.loss),
                   "train": {**asdict(opts), "mlflow_run_id": run_id, "resume_from": resume_from,
                             "threads_per_worker": threads}}

@@ -47,50 +47,57 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
     return fn
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    latents: str
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What every Ray Train job here shares: model preset, schedule, checkpoints, Ray resources, MLflow."""
     preset: str = "demo"
     config_yaml: str = ""
     overrides: tuple[str, ...] = ()
     num_workers: int = 1
-    zero_stage: int = 2
-    precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU
-    offload: bool = False
-    deepspeed_config: str = ""
     max_steps: int = 1000
     batch_size: int = 32                 # per worker, per micro-step
-    grad_accum: int = 1
     lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr_schedule: str = "constant"        # constant | cosine | linear (after warm-up)
     warmup_steps: int = 100
-    lr_schedule: str = "constant"        # constant | cosine | linear
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    ema_every: int = 1
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     sample_every: int = 500
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 50
-    cfg_scale: float = 5.0
-    sample_seed: int = 0
     log_every: int = 10
     shuffle_buffer: int = 1000
     seed: int = 0
-    autoencoder: str = ""                # for sample grids; default: the cache's autoencoder source
-    text_encoder: str = ""               # frozen encoder folder; default: the cache's
     use_gpu: bool = False
     cpus_per_worker: float = 0.0         # 0 = auto
     threads_per_worker: int = 0          # 0 = auto
     max_failures: int = 3
-    nan_tolerance: int = 5
     storage_path: str = "runs"
     name: str = ""
     resume: str = ""
     mlflow_uri: str = ""
-    experiment: str = "train_ldm"
-    register_model: str = ""             # registered model name ("" = ldm-<preset>)
+    experiment: str = ""
+    register_model: str = ""
     num_cpus: int = 0                    # embedded Ray only
     object_store_mb: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(RunOptions):
+    latents: str
+    zero_stage: int = 2
+    precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU
+    offload: bool = False
+    deepspeed_config: str = ""
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_every: int = 1
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 50
+    cfg_scale: float = 5.0
+    sample_seed: int = 0
+    autoencoder: str = ""                # for sample grids; default: the cache's autoencoder source
+    text_encoder: str = ""               # frozen encoder folder; default: the cache's
+    nan_tolerance: int = 5
+    experiment: str = "train_ldm"
+    register_model: str = ""             # registered model name ("" = ldm-<preset>)

@@ -93,7 +93,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     import ray
 
     from pipeline.ldm_worker import train_loop_per_worker
-    from pipeline.runtime import fit, init_ray, worker_resources
+    from pipeline.runtime import fit, init_ray, quiet_data_progress, worker_resources
 
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
     manifest = read_manifest(opts.latents)
@@ -134,7 +134,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
         columns += ["input_ids", "attention_mask"] + (["text_emb"] if cached_emb else [])
     if cfg.conditioning.kind == "class":
         columns.append("label")
-    ds = ray.data.read_parquet(files, columns=columns, shuffle=ray.data.FileShuffleConfig(seed=opts.seed))
+    with quiet_data_progress():
+        ds = ray.data.read_parquet(files, shuffle=ray.data.FileShuffleConfig(seed=opts.seed)).select_columns(columns)
     worker_cfg = {
         "ldm": to_dict(cfg),
         "train": {**asdict(opts), "precision": precision, "mlflow_run_id": run_id, "resume_from": resume_from,
