@@ -32,7 +32,7 @@ SIZES = {
                       classifier_epochs=1),
     "quick": DemoSize(train_images=3000, test_images=500, ae_steps=120, ldm_steps=200, samples_per_class=5,
                       classifier_epochs=1),
-    "default": DemoSize(train_images=12000, test_images=2000, ae_steps=500, ldm_steps=600, samples_per_class=10,
+    "default": DemoSize(train_images=12000, test_images=2000, ae_steps=450, ldm_steps=550, samples_per_class=10,
                         classifier_epochs=2),
 }
 
