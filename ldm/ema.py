@@ -33,8 +33,8 @@ class EMA:
         return self
 
     def state_dict(self) -> dict:  # on the CPU, ready for torch.save / safetensors
-        return {"shadow": {k: v.cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates, "max_decay": self.max_decay,
-                "warmup": self.warmup}
+        return {"shadow": {k: v.cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates,
+                "max_decay": self.max_decay, "warmup": self.warmup}
 
     def load_state_dict(self, d: dict) -> None:
         missing = set(self.shadow) - set(d["shadow"])
