@@ -10,21 +10,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+EXIT_CODES = """Exit status: 0 done; 2 bad arguments, config, input or checkpoint (the message names it; a retry would
+repeat it); 3 some shards failed (encode: named, a rerun retries them); 4 the work itself failed (the last line
+says why); 5 a storage, tracking or Ray endpoint could not be reached (nothing was changed: rerun when it is
+back); 130 interrupted (rerun to resume)."""
+
+
 def run(main, tag: str) -> None:
-    """Exit with a clear status: 0 done (or main's own code), 2 bad arguments / config / input (one line that
-    names the problem), 4 the work itself failed (the last line says why, for `ray job logs`)."""
+    """Exit with the status of EXIT_CODES, and one line that names the problem (the last line, for `ray job
+    logs`)."""
     from ldm.config import ConfigError
+    from pipeline.storage import is_unreachable
     try:
         sys.exit(main())
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"[{tag}] error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        if not is_unreachable(e):
+            print(f"[{tag}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(4)
+        print(f"[{tag}] unreachable: {e}", file=sys.stderr)
+        sys.exit(5)
     except KeyboardInterrupt:
         print(f"[{tag}] interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001
-        print(f"[{tag}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(4)
 
 
 def add_run_args(p, cls, what: str) -> dict:
@@ -51,6 +61,8 @@ def add_run_args(p, cls, what: str) -> dict:
                    help="CPUs reserved per worker (0 = auto; leaves some for Ray Data)")
     s.add_argument("--threads-per-worker", type=int, default=dv["threads_per_worker"], help="torch threads per worker (0 = auto)")
     s.add_argument("--max-failures", type=int, default=dv["max_failures"], help="worker-group restarts from the last checkpoint")
+    s.add_argument("--address", default=dv["address"], help="Ray cluster to join (default: RAY_ADDRESS, set by `ray job "
+                   "submit`; unset: a private embedded Ray on 127.0.0.1)")
     s.add_argument("--num-cpus", type=int, default=dv["num_cpus"], help="CPUs of the embedded local Ray (0 = all)")
     s.add_argument("--object-store-mb", type=int, default=dv["object_store_mb"], help="object store of the embedded local Ray")
     c = p.add_argument_group("checkpoints, samples, tracking")
@@ -67,8 +79,12 @@ def add_run_args(p, cls, what: str) -> dict:
 
 
 def options_from(cls, args, **explicit):
-    """`cls(...)` from parsed arguments whose names match its fields; `explicit` for the ones that differ."""
+    """`cls(...)` from parsed arguments whose names match its fields; `explicit` for the ones that differ. A
+    password in --mlflow-uri moves to MLFLOW_TRACKING_PASSWORD (never logged)."""
+    from pipeline.tracking import credentials_to_env
     names = set(cls.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw.update(explicit)
+    if kw.get("mlflow_uri"):
+        kw["mlflow_uri"] = credentials_to_env(kw["mlflow_uri"])
     return cls(**kw)

@@ -32,9 +32,10 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     from pipeline.demo import run_demo
+    from pipeline.tracking import credentials_to_env
     a = parse(argv)
     size = a.size or ("quick" if a.quick else "default")
-    run_demo(DemoOptions(out=a.out, size=size, mlflow_uri=a.mlflow_uri,
+    run_demo(DemoOptions(out=a.out, size=size, mlflow_uri=credentials_to_env(a.mlflow_uri),
                          num_cpus=a.num_cpus, seed=a.seed, cfg_scale=a.cfg_scale, sample_steps=a.sample_steps))
     return 0
 

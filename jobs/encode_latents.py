@@ -8,7 +8,8 @@ Runs on an embedded local Ray with `python jobs/encode_latents.py ...`, or on a 
 `ray job submit --working-dir . -- python jobs/encode_latents.py ...`. A rerun skips finished shards.
 
 Exit status: 0 all shards encoded; 2 bad arguments or input; 3 some shards failed (named in the output
-and in manifest.json `failed_shards`; a rerun retries them).
+and in manifest.json `failed_shards`; a rerun retries them); 4 the job failed; 5 the input or output storage (or
+MLflow) could not be reached: nothing was written, rerun when it is back.
 """
 import argparse
 import sys
@@ -17,6 +18,7 @@ from _common import run
 
 from pipeline.encode import EncodeOptions, run_encode
 from pipeline.preprocess import PreprocessConfig
+from pipeline.tracking import credentials_to_env
 
 
 def parse(argv=None):
@@ -62,6 +64,8 @@ def parse(argv=None):
     r.add_argument("--cpus-per-decoder", type=float, default=0.5, help="CPUs per read/decode task")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     r.add_argument("--decode-batch-size", type=int, default=64, help="records per decode task batch")
+    r.add_argument("--address", default="", help="Ray cluster to join (default: RAY_ADDRESS, set by `ray job submit`; "
+                   "unset: a private embedded Ray on 127.0.0.1)")
     r.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded local Ray (0 = all); ignored on a cluster")
     r.add_argument("--object-store-mb", type=int, default=512, help="object store of the embedded local Ray")
     t = p.add_argument_group("tracking")
@@ -82,8 +86,8 @@ def main(argv=None) -> int:
                          cpus_per_encoder=a.cpus_per_encoder, gpus_per_encoder=a.gpus_per_encoder,
                          cpus_per_decoder=a.cpus_per_decoder, batch_size=a.batch_size,
                          decode_batch_size=a.decode_batch_size, max_shards=a.max_shards,
-                         object_store_mb=a.object_store_mb, num_cpus=a.num_cpus, mlflow_uri=a.mlflow_uri,
-                         experiment=a.experiment)
+                         object_store_mb=a.object_store_mb, num_cpus=a.num_cpus, address=a.address,
+                         mlflow_uri=credentials_to_env(a.mlflow_uri), experiment=a.experiment)
     summary = run_encode(opts)
     if summary["shards_failed"]:
         print(f"[encode] {len(summary['shards_failed'])} shard(s) failed (see above); rerun to retry them",

@@ -31,7 +31,9 @@ def main(argv=None) -> int:
     from pipeline.evaluate import evaluate_autoencoder, format_eval, shard_image_batches
     from pipeline.models import load_autoencoder
     from pipeline.runtime import init_ray
+    from pipeline.tracking import credentials_to_env
     a = parse(argv)
+    a.mlflow_uri = credentials_to_env(a.mlflow_uri)
     ae = load_autoencoder(a.autoencoder, a.autoencoder_preset)
     res = a.resolution or ae.cfg.resolution
     init_ray()

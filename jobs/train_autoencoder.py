@@ -9,7 +9,8 @@ with Ray Train (DDP across workers), evaluated on held-out shards and tracked in
 The result (export/autoencoder.safetensors in the last checkpoint, the MLflow `model` artifact and a
 registered model version) is what `jobs/encode_latents.py --autoencoder` takes.
 
-Exit status: 0 trained; 2 bad arguments or config; 4 training failed.
+Exit status: 0 trained; 2 bad arguments, config, data or checkpoint (not retried); 4 training failed;
+5 storage or MLflow unreachable.
 """
 import argparse
 

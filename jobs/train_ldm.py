@@ -7,7 +7,8 @@
 Trailing key=value arguments override the preset (after --config YAML). A rerun with the same --name and
 --storage-path (or --resume RUN_DIR) continues from the latest checkpoint; raise --max-steps to train on.
 
-Exit status: 0 trained; 2 bad arguments, config or cache; 4 training failed (non-finite loss, workers).
+Exit status: 0 trained; 2 bad arguments, config, cache or checkpoint (found before launch, or raised by a worker
+and not retried); 4 training failed (non-finite loss, workers out of restarts); 5 storage or MLflow unreachable.
 """
 import argparse
 

@@ -18,6 +18,14 @@ from ldm.config import AutoencoderConfig, UNetConfig
 FORMAT = "ldm-ray/1"
 
 
+def new_file_mode() -> int:
+    """What open() gives a new file under this process' umask (mkstemp's 0600 would survive the rename and lock
+    out a reader running as another user, e.g. a training pod with its own UID)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call `write(tmp_path)` then rename onto `path`: readers never see a half-written file."""
     path = Path(path)
@@ -26,6 +34,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -130,9 +130,8 @@ class LDMConfig:
     scale_factor: float = 0.0            # 0 = take 1/std of the latents from the cache manifest (§4.3.2)
 
     def validate(self) -> "LDMConfig":
+        check_domains(self)
         ae, un, cond = self.autoencoder, self.unet, self.conditioning
-        if ae.reg not in ("kl", "vq"):
-            raise ConfigError(f"autoencoder.reg must be 'kl' or 'vq', got {ae.reg!r}")
         if ae.resolution % ae.downsample_factor:
             raise ConfigError(f"autoencoder.resolution={ae.resolution} is not divisible by f={ae.downsample_factor}")
         for name, c in (("autoencoder.ch", ae.ch), ("unet.model_channels", un.model_channels)):
@@ -158,6 +157,62 @@ class LDMConfig:
         if self.diffusion.loss_weighting not in ("simple", "min_snr"):
             raise ConfigError(f"diffusion.loss_weighting must be simple or min_snr, got {self.diffusion.loss_weighting!r}")
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# the domain of every field, checked in the driver before anything is launched
+
+_pos = (lambda v: v > 0, "> 0")
+_nonneg = (lambda v: v >= 0, ">= 0")
+_prob = (lambda v: 0 <= v < 1, "in [0, 1)")
+_all_pos = (lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of positive integers")
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "autoencoder.reg": _one_of("kl", "vq"),
+    "autoencoder.resolution": _pos, "autoencoder.in_channels": _pos, "autoencoder.out_ch": _pos,
+    "autoencoder.ch": _pos, "autoencoder.ch_mult": _all_pos, "autoencoder.num_res_blocks": _pos,
+    "autoencoder.attn_resolutions": (lambda v: all(x > 0 for x in v), "positive integers"),
+    "autoencoder.dropout": _prob, "autoencoder.z_channels": _pos, "autoencoder.embed_dim": _pos,
+    "autoencoder.n_embed": _pos, "autoencoder.beta": _nonneg, "autoencoder.norm_groups": _pos,
+    "loss.rec_loss": _one_of("l1", "l2"), "loss.perceptual_weight": _nonneg,
+    "loss.perceptual_net": _one_of("effnet-lite0", "lpips"), "loss.disc_start": _nonneg,
+    "loss.disc_weight": _nonneg, "loss.disc_factor": _nonneg, "loss.disc_loss": _one_of("hinge", "vanilla"),
+    "loss.disc_num_layers": _pos, "loss.disc_ndf": _pos, "loss.kl_weight": _nonneg,
+    "loss.codebook_weight": _nonneg,
+    "unet.in_channels": _pos, "unet.out_channels": _pos, "unet.model_channels": _pos, "unet.channel_mult": _all_pos,
+    "unet.num_res_blocks": _pos, "unet.attention_resolutions": (lambda v: all(x > 0 for x in v), "positive integers"),
+    "unet.num_heads": _pos, "unet.num_head_channels": (lambda v: v == -1 or v > 0, "-1 (use num_heads) or > 0"),
+    "unet.transformer_depth": _pos, "unet.context_dim": (lambda v: v is None or v > 0, "null or > 0"),
+    "unet.num_classes": (lambda v: v is None or v > 0, "null or > 0"), "unet.dropout": _prob,
+    "unet.norm_groups": _pos,
+    "diffusion.timesteps": (lambda v: v >= 2, ">= 2"), "diffusion.beta_schedule": _one_of("linear", "scaled_linear", "cosine"),
+    "diffusion.linear_start": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.linear_end": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
+    "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
+    "diffusion.offset_noise": _nonneg,
+    "conditioning.kind": _one_of("text", "class", "none"), "conditioning.text_encoder": _one_of("hf", "transformer"),
+    "conditioning.max_length": _pos, "conditioning.n_embed": _pos, "conditioning.n_layer": _pos,
+    "conditioning.n_head": _pos, "conditioning.vocab_size": _pos, "conditioning.num_classes": _nonneg,
+    "conditioning.concat_channels": _nonneg, "conditioning.cond_drop_prob": _prob,
+    "scale_factor": _nonneg,
+}
+
+
+def check_domains(cfg: Any, prefix: str = "") -> None:
+    """Every field against DOMAINS; the first value outside its domain raises, naming the key and the domain."""
+    for f in fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_domains(value, f"{key}.")
+        elif key in DOMAINS:
+            ok, what = DOMAINS[key]
+            if not ok(value):
+                raise ConfigError(f"{key}={value!r} is not valid: it must be {what}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ldm.config import AutoencoderConfig, FirstStageLossConfig, from_dict, to_di
 from ldm.ema import EMA
 from ldm.losses import FirstStageLoss
 from ldm.metrics import psnr
+from pipeline.checkpoints import read_state, restore, restore_plan, safe_load, seal
 from pipeline.runtime import resumable_batches
 from pipeline.train_config import lr_lambda
 from pipeline.tracking import Tracker, say
@@ -62,21 +63,19 @@ def ae_train_loop(config: dict) -> None:
     ema = EMA(raw.state_dict(), opts["ema_decay"]) if opts["ema_decay"] > 0 else None
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0}
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and opts.get("resume_from"):
-        ckpt = Checkpoint(opts["resume_from"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            load = lambda name: torch.load(os.path.join(d, name), map_location=device, weights_only=True)  # noqa: E731
-            raw.load_state_dict(load("autoencoder.pt"))
-            loss_fn.load_state_dict(load("loss.pt"), strict=False)  # frozen perceptual net is not saved
-            opt_g.load_state_dict(load("opt_g.pt"))
-            opt_d.load_state_dict(load("opt_d.pt"))
-            sched_g.load_state_dict(load("sched_g.pt"))
-            sched_d.load_state_dict(load("sched_d.pt"))
-            if ema is not None and os.path.exists(os.path.join(d, "ema.pt")):
-                ema.load_state_dict(load("ema.pt"))
-            state.update(json.loads(open(os.path.join(d, "train_state.json")).read()))
+    def load(d: str) -> None:
+        get = lambda name: safe_load(os.path.join(d, name), map_location=device)  # noqa: E731
+        raw.load_state_dict(get("autoencoder.pt"))
+        loss_fn.load_state_dict(get("loss.pt"), strict=False)  # frozen perceptual net is not saved
+        opt_g.load_state_dict(get("opt_g.pt"))
+        opt_d.load_state_dict(get("opt_d.pt"))
+        sched_g.load_state_dict(get("sched_g.pt"))
+        sched_d.load_state_dict(get("sched_d.pt"))
+        if ema is not None and os.path.exists(os.path.join(d, "ema.pt")):
+            ema.load_state_dict(get("ema.pt"))
+        state.update(read_state(d))
+
+    if restore(restore_plan(opts["resume_from"], opts["known_checkpoints"]), load, log):
         log(f"[stage1] resumed at step {state['step']} ({state['images_seen']} images seen)")
     model = ray.train.torch.prepare_model(raw)  # DDP across workers (gloo on CPU, NCCL on GPU)
     last_layer = raw.decoder.last_layer
@@ -111,6 +110,7 @@ def ae_train_loop(config: dict) -> None:
                 if final:
                     os.makedirs(os.path.join(d, "export"))
                     tracker.artifact(export(os.path.join(d, "export")), "model")
+                seal(d, 0, 1)  # DDP: rank 0 writes the whole checkpoint
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)

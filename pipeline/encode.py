@@ -37,6 +37,7 @@ class EncodeOptions:
     max_shards: int = 0                  # 0 = all pending shards
     object_store_mb: int = 512
     num_cpus: int = 0                    # embedded Ray only; 0 = all
+    address: str = ""                    # Ray cluster to join; "" = RAY_ADDRESS, else a private embedded Ray
     mlflow_uri: str = ""
     experiment: str = "encode_latents"
 
@@ -58,8 +59,11 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     from pipeline.runtime import init_ray
 
     import yaml
-    log("[encode] options:\n" + yaml.safe_dump(asdict(opts), sort_keys=False).rstrip())
-    shard_set = discover_shards(opts.input)
+    from pipeline.tracking import redact
+    log("[encode] options:\n" + yaml.safe_dump({**asdict(opts), "mlflow_uri": redact(opts.mlflow_uri)},
+                                                sort_keys=False).rstrip())
+    with storage.reaching(opts.input, "the input"):
+        shard_set = discover_shards(opts.input)
     storage.check_writable(opts.output)
     ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset, opts.mlflow_uri)
     res, f = opts.preprocess.resolution, ae.cfg.downsample_factor
@@ -81,7 +85,7 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     writer.start(todo)
     t0, kept0, n_done = time.time(), 0, 0
     if todo:
-        mode = init_ray(opts.num_cpus or None, opts.object_store_mb)
+        mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
         gpus = opts.gpus_per_encoder
         if gpus < 0:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -140,7 +144,8 @@ def format_summary(s: dict) -> str:
 
 def log_to_mlflow(opts: EncodeOptions, summary: dict, manifest: dict) -> None:
     from pipeline.tracking import mlflow_run
-    params = {k: v for k, v in asdict(opts).items() if k != "preprocess"}
+    from pipeline.tracking import redact
+    params = {k: redact(str(v)) for k, v in asdict(opts).items() if k != "preprocess"}
     params.update({f"preprocess.{k}": v for k, v in asdict(opts.preprocess).items()})
     params["autoencoder_config_hash"] = manifest["autoencoder"]["config_hash"]
     metrics = {"read": summary["read"], "kept": summary["kept"], "skipped": summary["skipped_total"],

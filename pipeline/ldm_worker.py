@@ -25,14 +25,12 @@ from ldm.config import LDMConfig, from_dict, to_dict
 from ldm.diffusion import Schedule, diffusion_loss
 from ldm.ema import EMA
 from ldm.model import LatentDiffusion
+from pipeline.checkpoints import harden_deepspeed, read_state, restore, restore_plan, safe_load, seal
+from pipeline.errors import CheckpointError, NonFiniteLoss
 from pipeline.sample import condition, generate, null_condition
 from pipeline.runtime import resumable_batches
 from pipeline.train_config import lr_lambda
 from pipeline.tracking import Tracker, say as _say
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def _import_deepspeed(cpu: bool):
@@ -125,19 +123,21 @@ def train_loop_per_worker(config: dict) -> None:
         _full_state(engine, stage)  # the gather above is collective
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
 
-    # ---- restore: Ray Train's latest checkpoint (worker restart / same run name), else --resume PATH
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and opts.get("resume_from"):
-        ckpt = Checkpoint(opts["resume_from"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
-            state.update(json.loads(open(os.path.join(d, "train_state.json")).read()))
-            rng = os.path.join(d, f"rng_rank{rank}.pt")
-            if os.path.exists(rng):
-                gen.set_state(torch.load(rng, weights_only=True))
-            if rank == 0:
-                ema.load_state_dict(torch.load(os.path.join(d, "ema.pt"), weights_only=True))
+    harden_deepspeed(engine)  # its checkpoint files are read weights-only, like every other file we load
+
+    # ---- restore: this run's latest checkpoint (worker restart), else --resume, else the run dir's newest intact
+    def load(d: str) -> None:
+        path, _ = engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"{d} holds no DeepSpeed checkpoint 'ds'")
+        state.update(read_state(d))
+        rng = os.path.join(d, f"rng_rank{rank}.pt")
+        if os.path.exists(rng):
+            gen.set_state(safe_load(rng))
+        if rank == 0:
+            ema.load_state_dict(safe_load(os.path.join(d, "ema.pt")))
+
+    if restore(restore_plan(opts["resume_from"], opts["known_checkpoints"]), load, log):
         log(f"[train] resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
             f"batch {state['batch_in_epoch']} of it)")
 
@@ -200,6 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
                 path = export(state["step"], os.path.join(d, "export"))
                 if path:
                     tracker.artifact(path, "model")
+            seal(d, rank, world)  # last: a reader can tell a whole checkpoint from a cut one
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         finally:
             shutil.rmtree(d, ignore_errors=True)

@@ -104,9 +104,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image | None, str | None]:
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # over Pillow's pixel limit: a warning at open, an error over twice it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return None, "not_an_image"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return None, "too_large"
     except Exception:  # noqa: BLE001
         return None, "corrupt_image"
     w, h = im.size

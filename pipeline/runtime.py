@@ -1,37 +1,83 @@
-"""Start or join Ray: a running cluster (`ray start`, `ray job submit`) when there is one, otherwise an
-embedded local Ray sized for this machine. Forwards S3/MLflow settings to the workers."""
+"""Start a private embedded Ray, or join a cluster when the user says so (`RAY_ADDRESS`, which `ray job submit`
+sets, or a job's `--address`), and run Ray Train with a failure policy that does not retry user errors.
+
+An embedded Ray is a single-machine cluster: every Ray port listens on 127.0.0.1 and token authentication is on.
+Credentials are never put into a runtime_env (Ray logs it in clear text): embedded workers inherit the driver's
+environment, and a cluster's nodes carry their own (env at `ray start`, an IAM role, a Kubernetes secret)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "LDM_")
+SECRET = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|_KEY|SESSION", re.I)
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every port on 127.0.0.1
 _STARTED_HERE = False  # True once init_ray started an embedded Ray in this process
 
 
 def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    """Settings a joined cluster's workers need from the driver (S3 endpoint/region, MLflow URI, offline flags),
+    never a secret: those names are left out whatever their prefix."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and not SECRET.search(k)}
 
 
-def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: bool = True) -> str:
-    """Returns "cluster" or "local". Passing num_cpus to an existing cluster would raise, so it is only
-    used for the embedded one."""
+def cluster_address(address: str = "") -> str:
+    """The cluster to join: an explicit address, else RAY_ADDRESS (set by `ray job submit` and the local stack's
+    env file); "" means start a private embedded Ray."""
+    return address or os.environ.get("RAY_ADDRESS", "")
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def use_loopback() -> None:
+    """Ray's single-machine mode: every port of a head started here on 127.0.0.1, and a driver that reaches a
+    loopback head over 127.0.0.1 (not over the machine's own address, which such a head does not listen on).
+    ray_constants reads the variable at import, so the module's copy is set too."""
+    os.environ[LOOPBACK_ENV] = "0"
+    import ray._private.ray_constants as rc
+    rc.ENABLE_RAY_CLUSTER = False
+
+
+def prepare_embedded_env() -> None:
+    """Before Ray starts an embedded head: loopback only, and token authentication on (Ray's own default for a
+    local cluster, which an inherited RAY_AUTH_MODE=disabled would turn off)."""
+    use_loopback()
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        del os.environ["RAY_AUTH_MODE"]  # ray.init then enables token auth and creates a token if none exists
+
+
+def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: bool = True, address: str = "",
+             log=print) -> str:
+    """Returns "cluster" or "local". Never joins a Ray it was not told about: two plain `python jobs/...` runs on
+    one machine each get their own private Ray (the old `address="auto"` made them join, and deadlock, each
+    other). Passing num_cpus to an existing cluster would raise, so it is only used for the embedded one."""
     global _STARTED_HERE
     import ray
     if ray.is_initialized():  # a second stage of the same process (jobs/demo.py): keep the first answer
         return "local" if _STARTED_HERE else "cluster"
-    env = forwarded_env()
-    in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
-    try:
-        ray.init(address="auto", runtime_env=None if in_job else {"env_vars": env}, log_to_driver=True,
-                 logging_level="WARNING" if quiet else "INFO")
+    level = "WARNING" if quiet else "INFO"
+    target = cluster_address(address)
+    if target or os.environ.get("RAY_JOB_ID"):
+        in_job = bool(os.environ.get("RAY_JOB_ID"))  # `ray job submit`: the job already has the cluster's env
+        env = forwarded_env()
+        held = sorted(k for k in os.environ if k.startswith(FORWARD_PREFIXES) and SECRET.search(k))
+        if held and not in_job:
+            log(f"[ray] joining {target}: {', '.join(held)} stay on this machine (never sent in a runtime_env); "
+                f"the cluster's nodes need their own credentials")
+        if _is_loopback(target):
+            use_loopback()
+        ray.init(address=target or "auto", runtime_env=None if in_job else {"env_vars": env}, log_to_driver=True,
+                 logging_level=level)
         return "cluster"
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_mb * 2 ** 20,
-                 include_dashboard=False, runtime_env={"env_vars": env},
-                 logging_level="WARNING" if quiet else "INFO")
-        _STARTED_HERE = True
-        return "local"
+    prepare_embedded_env()
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_mb * 2 ** 20,
+             include_dashboard=False, logging_level=level)
+    _STARTED_HERE = True
+    return "local"
 
 
 @contextlib.contextmanager
@@ -62,9 +108,14 @@ def worker_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float = 0
 def fit(loop, config: dict, *, num_workers: int, use_gpu: bool, cpus: float, storage_path: str, name: str,
         keep_checkpoints: int, max_failures: int, datasets: dict):
     """Run a Ray Train TorchTrainer; a rerun with the same (storage_path, name) resumes from its latest
-    checkpoint (Ray Train V2), and a worker failure restarts the group from there (FailureConfig)."""
+    checkpoint (Ray Train V2), and a worker failure restarts the group from there (FailureConfig). An error that
+    would repeat (pipeline.errors) is not retried: it is raised here as itself, not as a WorkerGroupError."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from pipeline import failure_policy
+    from pipeline.errors import repeating_error
+    failure_policy.install()
     trainer = TorchTrainer(
         loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -73,9 +124,15 @@ def fit(loop, config: dict, *, num_workers: int, use_gpu: bool, cpus: float, sto
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                              failure_config=FailureConfig(max_failures=max_failures)),
         datasets=datasets)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised as the worker's own error when it will repeat
+        user = repeating_error(e)
+        if user is not None:
+            raise user from None
+        raise
     if result.error:
-        raise result.error
+        raise repeating_error(result.error) or result.error
     return result
 
 
@@ -83,6 +140,7 @@ def resumable_batches(shard, state: dict, batch_size: int, shuffle_buffer: int, 
     """Endless training batches from a Ray Train dataset shard, epoch after epoch (Ray Data re-reads the
     files in a new shuffled order each epoch). `state["epoch"]` and `state["batch_in_epoch"]` record the data
     position for checkpoints; a restored state skips the batches of its epoch that were already trained on."""
+    from pipeline.errors import DataError
     epoch, skip = state["epoch"], state["batch_in_epoch"]
     while True:
         state["epoch"], state["batch_in_epoch"], n = epoch, 0, 0
@@ -93,6 +151,6 @@ def resumable_batches(shard, state: dict, batch_size: int, shuffle_buffer: int, 
             if i >= skip:
                 yield batch
         if n == 0:
-            raise ValueError(f"the dataset gives this worker no full batch of {batch_size}: lower --batch-size or "
+            raise DataError(f"the dataset gives this worker no full batch of {batch_size}: lower --batch-size or "
                              f"--num-workers, or add data")
         epoch, skip = epoch + 1, 0

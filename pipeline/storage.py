@@ -5,13 +5,15 @@ Local files are written under a temporary name and renamed; an object-store PUT 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from ldm.checkpoint import atomic_write_bytes
 
 
 def is_remote(uri: str) -> bool:
@@ -59,18 +61,13 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs, path = fs_and_path(uri)
         fs.pipe_file(path, data)
         return
-    path = Path(uri.removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(uri.removeprefix("file://"), write)
 
 
 def _json_default(o):
@@ -91,14 +88,51 @@ def makedirs(uri: str) -> None:
     Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
 
+class Unreachable(ConnectionError):
+    """A storage or tracking endpoint did not answer: nothing was changed; rerun when it is back."""
+
+
+_UNREACHABLE_NAMES = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                      "ConnectionRefusedError", "NewConnectionError", "MaxRetryError", "ConnectTimeout")
+
+
+def is_unreachable(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is an endpoint that cannot be reached, whatever library raised it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionError) or any(c.__name__ in _UNREACHABLE_NAMES for c in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def reaching(uri: str, what: str):
+    """Turn a connection failure while touching `uri` into one clear Unreachable error that names it."""
+    try:
+        yield
+    except Unreachable:
+        raise
+    except Exception as e:  # noqa: BLE001 - only connection failures are translated
+        if not is_unreachable(e):
+            raise
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "") if uri.startswith("s3://") else ""
+        raise Unreachable(f"cannot reach the storage of {what} {uri!r}{f' at {endpoint}' if endpoint else ''} "
+                          f"({type(e).__name__}); check the endpoint, network and credentials, then rerun") from None
+
+
 def check_writable(uri: str) -> None:
     """Fail early with a clear message when the output location cannot be written."""
     probe = join(uri, f".write-probe-{os.getpid()}")
     try:
-        makedirs(uri)
-        write_bytes_atomic(probe, b"ok")
-        fs, path = fs_and_path(probe)
-        fs.rm(path)
+        with reaching(uri, "the output"):
+            makedirs(uri)
+            write_bytes_atomic(probe, b"ok")
+            fs, path = fs_and_path(probe)
+            fs.rm(path)
+    except Unreachable:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the location named
         raise PermissionError(f"output location {uri!r} is not writable ({type(e).__name__}: {e}); "
                               f"choose another --output or fix its permissions/credentials") from e

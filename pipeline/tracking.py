@@ -7,9 +7,49 @@ artifact location beside the database instead.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+
+def redact(uri: str) -> str:
+    """A URI fit for logs and params: `http://user:secret@host` -> `http://***@host`."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def credentials_to_env(uri: str) -> str:
+    """Move `user:password@` out of a tracking URI into MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (how
+    MLflow reads them; embedded Ray workers inherit the environment) and return the URI without them, so no
+    log line, MLflow param or Ray job table ever holds the password."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme not in ("http", "https"):
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+        _scrub_command_line(userinfo + "@")
+        print("[mlflow] note: a password in --mlflow-uri shows in the process list until the job starts; prefer "
+              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD", file=sys.stderr)
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def _scrub_command_line(secret: str) -> None:
+    """Take `secret` out of this process' command line: sys.argv, and the OS process title that `ps` shows and
+    that Ray records as a driver job's entrypoint (`ray list jobs`)."""
+    import subprocess
+    sys.argv[:] = [a.replace(secret, "***@") for a in sys.argv]
+    try:
+        from ray._raylet import setproctitle
+        setproctitle(subprocess.list2cmdline([sys.executable, *sys.argv]))
+    except Exception:  # noqa: BLE001 - Ray's helper moved: the MLflow params and logs are still clean
+        pass
 
 
 def artifact_location_for(tracking_uri: str, experiment: str) -> str | None:
@@ -106,7 +146,7 @@ def open_or_continue_run(uri: str, experiment: str, run_dir: str, params: dict, 
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_dir.rstrip("/").rsplit("/", 1)[-1], tags=all_tags)
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 90):
         client.log_batch(run.info.run_id, params=items[i:i + 90])
     storage.write_bytes_atomic(marker, run.info.run_id.encode())

@@ -63,6 +63,7 @@ def default_eval_input(inp: str) -> str:
 
 def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = "") -> dict:
     from pipeline.ae_worker import ae_train_loop
+    from pipeline.checkpoints import list_checkpoints
     from pipeline.datasets import training_images
     from pipeline.preprocess import PreprocessConfig
     from pipeline.runtime import fit, init_ray, quiet_data_progress, worker_resources
@@ -88,14 +89,14 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
         run_id = open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
                                       {"stage": "1", "reg": ae.reg, "f": str(ae.downsample_factor)}, log,
                                       parent_run_id=parent_run_id)
-    mode = init_ray(opts.num_cpus or None, opts.object_store_mb)
+    mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
     cpus, threads = worker_resources(opts.num_workers, opts.use_gpu, opts.cpus_per_worker, opts.threads_per_worker,
                                      local=mode == "local")
     with quiet_data_progress():
         ds = training_images(opts.input, PreprocessConfig(resolution=ae.resolution)).select_columns(["image"])
     worker_cfg = {"autoencoder": to_dict(ae), "loss": to_dict(cfg.loss),
                   "train": {**asdict(opts), "mlflow_run_id": run_id, "resume_from": resume_from,
-                            "threads_per_worker": threads}}
+                            "threads_per_worker": threads, "known_checkpoints": list_checkpoints(run_dir)}}
     log(f"[stage1] ray {mode}: {opts.num_workers} worker(s) x {cpus:g} CPU ({threads} threads), DDP; run dir {run_dir}")
     t0 = time.time()
     result = fit(ae_train_loop, worker_cfg, num_workers=opts.num_workers, use_gpu=opts.use_gpu, cpus=cpus,

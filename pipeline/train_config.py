@@ -77,6 +77,7 @@ class RunOptions:
     mlflow_uri: str = ""
     experiment: str = ""
     register_model: str = ""
+    address: str = ""                    # Ray cluster to join; "" = RAY_ADDRESS, else a private embedded Ray
     num_cpus: int = 0                    # embedded Ray only
     object_store_mb: int = 512
 

@@ -11,7 +11,9 @@ from ldm.config import ConfigError, config_hash, flatten, format_config, load_co
 from pipeline import storage
 from pipeline.latent_cache import part_files, read_manifest
 from pipeline.models import text_encoder_path
-from pipeline.tracking import open_or_continue_run, register_version
+from pipeline.checkpoints import list_checkpoints
+from pipeline.errors import DataError
+from pipeline.tracking import open_or_continue_run, redact, register_version
 from pipeline.train_config import TrainOptions, load_deepspeed_preset
 
 
@@ -50,6 +52,25 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
                                       f"conditioning.max_length={text.get('max_length')}")
     if manifest["counts"]["kept"] == 0:
         raise CacheConfigMismatch(f"the latent cache {cache} holds no rows")
+
+
+def check_launch(opts: TrainOptions, manifest: dict) -> None:
+    """What the manifest already tells before any worker starts: a batch no worker can fill, a first stage for
+    the sample grids that is not the one the cache was encoded with."""
+    rows, world = manifest["counts"]["kept"], opts.num_workers
+    if rows // world < opts.batch_size:
+        raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of the cache ({rows} rows / "
+                        f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data")
+    if opts.autoencoder and opts.autoencoder != manifest["autoencoder"]["source"]:
+        from pipeline.models import load_autoencoder
+        have = load_autoencoder(opts.autoencoder, tracking_uri=opts.mlflow_uri).identity
+        want = manifest["autoencoder"]
+        if (have["config_hash"], have["weights_sha256"]) != (want["config_hash"], want["weights_sha256"]):
+            raise CacheConfigMismatch(
+                f"--autoencoder {opts.autoencoder} (config {have['config_hash']}, weights {have['weights_sha256']}) is "
+                f"not the first stage the cache {opts.latents} was encoded with ({want['source']}: config "
+                f"{want['config_hash']}, weights {want['weights_sha256']}); its samples would be decoded wrongly. "
+                f"Leave --autoencoder out to use the cache's own, or re-encode with this one")
 
 
 def default_prompts(files: list[str], n: int = 8) -> list[str]:
@@ -115,9 +136,11 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     run_dir = storage.join(storage_path, name)
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
+    check_launch(opts, manifest)
 
     log("[train] config:\n" + format_config(cfg))
-    log("[train] options: " + ", ".join(f"{k}={v}" for k, v in asdict(opts).items() if v not in ("", (), None)))
+    log("[train] options: " + ", ".join(f"{k}={redact(str(v))}" for k, v in asdict(opts).items()
+                                        if v not in ("", (), None)))
     log(f"[train] cache {opts.latents}: {manifest['counts']['kept']} rows in {len(files)} parts, latent "
         f"{manifest['latent_shape']}, scale {scale:.5f}, shift {shift:.5f}; conditioning "
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}")
@@ -126,7 +149,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     if opts.mlflow_uri:
         run_id = open_mlflow_run(opts, cfg, run_dir, manifest, scale, shift, log)
 
-    mode = init_ray(opts.num_cpus or None, opts.object_store_mb)
+    mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
     cpus, threads = worker_resources(opts.num_workers, opts.use_gpu, opts.cpus_per_worker, opts.threads_per_worker,
                                      local=mode == "local")
     columns = ["latent_mean", "latent_std"]
@@ -142,7 +165,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
                   "latent_shape": manifest["latent_shape"], "scale_factor": scale, "shift_factor": shift,
                   "sample_prompts": prompts, "autoencoder": opts.autoencoder or manifest["autoencoder"]["source"],
                   "autoencoder_identity": manifest["autoencoder"], "text_encoder_identity": text_id,
-                  "text_encoder": text_path, "cached_embeddings": cached_emb, "threads_per_worker": threads},
+                  "text_encoder": text_path, "cached_embeddings": cached_emb, "threads_per_worker": threads,
+                  "known_checkpoints": list_checkpoints(run_dir)},
     }
     log(f"[train] ray {mode}: {opts.num_workers} worker(s) x {cpus:g} CPU ({threads} threads), ZeRO-{opts.zero_stage} "
         f"{precision}, run dir {run_dir}")

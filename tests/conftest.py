@@ -9,6 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every Ray the tests start (embedded in this process, in job subprocesses, the local stack's head) has token
+# authentication on and listens on 127.0.0.1 only; this session's token is its own, never ~/.ray/auth_token.
+# Set before anything imports ray (Ray reads both at import).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", __import__("secrets").token_hex(32))
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.pop("RAY_ADDRESS", None)  # never join a Ray the tests did not start
 torch.set_num_threads(2)
 
 
@@ -56,15 +63,11 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One embedded Ray for the session (2 CPUs, small object store), with the S3 env for its workers."""
+    """One embedded Ray for the session (2 CPUs, small object store), started by the product's own init_ray."""
     import ray
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+
     from pipeline.runtime import init_ray
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 2 ** 20, include_dashboard=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith(("AWS_", "HF_", "TRANSFORMERS_"))}})
-    assert init_ray() in ("local", "cluster")
+    assert init_ray(num_cpus=2, object_store_mb=256) == "local"  # its workers inherit the S3 env set above
     yield ray
     ray.shutdown()
 

@@ -118,8 +118,9 @@ def _records(n: int):
 def gpu_ray(tmp_path_factory):
     ray = pytest.importorskip("ray")
     pytest.importorskip("deepspeed")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    from pipeline.runtime import prepare_embedded_env
     if not ray.is_initialized():
+        prepare_embedded_env()  # loopback only, token auth on (as pipeline.runtime.init_ray does)
         ray.init(num_cpus=4, num_gpus=1 if ON_GPU else 0, object_store_memory=512 * 2 ** 20, include_dashboard=False)
     yield ray
     ray.shutdown()

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from helpers import free_port
@@ -16,49 +17,137 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 
 
+def stack_processes(stack_dir: Path) -> list:
+    """Every live process of the stack started in `stack_dir`: its process group (start.sh runs in a session of
+    its own) or its LDM_STACK_ID."""
+    stack_id = (stack_dir / "stack_id").read_text().strip() if (stack_dir / "stack_id").exists() else "?"
+    pgid = int((stack_dir / "pgid").read_text()) if (stack_dir / "pgid").exists() else -1
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and (os.getpgid(p.pid) == pgid
+                                                       or p.environ().get("LDM_STACK_ID") == stack_id):
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return found
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     d = tmp_path_factory.mktemp("stack")
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port(),
-             "S3_PORT": free_port()}
+             "S3_PORT": free_port(), "RAY_CLIENT_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "STACK_DIR": str(d), "RAY_NUM_CPUS": "2",
            "VENV": str(BIN.parent)}
-    env.pop("RAY_ADDRESS", None)
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the stack makes and hands out its own token
+        env.pop(k, None)
     up = subprocess.run(["bash", str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True, text=True,
                         timeout=300)
+    pgid = (d / "pgid").read_text().strip() if (d / "pgid").exists() else ""
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        stack_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{ports['DASHBOARD_PORT']}",
+        stack_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{ports['RAY_PORT']}",
+                     "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports['DASHBOARD_PORT']}",
                      "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
                      "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['S3_PORT']}", "AWS_ACCESS_KEY_ID": "testing",
                      "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-                     "RAY_AUTH_MODE": "disabled"}
-        assert f"AWS_ENDPOINT_URL={stack_env['AWS_ENDPOINT_URL']}" in (d / "env").read_text()
-        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        # our services (job server, MLflow, S3) listen on loopback only; Ray 2.60's own GCS/agents bind wider
-        # whatever --node-ip-address says (see README "Local stack"), which stays inside this machine's sandbox
-        for p in (ports["DASHBOARD_PORT"], ports["MLFLOW_PORT"], ports["S3_PORT"]):
-            lines = [ln for ln in listening.splitlines() if f":{p} " in ln]
-            assert lines and all("127.0.0.1:" in ln for ln in lines), (p, lines)
-        yield stack_env
+                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(d / "ray_token"),
+                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        written = dict(ln.removeprefix("export ").split("=", 1) for ln in (d / "env").read_text().splitlines())
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+            assert written[k] == stack_env[k], (k, written[k])
+        assert (d / "ray_token").stat().st_mode & 0o077 == 0  # the token is this user's only
+        yield {"env": stack_env, "dir": d, "ports": ports}
     finally:
-        subprocess.run(["bash", str(ROOT / "infra" / "local" / "stop.sh")], env=env, capture_output=True, timeout=120)
+        marker = d / "pgid"
+        down = subprocess.run(["bash", str(ROOT / "infra" / "local" / "stop.sh")], env=env, capture_output=True,
+                              text=True, timeout=120)
+        if pgid and not marker.exists():
+            marker.write_text(pgid)  # stop.sh removed it on success; look again with the same group id
+        left = stack_processes(d)
+        for p in left:  # nothing outlives the test, whatever stop.sh did; then fail it below
+            p.kill()
+        assert down.returncode == 0 and not left, (down.stdout, down.stderr, [p.pid for p in left])
+
+
+def test_every_port_of_the_stack_is_loopback_only(stack):
+    """GCS, raylet, object manager, agents, client server, job server, MLflow and S3: nothing beyond 127.0.0.1."""
+    pids = {p.pid for p in stack_processes(stack["dir"])}
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    ours = [ln for ln in listening if any(f"pid={pid}," in ln for pid in pids)]
+    assert len(ours) >= 8, ours  # gcs, raylet x2, agents, client server, dashboard, mlflow, s3 at least
+    for ln in ours:
+        local = ln.split()[3]
+        assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), ln
+    for name, port in stack["ports"].items():  # the client server may still be starting: not required
+        assert name == "RAY_CLIENT_PORT" or any(f":{port} " in ln for ln in ours), (name, port, ours)
+
+
+def test_unauthenticated_driver_and_job_submission_are_refused(stack, tmp_path):
+    """Over 127.0.0.1 only: a driver with auth disabled, a driver with a wrong token, a job submission without it."""
+    env = {k: v for k, v in stack["env"].items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    probe = (f"import ray; ray.init(address='127.0.0.1:{stack['ports']['RAY_PORT']}'); "
+             f"print('RAN', ray.get(ray.remote(lambda: 1).remote()))")
+    for extra in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}):
+        r = subprocess.run([str(BIN / "python"), "-c", probe], env={**env, **extra}, capture_output=True, text=True,
+                           timeout=180)
+        assert r.returncode != 0 and "RAN" not in r.stdout, (extra, r.stdout[-2000:], r.stderr[-2000:])
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", stack["env"]["RAY_API_SERVER_ADDRESS"], "--",
+                        "echo", "RAN"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "RAN" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "token" in (r.stdout + r.stderr).lower()
+
+
+def test_planted_secrets_appear_in_no_log_param_or_job_table(stack, tmp_path):
+    """A plain `python jobs/encode_latents.py` joining the head (RAY_ADDRESS) with a planted AWS secret and an
+    MLflow password in --mlflow-uri: neither reaches Ray's logs or job table, MLflow's params or the job's output.
+    The workers use the head's own credentials."""
+    env, mlf = dict(stack["env"]), stack["env"]["MLFLOW_TRACKING_URI"]
+    submit(env, "jobs/make_shards.py", "--output", "s3://ldm/secret-shards", "--dataset", "fashion-mnist",
+           "--limit-train", "40", "--limit-test", "8", "--shard-size", "40")
+    secret, password = f"planted-aws-{uuid.uuid4().hex}", f"planted-mlflow-{uuid.uuid4().hex}"  # in no file here
+    uri_with_password = mlf.replace("http://", f"http://alice:{password}@")
+    r = subprocess.run([str(BIN / "python"), str(ROOT / "jobs" / "encode_latents.py"), "--input",
+                        "s3://ldm/secret-shards/train", "--output", "s3://ldm/secret-latents", "--autoencoder",
+                        "random:tiny", "--resolution", "16", "--max-length", "16", "--mlflow-uri", uri_with_password],
+                       env={**env, "AWS_SECRET_ACCESS_KEY": secret}, capture_output=True, text=True, timeout=600,
+                       cwd=str(tmp_path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "1/1 complete" in out and "joining 127.0.0.1" in out
+    assert secret not in out and password not in out
+    jobs = subprocess.run([str(BIN / "ray"), "list", "jobs", "--detail", "--address", env["RAY_API_SERVER_ADDRESS"]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert jobs.returncode == 0, jobs.stderr[-2000:]
+    assert "RUNNING" in jobs.stdout or "SUCCEEDED" in jobs.stdout or "FINISHED" in jobs.stdout.upper()
+    assert secret not in jobs.stdout and password not in jobs.stdout
+    ray_tmp = Path((stack["dir"] / "ray_temp_dir").read_text().strip())
+    leaked = [str(f) for f in ray_tmp.rglob("*") if f.is_file() and not f.is_symlink() and f.stat().st_size < 50 * 2 ** 20
+              and (secret.encode() in f.read_bytes() or password.encode() in f.read_bytes())]
+    assert not leaked, leaked
+    client = mlflow.MlflowClient(mlf)
+    (run,) = client.search_runs([client.get_experiment_by_name("encode_latents").experiment_id],
+                                "tags.latent_cache = 's3://ldm/secret-latents'")
+    assert run.data.params["mlflow_uri"] == mlf  # logged without the password
+    assert all(password not in v and secret not in v for v in run.data.params.values())
 
 
 def submit(env, *job_args, timeout=900) -> str:
     sid = f"e2e-{uuid.uuid4().hex[:8]}"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id", sid,
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"], "--submission-id", sid,
            "--working-dir", str(ROOT), "--", "python", *job_args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    from ray.job_submission import JobSubmissionClient
-    status = JobSubmissionClient(env["RAY_ADDRESS"]).get_job_status(sid)
-    assert str(status) == "SUCCEEDED" or getattr(status, "value", "") == "SUCCEEDED", \
-        f"{job_args[0]} {status}:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
+    # the job server is asked in a subprocess too: this process' Ray holds the test session's token, not the stack's
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", env["RAY_API_SERVER_ADDRESS"], sid],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert f"Job '{sid}' succeeded" in status.stdout, f"{job_args[0]} {status.stdout[-500:]}:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
     return out.stdout
 
 
 def test_ray_job_submit_encode_then_train(stack):
-    env, mlf = stack, stack["MLFLOW_TRACKING_URI"]
+    env, mlf = stack["env"], stack["env"]["MLFLOW_TRACKING_URI"]
     submit(env, "jobs/make_shards.py", "--output", "s3://ldm/shards", "--dataset", "fashion-mnist",
            "--limit-train", "240", "--limit-test", "40", "--shard-size", "80")
     log = submit(env, "jobs/encode_latents.py", "--input", "s3://ldm/shards/train", "--output", "s3://ldm/latents",
@@ -82,5 +171,6 @@ def test_ray_job_submit_encode_then_train(stack):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.safetensors"]
     assert client.search_model_versions("name='ldm-tiny'")
     assert fs.exists("ldm/runs/e2e")
-    (enc_run,) = client.search_runs([client.get_experiment_by_name("encode_latents").experiment_id])
+    (enc_run,) = client.search_runs([client.get_experiment_by_name("encode_latents").experiment_id],
+                                    "tags.latent_cache = 's3://ldm/latents'")
     assert enc_run.data.metrics["kept"] == 240

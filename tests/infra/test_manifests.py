@@ -103,3 +103,14 @@ def test_local_stack_dry_run_stays_on_loopback(tmp_path):
     assert "-H 127.0.0.1" in text and "--host 127.0.0.1" in text
     assert "0.0.0.0" not in text
     assert (tmp_path / "env").read_text().count("export ") >= 5
+
+
+def test_every_ray_head_the_project_defines_has_token_auth():
+    (cluster,) = [d for _, d in k8s_docs() if d["kind"] == "RayCluster"]
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    launcher = yaml.safe_load((ROOT / "infra" / "cluster.yaml").read_text())
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    text = (ROOT / "infra" / "local" / "start.sh").read_text()
+    assert "RAY_AUTH_MODE=disabled" not in text and "export RAY_AUTH_MODE=token" in text

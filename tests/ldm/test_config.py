@@ -59,3 +59,15 @@ def test_config_is_frozen():
     cfg = get_preset("tiny")
     with pytest.raises(Exception):
         cfg.unet.model_channels = 3
+
+
+@pytest.mark.parametrize("override, key", [
+    ("conditioning.kind=cls", "conditioning.kind"), ("conditioning.text_encoder=bert", "conditioning.text_encoder"),
+    ("unet.model_channels=0", "unet.model_channels"), ("unet.model_channels=-32", "unet.model_channels"),
+    ("unet.num_res_blocks=0", "unet.num_res_blocks"), ("unet.channel_mult=[]", "unet.channel_mult"),
+    ("diffusion.timesteps=1", "diffusion.timesteps"), ("conditioning.cond_drop_prob=1.5", "conditioning.cond_drop_prob"),
+    ("autoencoder.ch_mult=[1,-2]", "autoencoder.ch_mult"), ("diffusion.beta_schedule=sqrt", "diffusion.beta_schedule"),
+])
+def test_every_field_is_checked_against_its_domain(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}=.* is not valid: it must be"):
+        load_config("tiny", overrides=[override])

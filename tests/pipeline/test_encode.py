@@ -180,3 +180,59 @@ def test_kill_and_resume_equals_uninterrupted(ray_local, tmp_path):
     assert sorted(keys_part) == sorted(keys_full) and len(keys_part) == len(set(keys_part)) == 480
     assert mp["counts"] == mf["counts"] and mp["completed_shards"] == mf["completed_shards"]
     assert not [p for p in (tmp_path / "part" / "parts").iterdir() if p.name.startswith(".")]  # stale temp files swept
+
+
+def test_decompression_bomb_counts_as_too_large(monkeypatch):
+    """Over Pillow's limit the image is refused at open (DecompressionBombError): counted too_large, not corrupt."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    cfg = PreprocessConfig(resolution=16, max_pixels=10 ** 9)
+    assert decode_image(buf.getvalue(), cfg)[1] is None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2 x 1000: an error at open
+    assert decode_image(buf.getvalue(), cfg) == (None, "too_large")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 px > 3000: Pillow's warning at load
+    assert decode_image(buf.getvalue(), cfg) == (None, "too_large")
+
+
+def test_cache_files_get_the_umask_mode_not_0600(ray_local, fmnist_shards, tmp_path):
+    """Parts and manifest are readable by a training job running as another user (a pod with its own UID)."""
+    old = os.umask(0o022)
+    try:
+        run_encode(opts(fmnist_shards["webdataset"], tmp_path / "o", "random:tiny", max_shards=1))
+    finally:
+        os.umask(old)
+    files = [tmp_path / "o" / "manifest.json", *(tmp_path / "o" / "parts").iterdir()]
+    assert files and {f.stat().st_mode & 0o777 for f in files} == {0o644}
+
+
+def test_unreachable_storage_is_one_exit_code(tmp_path):
+    """An S3 endpoint that is down gives exit 5 and a message naming it, for the input and for the output alike."""
+    from helpers import free_port
+    from pipeline.make_shards import fashion_records, write_shards
+    write_shards(fashion_records("test", 8, 1, "png"), str(tmp_path / "in"), "webdataset", 8, seed=1)
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    for inp, out, which in (("s3://down/in", tmp_path / "o", "input"), (tmp_path / "in", "s3://down/out", "output")):
+        r = subprocess.run(_encode_cmd(inp, out), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 5, (which, r.stderr[-2000:])
+        assert f"cannot reach the storage of the {which}" in r.stderr and env["AWS_ENDPOINT_URL"] in r.stderr
+
+
+def test_two_plain_jobs_on_one_machine_stay_private(tmp_path):
+    """Two `python jobs/encode_latents.py` at once: each starts its own embedded Ray (they used to join each other's
+    through address="auto" and deadlock on 2 cores), and both finish with exact counts."""
+    from pipeline.make_shards import fashion_records, write_shards
+    write_shards(fashion_records("test", 64, 1, "png"), str(tmp_path / "in"), "webdataset", 32, seed=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen(_encode_cmd(tmp_path / "in", tmp_path / f"out{i}"), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "ray: local" in out and "2/2 complete" in out
+    for i in range(2):
+        m = read_manifest(str(tmp_path / f"out{i}"))
+        assert m["counts"]["kept"] == 64 and len(m["completed_shards"]) == 2

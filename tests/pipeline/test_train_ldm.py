@@ -180,3 +180,90 @@ def test_cache_mismatch_refused(tiny_cache, tmp_path):
         run_train(topts(tiny_cache, tmp_path, overrides=("conditioning.text_encoder=hf", "unet.context_dim=32")))
     with pytest.raises(ConfigError):
         run_train(topts(tiny_cache, tmp_path, overrides=("unet.nope=1",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# hardening: checkpoints that carry code or are corrupt, configs that would fail in the workers
+
+
+class _RunsCode:
+    """What an attacker pickles into a 'checkpoint': unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_that_carries_code_is_refused_not_run(tiny_cache, tmp_path):
+    from pipeline.checkpoints import seal
+    from pipeline.errors import CheckpointError
+    good = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=4, checkpoint_every=100, sample_every=0,
+                           name="victim", max_failures=3))
+    ckpt = Path(good["checkpoint"])
+    marker = tmp_path / "PWNED"
+    target = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    state = torch.load(target, weights_only=True)
+    torch.save({**state, "client": _RunsCode(marker)}, target)  # a real model-states file plus a payload
+    (ckpt / "seal-rank0.json").unlink()
+    seal(str(ckpt), 0, 1)  # whoever can write the bucket can write the seal too
+    t0 = time.time()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is not a plain weights file"):
+        run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=8, sample_every=0, name="attacked",
+                        resume=str(ckpt), max_failures=3))
+    assert not marker.exists()
+    assert time.time() - t0 < 120  # raised as itself, at once: not after 3 worker-group restarts
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_explicit_resume_wins(tiny_cache, tmp_path):
+    def job(*extra, name="fallback"):
+        cmd = [sys.executable, str(ROOT / "jobs" / "train_ldm.py"), "--latents", tiny_cache, "--preset", "tiny",
+               *TINY_TEXT, "--num-workers", "1", "--zero-stage", "2", "--batch-size", "8", "--checkpoint-every", "2",
+               "--keep-checkpoints", "10", "--sample-every", "0", "--log-every", "1", "--storage-path",
+               str(tmp_path / "runs"), "--name", name, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    r = job("--max-steps", "6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = sorted(p for p in (tmp_path / "runs" / "fallback").glob("checkpoint_*") if p.is_dir())
+    steps = [json.loads((c / "train_state.json").read_text())["step"] for c in ckpts]
+    assert steps == [2, 4, 6], steps
+    bad = ckpts[-1] / "ds" / "mp_rank_00_model_states.pt"
+    bad.write_bytes(bad.read_bytes()[:1000])  # truncated: a crash mid-upload, a full disk
+    r = job("--max-steps", "8")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"checkpoint {ckpts[-1]} is corrupt: ds/mp_rank_00_model_states.pt has 1000 bytes" in out
+    assert "resumed at step 4" in out and "done: step 8" in out
+    # an explicit --resume is honoured over the run's own latest checkpoint
+    r = job("--max-steps", "5", "--resume", str(ckpts[0]))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "resumed at step 2" in out and "done: step 5" in out, out[-3000:]
+    # ... and an explicit one that is corrupt is refused with exit 2, naming the file
+    (ckpts[1] / "train_state.json").write_text("")
+    r = job("--max-steps", "9", "--resume", str(ckpts[1]), name="explicit-bad")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "train_state.json has 0 bytes" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("conditioning.kind=cls", "conditioning.kind='cls' is not valid: it must be one of 'text', 'class', 'none'"),
+    ("unet.model_channels=0", "unet.model_channels=0 is not valid: it must be > 0"),
+    ("unet.model_channels=-32", "unet.model_channels=-32 is not valid: it must be > 0"),
+])
+def test_bad_configs_fail_in_the_driver_within_seconds(tiny_cache, tmp_path, override, message):
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_train(topts(tiny_cache, tmp_path, overrides=TINY_TEXT + (override,)))
+    assert time.time() - t0 < 10
+
+
+def test_launch_checks_from_the_manifest(tiny_cache, tmp_path):
+    from pipeline.errors import DataError
+    t0 = time.time()
+    with pytest.raises(DataError, match=r"--batch-size 200 is larger than a worker's share of the cache \(320 rows"):
+        run_train(topts(tiny_cache, tmp_path, batch_size=200))
+    with pytest.raises(CacheConfigMismatch, match="not the first stage the cache .* was encoded with"):
+        run_train(topts(tiny_cache, tmp_path, autoencoder="random:tiny:1"))  # same config, other weights
+    assert time.time() - t0 < 20

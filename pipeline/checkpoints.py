@@ -1,0 +1,173 @@
+"""Checkpoints of the Ray Train loops that are safe to load and that prove they are whole.
+
+- Nothing in a checkpoint can run code: every torch file is read with `weights_only=True` (DeepSpeed's own
+  loader included, which would otherwise unpickle anything), allowing only DeepSpeed's few plain-data types.
+- Each rank seals what it wrote with a `seal-rank{r}.json` (size and sha256 of every file), written last. A
+  checkpoint whose seals are missing or do not match is skipped with a warning that names the bad file, and the
+  newest intact one is used instead; an explicit `--resume` checkpoint is used or refused, never replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import storage
+from pipeline.errors import CheckpointError
+
+SEAL = "seal-rank"
+
+
+def _deepspeed_safe_types() -> list:
+    """The plain-data classes DeepSpeed pickles into its optimizer states (ZeRO 1-3, fp32/bf16/fp16)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load that never executes code from the file; a file that needs more than weights is refused."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is not a plain weights file (it asks to run or build "
+                              f"{str(e).split('GLOBAL ')[-1].split(' ')[0] if 'GLOBAL' in str(e) else 'objects'}); "
+                              f"refusing to load it: only use checkpoints from a source you trust") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def harden_deepspeed(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with safe_load (its TorchCheckpointEngine uses
+    weights_only=False, so a crafted model-states file would run code on resume)."""
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(d: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(d):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), d)
+            if not os.path.basename(rel).startswith(SEAL):
+                out.append(rel)
+    return sorted(out)
+
+
+def seal(d: str, rank: int, world: int, own: list[str] | None = None) -> None:
+    """Written last by each rank into its checkpoint dir: what it wrote, so a reader can tell a whole checkpoint
+    from a truncated, emptied or half-uploaded one."""
+    files = {rel: {"bytes": os.path.getsize(os.path.join(d, rel)), "sha256": _sha256(os.path.join(d, rel))}
+             for rel in (own if own is not None else _files(d))}
+    with open(os.path.join(d, f"{SEAL}{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world": world, "files": files}, f)
+
+
+def verify(d: str) -> list[str] | None:
+    """Problems of the checkpoint in local dir `d` ([] = intact), or None when it has no seals (written before
+    seals existed: it cannot be verified)."""
+    seals = sorted(n for n in os.listdir(d) if n.startswith(SEAL) and n.endswith(".json"))
+    if not seals:
+        return None
+    problems, world = [], None
+    for name in seals:
+        try:
+            s = json.loads(open(os.path.join(d, name)).read())
+            world = s["world"]
+        except (ValueError, KeyError, OSError) as e:
+            problems.append(f"{name} is unreadable ({type(e).__name__})")
+            continue
+        for rel, want in s["files"].items():
+            p = os.path.join(d, rel)
+            if not os.path.exists(p):
+                problems.append(f"{rel} is missing")
+            elif os.path.getsize(p) != want["bytes"]:
+                problems.append(f"{rel} has {os.path.getsize(p)} bytes, {want['bytes']} were written")
+            elif _sha256(p) != want["sha256"]:
+                problems.append(f"{rel} does not match its sha256")
+    if world is not None and len(seals) != world:
+        problems.append(f"{len(seals)} of {world} ranks' seals present")
+    return problems
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """A Ray Train run dir's checkpoints (local paths or s3:// URIs), newest first."""
+    fs, path = storage.fs_and_path(run_dir)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    dirs = [e["name"] for e in entries if e.get("type") == "directory"
+            and e["name"].rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
+    return [storage.unstrip(fs, p, run_dir) for p in sorted(dirs, reverse=True)]
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a worker group starts: the checkpoints (ray.train.Checkpoint) to try in order, and whether the user
+    named the one to use."""
+    candidates: tuple
+    explicit: bool = False
+
+
+def restore_plan(resume_from: str, known: list[str]) -> Restore:
+    """Inside a worker: Ray Train's latest checkpoint when this very run saved it (a worker-group restart),
+    then the explicit --resume checkpoint, else the run dir's checkpoints that existed at launch, newest first."""
+    import ray.train
+    from ray.train import Checkpoint
+    latest = ray.train.get_checkpoint()
+    fresh = [latest] if latest is not None and _name(latest.path) not in {_name(k) for k in known} else []
+    if resume_from:
+        return Restore(tuple(fresh + [Checkpoint(resume_from)]), explicit=True)
+    return Restore(tuple(fresh + [Checkpoint(k) for k in known]))
+
+
+def restore(plan: Restore, load, log) -> bool:
+    """Load the first intact checkpoint of the plan with `load(local_dir)`; False when the plan is empty (a new
+    run). Every rank checks the same seals, so all ranks choose the same checkpoint."""
+    for i, ckpt in enumerate(plan.candidates):
+        last = i == len(plan.candidates) - 1
+        with ckpt.as_directory() as d:
+            problems = verify(d)
+            if problems:
+                msg = f"checkpoint {ckpt.path} is corrupt: {'; '.join(problems[:5])}"
+                if plan.explicit and last:
+                    raise CheckpointError(msg + "; pass another --resume checkpoint")
+                log(f"[train] WARNING: {msg}; trying the next older checkpoint")
+                continue
+            if problems is None:
+                log(f"[train] WARNING: checkpoint {ckpt.path} has no seals (written by an older version): "
+                    f"not verified")
+            load(d)
+            return True
+    if plan.candidates:
+        raise CheckpointError(f"none of the {len(plan.candidates)} checkpoint(s) of this run is intact (see the "
+                              f"warnings above); resume from another with --resume, or start over with a new --name")
+    return False
+
+
+def read_state(d: str, name: str = "train_state.json") -> dict:
+    try:
+        return json.loads(open(os.path.join(d, name)).read())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{os.path.join(d, name)} is unreadable ({type(e).__name__}: {e})") from None
