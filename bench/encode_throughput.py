@@ -148,8 +148,10 @@ def main() -> None:
               f"| RATIO job/loop {t_l / t_j:5.2f}x")
     (_, ml1, _, mj1), (_, mlk, _, mjk) = res[1], res[a.scale]
     print("\npeak RSS of the whole process tree (the job: driver + Ray workers)")
-    print(f"  job : 1x {mj1 / 2 ** 20:6.0f} MiB, {a.scale}x {mjk / 2 ** 20:6.0f} MiB | RATIO {a.scale}x/1x {mjk / mj1:5.2f}x")
-    print(f"  loop: 1x {ml1 / 2 ** 20:6.0f} MiB, {a.scale}x {mlk / 2 ** 20:6.0f} MiB | RATIO {a.scale}x/1x {mlk / ml1:5.2f}x")
+    print(f"  job : 1x {mj1 / 2 ** 20:6.0f} MiB, {a.scale}x {mjk / 2 ** 20:6.0f} MiB "
+          f"| RATIO {a.scale}x/1x {mjk / mj1:5.2f}x")
+    print(f"  loop: 1x {ml1 / 2 ** 20:6.0f} MiB, {a.scale}x {mlk / 2 ** 20:6.0f} MiB "
+          f"| RATIO {a.scale}x/1x {mlk / ml1:5.2f}x")
     print("  (streaming keeps the ratio near 1 whatever the input size)")
 
 

@@ -141,8 +141,10 @@ def main() -> None:
     print(f"\ntrain-step throughput: preset {a.preset} UNet ({n_params:.1f}M params), latents {shape}, batch {B}, "
           f"{a.steps} timed steps after {a.warmup} warm-up, fp32, {torch.get_num_threads()} threads")
     print(f"  in-memory latents           : {ips_mem:8.1f} samples/s")
-    print(f"  streaming the cache (Ray)   : {ips_stream:8.1f} samples/s   RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x")
-    print(f"  encoding images on the fly  : {ips_fly:8.1f} samples/s   RATIO cache/on-the-fly {ips_stream / ips_fly:5.2f}x"
+    print(f"  streaming the cache (Ray)   : {ips_stream:8.1f} samples/s   "
+          f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x")
+    print(f"  encoding images on the fly  : {ips_fly:8.1f} samples/s   "
+          f"RATIO cache/on-the-fly {ips_stream / ips_fly:5.2f}x"
           f"  (ideal 1 + encoder/UNet = 1 + {enc_cost * 1e3:.0f} ms / {unet_cost * 1e3:.0f} ms = {ideal:.2f}x)")
     print("  ours vs diffusers UNet2DConditionModel (matched config, same weights):")
     print(f"    ours {ips_ours:8.1f} samples/s | diffusers {ips_diffusers:8.1f} samples/s | RATIO ours/diffusers "

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help="model preset whose UNet is timed (tiny, demo, ldm-kl-8, sd-v1-like)")
+    ap.add_argument("--preset", default="demo",
+                    help="model preset whose UNet is timed (tiny, demo, ldm-kl-8, sd-v1-like)")
     ap.add_argument("--batch-size", type=int, default=32, help="latents per step")
     ap.add_argument("--context-len", type=int, default=77, help="text tokens the cross-attention attends to")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model, after the warm-up")
@@ -105,7 +106,8 @@ def main() -> None:
 
     n = sum(p.numel() for p in ours.parameters()) / 1e6
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nUNet train step: preset {a.preset} ({n:.1f}M params), latents {shape}, context {a.context_len}x{ctx_dim}, "
+    print(f"\nUNet train step: preset {a.preset} ({n:.1f}M params), latents {shape}, "
+          f"context {a.context_len}x{ctx_dim}, "
           f"batch {B}, {a.precision}, {where}; best of {a.rounds} rounds of {a.steps} steps after {a.warmup} warm-up")
     print(f"  forward outputs, same weights: relative difference {rel:.2e}")
     for name in ("ours", "diffusers"):

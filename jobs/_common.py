@@ -44,36 +44,50 @@ def add_run_args(p, cls, what: str) -> dict:
     d = cls.__dataclass_fields__
     dv = {k: f.default for k, f in d.items()}
     t = p.add_argument_group("optimisation")
-    t.add_argument("--max-steps", type=int, default=dv["max_steps"], help="optimizer steps to train to (total, across resumes)")
+    t.add_argument("--max-steps", type=int, default=dv["max_steps"],
+                   help="optimizer steps to train to (total, across resumes)")
     t.add_argument("--batch-size", type=int, default=dv["batch_size"], help=f"{what} per worker per step")
     t.add_argument("--lr", type=float, default=dv["lr"], help="peak learning rate")
     t.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default=dv["lr_schedule"],
                    help="LR after the warm-up")
     t.add_argument("--warmup-steps", type=int, default=dv["warmup_steps"], help="linear LR warm-up steps")
-    t.add_argument("--min-lr-ratio", type=float, default=dv["min_lr_ratio"], help="final LR / peak LR for cosine and linear")
-    t.add_argument("--ema-decay", type=float, default=dv["ema_decay"], help="EMA decay of the weights, with warm-up (0 = off)")
-    t.add_argument("--shuffle-buffer", type=int, default=dv["shuffle_buffer"], help=f"local shuffle buffer ({what}) per worker")
+    t.add_argument("--min-lr-ratio", type=float, default=dv["min_lr_ratio"],
+                   help="final LR / peak LR for cosine and linear")
+    t.add_argument("--ema-decay", type=float, default=dv["ema_decay"],
+                   help="EMA decay of the weights, with warm-up (0 = off)")
+    t.add_argument("--shuffle-buffer", type=int, default=dv["shuffle_buffer"],
+                   help=f"local shuffle buffer ({what}) per worker")
     t.add_argument("--seed", type=int, default=dv["seed"], help="seed of weights, noise and data order")
     s = p.add_argument_group("distribution (Ray Train)")
-    s.add_argument("--num-workers", type=int, default=dv["num_workers"], help="Ray Train workers (one per GPU on a GPU cluster)")
+    s.add_argument("--num-workers", type=int, default=dv["num_workers"],
+                   help="Ray Train workers (one per GPU on a GPU cluster)")
     s.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     s.add_argument("--cpus-per-worker", type=float, default=dv["cpus_per_worker"],
                    help="CPUs reserved per worker (0 = auto; leaves some for Ray Data)")
-    s.add_argument("--threads-per-worker", type=int, default=dv["threads_per_worker"], help="torch threads per worker (0 = auto)")
-    s.add_argument("--max-failures", type=int, default=dv["max_failures"], help="worker-group restarts from the last checkpoint")
-    s.add_argument("--address", default=dv["address"], help="Ray cluster to join (default: RAY_ADDRESS, set by `ray job "
+    s.add_argument("--threads-per-worker", type=int, default=dv["threads_per_worker"],
+                   help="torch threads per worker (0 = auto)")
+    s.add_argument("--max-failures", type=int, default=dv["max_failures"],
+                   help="worker-group restarts from the last checkpoint")
+    s.add_argument("--address", default=dv["address"],
+                   help="Ray cluster to join (default: RAY_ADDRESS, set by `ray job "
                    "submit`; unset: a private embedded Ray on 127.0.0.1)")
     s.add_argument("--num-cpus", type=int, default=dv["num_cpus"], help="CPUs of the embedded local Ray (0 = all)")
-    s.add_argument("--object-store-mb", type=int, default=dv["object_store_mb"], help="object store of the embedded local Ray")
+    s.add_argument("--object-store-mb", type=int, default=dv["object_store_mb"],
+                   help="object store of the embedded local Ray")
     c = p.add_argument_group("checkpoints, samples, tracking")
-    c.add_argument("--storage-path", default=dv["storage_path"], help="where Ray Train keeps run dirs and checkpoints (local or s3://)")
-    c.add_argument("--name", default=dv["name"], help="run name (default: from the preset and the start time); reuse it to resume")
-    c.add_argument("--resume", default=dv["resume"], help="a run dir, a Ray checkpoint dir, or mlflow:RUN_ID to continue from")
-    c.add_argument("--checkpoint-every", type=int, default=dv["checkpoint_every"], help="checkpoint + Ray report every N steps")
+    c.add_argument("--storage-path", default=dv["storage_path"],
+                   help="where Ray Train keeps run dirs and checkpoints (local or s3://)")
+    c.add_argument("--name", default=dv["name"],
+                   help="run name (default: from the preset and the start time); reuse it to resume")
+    c.add_argument("--resume", default=dv["resume"],
+                   help="a run dir, a Ray checkpoint dir, or mlflow:RUN_ID to continue from")
+    c.add_argument("--checkpoint-every", type=int, default=dv["checkpoint_every"],
+                   help="checkpoint + Ray report every N steps")
     c.add_argument("--keep-checkpoints", type=int, default=dv["keep_checkpoints"], help="checkpoints kept")
     c.add_argument("--sample-every", type=int, default=dv["sample_every"], help="sample grid every M steps (0 = off)")
     c.add_argument("--log-every", type=int, default=dv["log_every"], help="status line every N steps")
-    c.add_argument("--mlflow-uri", default=dv["mlflow_uri"], help="MLflow tracking URI: http://host:port or sqlite:///path/mlflow.db")
+    c.add_argument("--mlflow-uri", default=dv["mlflow_uri"],
+                   help="MLflow tracking URI: http://host:port or sqlite:///path/mlflow.db")
     c.add_argument("--experiment", default=dv["experiment"], help="MLflow experiment")
     return {"optimisation": t, "distribution": s, "tracking": c}
 

@@ -47,29 +47,35 @@ def parse(argv=None):
     pp.add_argument("--resolution", type=int, default=256, help="square training resolution in pixels")
     pp.add_argument("--crop", choices=["center", "random"], default="center",
                     help="crop after resizing the shorter side; random is seeded by key (reproducible)")
-    pp.add_argument("--min-size", type=int, default=0, help="drop images whose shorter side is smaller (0 = resolution/2)")
+    pp.add_argument("--min-size", type=int, default=0,
+                    help="drop images whose shorter side is smaller (0 = resolution/2)")
     pp.add_argument("--max-pixels", type=int, default=64_000_000, help="drop images with more pixels (bomb guard)")
-    pp.add_argument("--max-aspect", type=float, default=3.0, help="drop images with a longer/shorter side ratio above this")
+    pp.add_argument("--max-aspect", type=float, default=3.0,
+                    help="drop images with a longer/shorter side ratio above this")
     pp.add_argument("--max-punsafe", type=float, default=0.5, help="drop records with punsafe >= this")
     pp.add_argument("--max-pwatermark", type=float, default=0.5, help="drop records with pwatermark >= this")
     pp.add_argument("--min-aesthetic", type=float, default=0.0, help="drop records with aesthetic below this (0 = off)")
-    pp.add_argument("--min-similarity", type=float, default=0.0, help="drop records with CLIP similarity below this (0 = off)")
+    pp.add_argument("--min-similarity", type=float, default=0.0,
+                    help="drop records with CLIP similarity below this (0 = off)")
     pp.add_argument("--min-caption-chars", type=int, default=1, help="drop captions shorter than this")
     pp.add_argument("--max-caption-chars", type=int, default=1000, help="drop captions longer than this")
     pp.add_argument("--seed", type=int, default=0, help="seed of random crops")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
-    r.add_argument("--gpus-per-encoder", type=float, default=-1.0, help="GPUs per encoder actor (-1 = 1 if the cluster has GPUs)")
+    r.add_argument("--gpus-per-encoder", type=float, default=-1.0,
+                   help="GPUs per encoder actor (-1 = 1 if the cluster has GPUs)")
     r.add_argument("--cpus-per-decoder", type=float, default=0.5, help="CPUs per read/decode task")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     r.add_argument("--decode-batch-size", type=int, default=64, help="records per decode task batch")
     r.add_argument("--address", default="", help="Ray cluster to join (default: RAY_ADDRESS, set by `ray job submit`; "
                    "unset: a private embedded Ray on 127.0.0.1)")
-    r.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded local Ray (0 = all); ignored on a cluster")
+    r.add_argument("--num-cpus", type=int, default=0,
+                   help="CPUs of the embedded local Ray (0 = all); ignored on a cluster")
     r.add_argument("--object-store-mb", type=int, default=512, help="object store of the embedded local Ray")
     t = p.add_argument_group("tracking")
-    t.add_argument("--mlflow-uri", default="", help="log the summary and manifest to MLflow (server URL or sqlite:///path)")
+    t.add_argument("--mlflow-uri", default="",
+                   help="log the summary and manifest to MLflow (server URL or sqlite:///path)")
     t.add_argument("--experiment", default="encode_latents", help="MLflow experiment name")
     return p.parse_args(argv)
 

@@ -27,8 +27,10 @@ def parse(argv=None):
     p.add_argument("--image-format", choices=["png", "jpg"], default="png",
                    help="encoding of the images inside the shards (png is lossless)")
     p.add_argument("--shard-size", type=int, default=1000, help="records per shard (img2dataset default: 10000)")
-    p.add_argument("--limit-train", type=int, default=0, help="at most this many Fashion-MNIST train images (0 = all 60000)")
-    p.add_argument("--limit-test", type=int, default=0, help="at most this many Fashion-MNIST test images (0 = all 10000)")
+    p.add_argument("--limit-train", type=int, default=0,
+                   help="at most this many Fashion-MNIST train images (0 = all 60000)")
+    p.add_argument("--limit-test", type=int, default=0,
+                   help="at most this many Fashion-MNIST test images (0 = all 10000)")
     p.add_argument("--seed", type=int, default=0, help="fixes the sample order, captions and LAION-style scores")
     return p.parse_args(argv)
 

@@ -21,7 +21,8 @@ from pipeline.train_autoencoder import AETrainOptions
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. autoencoder.ch=64 loss.disc_start=2000)")
+    p.add_argument("overrides", nargs="*",
+                   help="config overrides key=value (e.g. autoencoder.ch=64 loss.disc_start=2000)")
     d = p.add_argument_group("data and model")
     d.add_argument("--input", required=True, help="training shards: folder, glob or list file (local or s3://)")
     d.add_argument("--eval-input", default="", help="held-out shards for PSNR/SSIM/FD (default: the sibling test/ "

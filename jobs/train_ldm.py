@@ -36,7 +36,8 @@ def parse(argv=None):
     t.add_argument("--nan-tolerance", type=int, default=5, help="stop after this many non-finite steps in a row")
     s = g["distribution"]
     s.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2, help="DeepSpeed ZeRO stage")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
     s.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer (and params at stage 3) to CPU")
     s.add_argument("--deepspeed-config", default="", help="JSON deep-merged over infra/deepspeed/zero{stage}.json")
     c = g["tracking"]

@@ -83,7 +83,8 @@ def split_compvis_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str,
     """A full LDM `.ckpt` -> {"autoencoder", "unet", "ema_unet", "cond_stage", "loss"} in our names.
     A bare first-stage checkpoint (`encoder.*`, `decoder.*`, `loss.*`) goes to "autoencoder"/"loss"."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    prefixes = {"first_stage_model.": "autoencoder", "model.diffusion_model.": "unet", "cond_stage_model.": "cond_stage",
+    prefixes = {"first_stage_model.": "autoencoder", "model.diffusion_model.": "unet",
+                "cond_stage_model.": "cond_stage",
                 "loss.": "loss"}
     ema_raw = {}
     for k, v in sd.items():

@@ -152,10 +152,6 @@ class LDMConfig:
         if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
             raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
                               "(the extra class is the null label for classifier-free guidance)")
-        if self.diffusion.parameterization not in ("eps", "x0", "v"):
-            raise ConfigError(f"diffusion.parameterization must be eps, x0 or v, got {self.diffusion.parameterization!r}")
-        if self.diffusion.loss_weighting not in ("simple", "min_snr"):
-            raise ConfigError(f"diffusion.loss_weighting must be simple or min_snr, got {self.diffusion.loss_weighting!r}")
         return self
 
 
@@ -165,6 +161,7 @@ class LDMConfig:
 _pos = (lambda v: v > 0, "> 0")
 _nonneg = (lambda v: v >= 0, ">= 0")
 _prob = (lambda v: 0 <= v < 1, "in [0, 1)")
+_unit = (lambda v: 0 < v < 1, "in (0, 1)")
 _all_pos = (lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of positive integers")
 
 
@@ -190,8 +187,9 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "unet.transformer_depth": _pos, "unet.context_dim": (lambda v: v is None or v > 0, "null or > 0"),
     "unet.num_classes": (lambda v: v is None or v > 0, "null or > 0"), "unet.dropout": _prob,
     "unet.norm_groups": _pos,
-    "diffusion.timesteps": (lambda v: v >= 2, ">= 2"), "diffusion.beta_schedule": _one_of("linear", "scaled_linear", "cosine"),
-    "diffusion.linear_start": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.linear_end": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "diffusion.timesteps": (lambda v: v >= 2, ">= 2"),
+    "diffusion.beta_schedule": _one_of("linear", "scaled_linear", "cosine"),
+    "diffusion.linear_start": _unit, "diffusion.linear_end": _unit,
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
     "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
     "diffusion.offset_noise": _nonneg,

@@ -40,8 +40,8 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels,
-                                                             2 * out_channels if use_scale_shift_norm else out_channels))
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels  # scale and shift, or a shift
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)  # zero-init the residual branch

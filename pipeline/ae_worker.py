@@ -175,7 +175,8 @@ def ae_train_loop(config: dict) -> None:
             eta = (opts["max_steps"] - step) * (time.time() - t0) / max(1, step - step0)
             log(f"[stage1] step {step}/{opts['max_steps']} | rec {float(logs['rec_loss']):.4f} | psnr "
                 f"{float(logs['psnr']):.2f} dB | g {float(logs['g_loss']):.3f} | "
-                f"d {float(logs.get('d_loss', 0.0)):.3f} | {rate:.1f} img/s | ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+                f"d {float(logs.get('d_loss', 0.0)):.3f} | {rate:.1f} img/s | "
+                f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
             tracker.flush()
         if rank == 0 and opts["sample_every"] and step % opts["sample_every"] == 0:
             recon_grid(x, step)

@@ -40,7 +40,8 @@ def train_classifier(epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, s
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     xtr, xte = _prep(xtr), _prep(xte)
-    ytr, yte = torch.tensor(ytr, dtype=torch.long), torch.tensor(yte, dtype=torch.long)  # copies: the arrays are read-only
+    # copies: the arrays are read-only
+    ytr, yte = torch.tensor(ytr, dtype=torch.long), torch.tensor(yte, dtype=torch.long)
     model = FashionCNN()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     steps = epochs * (len(xtr) // batch_size)

@@ -56,7 +56,8 @@ class Progress:
         self.i += 1
         el = time.time() - self.t0
         eta = "" if self.i == 1 else f", ETA ~{int(el / (self.i - 1) * (self.total - self.i + 1)) // 60} min"
-        self.log(f"\n{'=' * 78}\n[demo {self.i}/{self.total}] {title}   (elapsed {int(el) // 60}m{int(el) % 60:02d}s{eta})"
+        self.log(f"\n{'=' * 78}\n[demo {self.i}/{self.total}] {title}   "
+                 f"(elapsed {int(el) // 60}m{int(el) % 60:02d}s{eta})"
                  f"\n{'=' * 78}")
 
 

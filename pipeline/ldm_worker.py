@@ -165,7 +165,8 @@ def train_loop_per_worker(config: dict) -> None:
             f.write("\n".join(str(p) for p in prompts))
         tracker.artifact(path, "samples")
         tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-        log(f"[train] step {step}: sample grid {os.path.basename(path)} ({len(prompts)} prompts, cfg {opts['cfg_scale']})")
+        log(f"[train] step {step}: sample grid {os.path.basename(path)} ({len(prompts)} prompts, "
+            f"cfg {opts['cfg_scale']})")
 
     def export(step: int, out_dir: str) -> str | None:
         """Consolidated safetensors: UNet, EMA UNet, trained text transformer, config, AE reference."""

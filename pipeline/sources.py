@@ -54,7 +54,8 @@ def discover_shards(uri: str) -> ShardSet:
 
 def _row(shard: int, key: str, image: bytes | None, ext: str, caption, meta: dict | None, skip: str = ""):
     """One record. No nulls (Ray Data turns null strings into NaN in numpy batches): "" means absent."""
-    return {"shard": shard, "key": key, "image": image or b"", "ext": ext, "caption": "" if caption is None else str(caption),
+    return {"shard": shard, "key": key, "image": image or b"", "ext": ext,
+            "caption": "" if caption is None else str(caption),
             "meta": "" if meta is None else json.dumps(meta, default=_json_default), "skip": skip or "",
             "shard_total": -1, "shard_error": ""}
 

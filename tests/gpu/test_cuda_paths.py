@@ -93,8 +93,10 @@ def test_unet_bf16_training_and_guided_sampling():
     net.eval()
     cond, uncond = {"y": torch.arange(4, device=DEV)}, {"y": torch.full((4,), 4, device=DEV)}
     with torch.no_grad():
-        a = generate(net, lambda z: z, cond, uncond, 4, (4, 8, 8), 1.0, 0.0, steps=10, cfg_scale=3.0, seed=7, device=DEV)
-        b = generate(net, lambda z: z, cond, uncond, 4, (4, 8, 8), 1.0, 0.0, steps=10, cfg_scale=3.0, seed=7, device=DEV)
+        a = generate(net, lambda z: z, cond, uncond, 4, (4, 8, 8), 1.0, 0.0, steps=10, cfg_scale=3.0, seed=7,
+                     device=DEV)
+        b = generate(net, lambda z: z, cond, uncond, 4, (4, 8, 8), 1.0, 0.0, steps=10, cfg_scale=3.0, seed=7,
+                     device=DEV)
     assert a.device.type == DEV and torch.isfinite(a).all() and torch.equal(a, b)
 
 
@@ -140,7 +142,8 @@ def test_stage1_job_on_device(gpu_ray, shards, tmp_path):
     from pipeline.train_autoencoder import AETrainOptions, run_train_autoencoder
     lines = []
     s = run_train_autoencoder(AETrainOptions(
-        input=str(shards / "train"), preset="tiny", overrides=PIXEL_LOSS, max_steps=60, batch_size=32, lr=2e-3, checkpoint_every=30,
+        input=str(shards / "train"), preset="tiny", overrides=PIXEL_LOSS, max_steps=60, batch_size=32, lr=2e-3,
+        checkpoint_every=30,
         sample_every=30, log_every=20, storage_path=str(tmp_path / "runs"), eval_max_images=64, eval_fd=False,
         ema_decay=0.99, use_gpu=ON_GPU, max_failures=0), log=lines.append)
     assert s["eval"]["images"] == 64 and s["eval"]["psnr"] > 12, s["eval"]

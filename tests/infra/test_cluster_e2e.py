@@ -118,14 +118,15 @@ def test_planted_secrets_appear_in_no_log_param_or_job_table(stack, tmp_path):
     assert r.returncode == 0, out[-4000:]
     assert "1/1 complete" in out and "joining 127.0.0.1" in out
     assert secret not in out and password not in out
-    jobs = subprocess.run([str(BIN / "ray"), "list", "jobs", "--detail", "--address", env["RAY_API_SERVER_ADDRESS"]], env=env,
+    jobs = subprocess.run([str(BIN / "ray"), "list", "jobs", "--detail", "--address", env["RAY_API_SERVER_ADDRESS"]],
+                          env=env,
                           capture_output=True, text=True, timeout=120)
     assert jobs.returncode == 0, jobs.stderr[-2000:]
     assert "RUNNING" in jobs.stdout or "SUCCEEDED" in jobs.stdout or "FINISHED" in jobs.stdout.upper()
     assert secret not in jobs.stdout and password not in jobs.stdout
     ray_tmp = Path((stack["dir"] / "ray_temp_dir").read_text().strip())
-    leaked = [str(f) for f in ray_tmp.rglob("*") if f.is_file() and not f.is_symlink() and f.stat().st_size < 50 * 2 ** 20
-              and (secret.encode() in f.read_bytes() or password.encode() in f.read_bytes())]
+    files = [f for f in ray_tmp.rglob("*") if f.is_file() and not f.is_symlink() and f.stat().st_size < 50 * 2 ** 20]
+    leaked = [str(f) for f in files if secret.encode() in f.read_bytes() or password.encode() in f.read_bytes()]
     assert not leaked, leaked
     client = mlflow.MlflowClient(mlf)
     (run,) = client.search_runs([client.get_experiment_by_name("encode_latents").experiment_id],
@@ -142,7 +143,8 @@ def submit(env, *job_args, timeout=900) -> str:
     # the job server is asked in a subprocess too: this process' Ray holds the test session's token, not the stack's
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", env["RAY_API_SERVER_ADDRESS"], sid],
                             env=env, capture_output=True, text=True, timeout=120)
-    assert f"Job '{sid}' succeeded" in status.stdout, f"{job_args[0]} {status.stdout[-500:]}:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
+    assert f"Job '{sid}' succeeded" in status.stdout, \
+        f"{job_args[0]} {status.stdout[-500:]}:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
     return out.stdout
 
 

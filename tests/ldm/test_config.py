@@ -65,7 +65,8 @@ def test_config_is_frozen():
     ("conditioning.kind=cls", "conditioning.kind"), ("conditioning.text_encoder=bert", "conditioning.text_encoder"),
     ("unet.model_channels=0", "unet.model_channels"), ("unet.model_channels=-32", "unet.model_channels"),
     ("unet.num_res_blocks=0", "unet.num_res_blocks"), ("unet.channel_mult=[]", "unet.channel_mult"),
-    ("diffusion.timesteps=1", "diffusion.timesteps"), ("conditioning.cond_drop_prob=1.5", "conditioning.cond_drop_prob"),
+    ("diffusion.timesteps=1", "diffusion.timesteps"), ("conditioning.cond_drop_prob=1.5",
+                                                       "conditioning.cond_drop_prob"),
     ("autoencoder.ch_mult=[1,-2]", "autoencoder.ch_mult"), ("diffusion.beta_schedule=sqrt", "diffusion.beta_schedule"),
 ])
 def test_every_field_is_checked_against_its_domain(override, key):

@@ -11,7 +11,9 @@ from ldm.unet import UNetModel
 
 def test_schedules_match_closed_forms():
     lin = make_betas("linear", 1000, 1e-4, 0.02)
-    assert torch.isclose(lin[0], torch.tensor(1e-4, dtype=torch.float64)) and torch.isclose(lin[-1], torch.tensor(0.02, dtype=torch.float64))
+    f64 = torch.float64
+    assert torch.isclose(lin[0], torch.tensor(1e-4, dtype=f64))
+    assert torch.isclose(lin[-1], torch.tensor(0.02, dtype=f64))
     assert torch.allclose(lin[1:] - lin[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
     sl = make_betas("scaled_linear", 1000, 0.00085, 0.012)
     assert torch.allclose(sl.sqrt(), torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64))

@@ -30,7 +30,8 @@ def tiny_ae_ckpt(tmp_path_factory):
     cfg = get_preset("tiny").autoencoder
     imgs, _ = load_fashion_mnist("train")
     x = torch.tensor(imgs[:512], dtype=torch.float32)[:, None] / 127.5 - 1
-    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bicubic", antialias=True).clamp(-1, 1).repeat(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bicubic", antialias=True).clamp(-1, 1)
+    x = x.repeat(1, 3, 1, 1)
     model = AutoencoderKL(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(150):

@@ -101,7 +101,8 @@ def write_salted_webdataset(folder) -> dict:
         if e:
             expected_skips[e] = expected_skips.get(e, 0) + 1
     return {"kept": len(good) + 5 + len(good), "skipped": expected_skips, "failed": ["00001.tar"],
-            "good_keys": {k for k, _, e in recs if e is None} | {r[0] for r in renamed[:5]} | {f"c{k}" for k, _, _ in good}}
+            "good_keys": ({k for k, _, e in recs if e is None} | {r[0] for r in renamed[:5]}
+                          | {f"c{k}" for k, _, _ in good})}
 
 
 def write_bad_parquet_set(folder, good_parquet_shard: bytes) -> None:

@@ -70,7 +70,8 @@ def test_secrets_are_never_forwarded_to_a_cluster(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     env = forwarded_env()
     assert env["AWS_ENDPOINT_URL"] and env["MLFLOW_TRACKING_URI"]
-    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD"} & set(env)
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
+                "MLFLOW_TRACKING_PASSWORD"} & set(env)
 
 
 def test_user_errors_are_told_apart_from_failures_that_may_pass():
