@@ -10,15 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-EXIT_CODES = """Exit status: 0 done; 2 bad arguments, config, input or checkpoint (the message names it; a retry would
-repeat it); 3 some shards failed (encode: named, a rerun retries them); 4 the work itself failed (the last line
-says why); 5 a storage, tracking or Ray endpoint could not be reached (nothing was changed: rerun when it is
-back); 130 interrupted (rerun to resume)."""
-
-
 def run(main, tag: str) -> None:
-    """Exit with the status of EXIT_CODES, and one line that names the problem (the last line, for `ray job
-    logs`)."""
+    """Exit with a clear status and one line that names the problem (the last line, for `ray job logs`): 0 done
+    (or main's own code, e.g. 3 when encode shards failed); 2 bad arguments, config, input or checkpoint (a retry
+    would repeat it); 4 the work itself failed; 5 a storage, tracking or Ray endpoint could not be reached
+    (nothing was changed: rerun when it is back); 130 interrupted (rerun to resume)."""
     from ldm.config import ConfigError
     from pipeline.storage import is_unreachable
     try:

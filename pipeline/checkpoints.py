@@ -35,13 +35,16 @@ def _deepspeed_safe_types() -> list:
 def safe_load(path: str, map_location=None):
     """torch.load that never executes code from the file; a file that needs more than weights is refused."""
     import pickle
+    allowed = _deepspeed_safe_types()
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_types()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
+        known = {f"{t.__module__}.{t.__qualname__}" for t in allowed}
+        wanted = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in known]
         raise CheckpointError(f"{path} is not a plain weights file (it asks to run or build "
-                              f"{str(e).split('GLOBAL ')[-1].split(' ')[0] if 'GLOBAL' in str(e) else 'objects'}); "
-                              f"refusing to load it: only use checkpoints from a source you trust") from None
+                              f"{', '.join(wanted) or 'objects'}); refusing to load it: only use checkpoints from a "
+                              f"source you trust") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
 

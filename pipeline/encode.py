@@ -143,8 +143,7 @@ def format_summary(s: dict) -> str:
 
 
 def log_to_mlflow(opts: EncodeOptions, summary: dict, manifest: dict) -> None:
-    from pipeline.tracking import mlflow_run
-    from pipeline.tracking import redact
+    from pipeline.tracking import mlflow_run, redact
     params = {k: redact(str(v)) for k, v in asdict(opts).items() if k != "preprocess"}
     params.update({f"preprocess.{k}": v for k, v in asdict(opts.preprocess).items()})
     params["autoencoder_config_hash"] = manifest["autoencoder"]["config_hash"]

@@ -90,8 +90,8 @@ class CacheWriter:
             for key in ("autoencoder", "text_encoder", "latent_shape", "resolution"):
                 old, new = self.manifest.get(key), header.get(key)
                 if key == "autoencoder":
-                    old = {k: old.get(k) for k in ("config_hash", "weights_sha256")}
-                    new = {k: new.get(k) for k in ("config_hash", "weights_sha256")}
+                    from pipeline.models import first_stage_key
+                    old, new = first_stage_key(old), first_stage_key(new)
                 if old != new:
                     raise CacheMismatch(
                         f"{output} already holds a latent cache with {key}={old} but this run has {key}={new}; "

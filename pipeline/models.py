@@ -22,6 +22,12 @@ from ldm.config import AutoencoderConfig, ConfigError, config_hash, from_dict, g
 from pipeline import storage
 
 
+def first_stage_key(identity: dict) -> dict:
+    """What makes two first stages the same one: their config and their weights (a cache's `autoencoder` entry or
+    LoadedAutoencoder.identity)."""
+    return {k: identity.get(k) for k in ("config_hash", "weights_sha256")}
+
+
 @dataclass
 class LoadedAutoencoder:
     model: torch.nn.Module

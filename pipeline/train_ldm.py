@@ -62,10 +62,10 @@ def check_launch(opts: TrainOptions, manifest: dict) -> None:
         raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of the cache ({rows} rows / "
                         f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data")
     if opts.autoencoder and opts.autoencoder != manifest["autoencoder"]["source"]:
-        from pipeline.models import load_autoencoder
+        from pipeline.models import first_stage_key, load_autoencoder
         have = load_autoencoder(opts.autoencoder, tracking_uri=opts.mlflow_uri).identity
         want = manifest["autoencoder"]
-        if (have["config_hash"], have["weights_sha256"]) != (want["config_hash"], want["weights_sha256"]):
+        if first_stage_key(have) != first_stage_key(want):
             raise CacheConfigMismatch(
                 f"--autoencoder {opts.autoencoder} (config {have['config_hash']}, weights {have['weights_sha256']}) is "
                 f"not the first stage the cache {opts.latents} was encoded with ({want['source']}: config "
