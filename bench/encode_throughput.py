@@ -71,9 +71,9 @@ def baseline_loop(inp: str, out: str, autoencoder: str, resolution: int, batch_s
 
     from ldm.autoencoder import encode_latent
     from ldm.conditioning import FrozenHFTextEncoder
-    from pipeline.models import load_autoencoder
-    from pipeline.preprocess import PreprocessConfig, check_metadata, decode_image, resize_crop
-    from pipeline.sources import discover_shards, read_shard
+    from pipeline.common.models import load_autoencoder
+    from pipeline.data.preprocess import PreprocessConfig, check_metadata, decode_image, resize_crop
+    from pipeline.data.sources import discover_shards, read_shard
     torch.set_num_threads(os.cpu_count() or 1)
     ae = load_autoencoder(autoencoder).model
     text = FrozenHFTextEncoder("", 77)
@@ -124,7 +124,7 @@ def main() -> None:
         n = baseline_loop(a.baseline[0], a.baseline[1], a.autoencoder, a.resolution, a.batch_size)
         print(f"BASELINE_IMAGES {n}")
         return
-    from pipeline.make_shards import fashion_records, write_shards
+    from pipeline.data.make_shards import fashion_records, write_shards
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     for mult in (1, a.scale):
         write_shards(fashion_records("train", a.images * mult, 0, "png"), str(tmp / f"in{mult}"), "webdataset",

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""LDM training-step throughput, measured side by side in one run (one process, same UNet, same batch):
+"""LDM training-step throughput, measured side by side in one run (same model, same batch, same machine):
 
-1. streaming the latent cache through Ray Data (`iter_torch_batches`) vs the same loop on in-memory tensors;
-2. encoding images on the fly with the frozen autoencoder vs the cache, printed next to the ideal
+1. the bare step: the text-conditional LDM step (cached MiniLM embeddings, CFG dropout, AdamW) on in-memory
+   tensors, vs the same loop streaming the latent cache through Ray Data (`iter_torch_batches`);
+2. the product: jobs/train_ldm.py's Ray Train worker (DeepSpeed ZeRO-2, EMA, metrics) on the same cache, its
+   steady samples/s (after 5 steps) vs the bare step;
+3. encoding images on the fly with the frozen autoencoder vs the cache, printed next to the ideal
    1 + (encoder cost / UNet step cost) that pre-encoding saves;
-3. our UNet train step vs diffusers' UNet2DConditionModel at a matched config (same weights).
+4. our UNet train step vs diffusers' UNet2DConditionModel at a matched config (same weights).
 
-  python bench/train_throughput.py --images 1024 --preset demo --batch-size 32 --steps 30
+  python bench/train_throughput.py --images 1024 --preset demo --batch-size 32 --steps 100
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
     a = ap.parse_args()
 
@@ -34,44 +37,40 @@ def main() -> None:
     import ray
     import torch
 
-    from ldm.autoencoder import build_autoencoder, encode_latent
+    from ldm.autoencoder import DiagonalGaussian, build_autoencoder, encode_latent
+    from ldm.conditioning import Conditioner, drop_mask
     from ldm.config import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
+    from ldm.latent_scale import LatentScale
+    from ldm.model import LatentDiffusion
     from ldm.unet import UNetModel
-    from pipeline.encode import EncodeOptions, run_encode
-    from pipeline.latent_cache import part_files, read_manifest
-    from pipeline.make_shards import fashion_records, write_shards
-    from pipeline.preprocess import PreprocessConfig, decode_image, resize_crop
-    from pipeline.sources import discover_shards, read_shard
+    from pipeline.common.runtime import init_ray
+    from pipeline.encode.flow import EncodeOptions, run_encode
+    from pipeline.encode.latent_cache import part_files, read_manifest
+    from pipeline.data.make_shards import fashion_records, write_shards
+    from pipeline.data.preprocess import PreprocessConfig, decode_image, resize_crop
+    from pipeline.data.sources import discover_shards, read_shard
+    from pipeline.train.ldm import run_train
+    from pipeline.train.options import TrainOptions
 
     torch.set_num_threads(2)
     cfg = get_preset(a.preset)
     res = cfg.autoencoder.resolution
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     write_shards(fashion_records("train", a.images, 0, "png"), str(tmp / "shards"), "webdataset", 256, seed=0)
-    ray.init(num_cpus=2, object_store_memory=256 * 2 ** 20, include_dashboard=False, logging_level="ERROR")
+    init_ray(2, 512)  # the embedded Ray every job starts
     run_encode(EncodeOptions(input=str(tmp / "shards"), output=str(tmp / "latents"), autoencoder=f"random:{a.preset}",
-                             text_encoder="none", preprocess=PreprocessConfig(resolution=res)), log=lambda *x: None)
+                             max_length=cfg.conditioning.max_length, store_text_embeddings=True,
+                             preprocess=PreprocessConfig(resolution=res)), log=lambda *x: None)
     m = read_manifest(str(tmp / "latents"))
     shape = tuple(m["latent_shape"])
     B = a.batch_size
     ctx_dim = cfg.unet.context_dim or 8
     context = torch.randn(B, 8, ctx_dim)
+    columns = ["latent_mean", "latent_std", "input_ids", "attention_mask", "text_emb"]
 
-    torch.manual_seed(0)
-    unet = UNetModel(cfg.unet)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     sched = Schedule.from_config(cfg.diffusion)
     gen = torch.Generator().manual_seed(0)
-
-    def step(z0, model=None, call=None):
-        net = model or unet
-        o = opt if model is None else call["opt"]
-        fn = (lambda x, t: net(x, t, context=context)) if call is None else call["fwd"]
-        loss = diffusion_loss(fn, z0, cfg.diffusion, sched, generator=gen).mean()
-        o.zero_grad(set_to_none=True)
-        loss.backward()
-        o.step()
 
     def timed(batches, fn) -> float:
         it = iter(batches)
@@ -86,24 +85,64 @@ def main() -> None:
         while True:
             yield from xs
 
-    # (A) in-memory latents
-    import pyarrow.parquet as pq
-    tables = [pq.read_table(f, columns=["latent_mean", "latent_std"]) for f in part_files(str(tmp / "latents"), m)]
-    mean = torch.tensor(np.concatenate([np.array(t["latent_mean"].to_pylist(), np.float32) for t in tables]))
-    std = torch.tensor(np.concatenate([np.array(t["latent_std"].to_pylist(), np.float32) for t in tables]))
-    mem_batches = [(mean[i:i + B].view(-1, *shape), std[i:i + B].view(-1, *shape))
-                   for i in range(0, len(mean) - B + 1, B)]
-    draw = lambda ms: ms[0] + ms[1] * torch.randn(ms[0].shape, generator=gen)  # noqa: E731
-    ips_mem = timed(cycle(mem_batches), lambda ms: step(draw(ms)))
+    # (A) the bare step: the worker's math (posterior sample, scale, CFG drop, L_LDM, clip, AdamW), in memory
+    torch.manual_seed(0)
+    ldm = LatentDiffusion(cfg)
+    conditioner = Conditioner.build(ldm)
+    ldm_opt = torch.optim.AdamW(ldm.parameters(), lr=1e-4)
+    scale = LatentScale.choose(0.0, m["totals"]["latent_channel_mean"], m["totals"]["scale_factor"])
 
-    # (B) streaming the cache through Ray Data
-    ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(["latent_mean", "latent_std"])
+    def ldm_step(batch):
+        post = DiagonalGaussian(mean=batch["latent_mean"].float().view(-1, *shape),
+                                std=batch["latent_std"].float().view(-1, *shape))
+        z0 = scale.to_diffusion(post.sample(gen))
+        kw = conditioner.batch(batch, drop_mask(B, 0.1, gen))
+        loss = diffusion_loss(ldm, z0, cfg.diffusion, sched, generator=gen, **kw).mean()
+        ldm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ldm.parameters(), 1.0)
+        ldm_opt.step()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.concat_tables([pq.read_table(f, columns=columns) for f in part_files(str(tmp / "latents"), m)])
+    cols = {c: torch.tensor(np.array(table[c].to_pylist())) for c in columns}
+    mem_batches = [{c: v[i:i + B] for c, v in cols.items()} for i in range(0, table.num_rows - B + 1, B)]
+    ips_mem = timed(cycle(mem_batches), ldm_step)
+
+    # (B) the same step streaming the cache through Ray Data
+    ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(columns)
 
     def stream():
         while True:
-            for b in ds.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256):
-                yield b["latent_mean"].float().view(-1, *shape), b["latent_std"].float().view(-1, *shape)
-    ips_stream = timed(stream(), lambda ms: step(draw(ms)))
+            yield from ds.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256)
+    ips_stream = timed(stream(), ldm_step)
+
+    # (E) the Ray Train worker of jobs/train_ldm.py on the same cache (steady samples/s, after 5 steps)
+    w = run_train(TrainOptions(latents=str(tmp / "latents"), preset=a.preset, batch_size=B, lr=1e-4,
+                               max_steps=a.steps + 5, warmup_steps=0, ema_decay=0.999, checkpoint_every=10 ** 9,
+                               sample_every=0, log_every=10 ** 9, storage_path=str(tmp / "runs"), name="bench"),
+                  log=lambda *x: None)
+    ips_worker = w["samples_per_s"]
+
+    # the raw UNet for (C) and (D)
+    torch.manual_seed(0)
+    unet = UNetModel(cfg.unet)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+
+    def step(z0, model=None, call=None):
+        net = model or unet
+        o = opt if model is None else call["opt"]
+        fn = (lambda x, t: net(x, t, context=context)) if call is None else call["fwd"]
+        loss = diffusion_loss(fn, z0, cfg.diffusion, sched, generator=gen).mean()
+        o.zero_grad(set_to_none=True)
+        loss.backward()
+        o.step()
+
+    draw = lambda ms: ms[0] + ms[1] * torch.randn(ms[0].shape, generator=gen)  # noqa: E731
+    lat_batches = [(b["latent_mean"].float().view(-1, *shape), b["latent_std"].float().view(-1, *shape))
+                   for b in mem_batches]
+    ips_unet = timed(cycle(lat_batches), lambda ms: step(draw(ms)))
 
     # (C) encoding images on the fly with the frozen autoencoder
     ae = build_autoencoder(cfg.autoencoder).eval().requires_grad_(False)
@@ -126,7 +165,7 @@ def main() -> None:
     for x in img_batches[:10]:
         encode(x)
     enc_cost = (time.perf_counter() - t0) / 10
-    unet_cost = B / ips_mem
+    unet_cost = B / ips_unet
     ideal = 1 + enc_cost / unet_cost
 
     # (D) diffusers UNet2DConditionModel at a matched config, same weights
@@ -134,17 +173,20 @@ def main() -> None:
     theirs = diffusers_twin(unet, shape[1], ctx_dim)
     opt_d = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
     call_d = {"opt": opt_d, "fwd": lambda x, t: theirs(x, t, encoder_hidden_states=context).sample}
-    ips_diffusers = timed(cycle(mem_batches), lambda ms: step(draw(ms), theirs, call_d))
-    ips_ours = timed(cycle(mem_batches), lambda ms: step(draw(ms)))
+    ips_diffusers = timed(cycle(lat_batches), lambda ms: step(draw(ms), theirs, call_d))
+    ips_ours = timed(cycle(lat_batches), lambda ms: step(draw(ms)))
 
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"\ntrain-step throughput: preset {a.preset} UNet ({n_params:.1f}M params), latents {shape}, batch {B}, "
           f"{a.steps} timed steps after {a.warmup} warm-up, fp32, {torch.get_num_threads()} threads")
-    print(f"  in-memory latents           : {ips_mem:8.1f} samples/s")
-    print(f"  streaming the cache (Ray)   : {ips_stream:8.1f} samples/s   "
+    print(f"  bare LDM step, in-memory    : {ips_mem:8.1f} samples/s")
+    print(f"  bare LDM step, streaming    : {ips_stream:8.1f} samples/s   "
           f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x")
+    print(f"  Ray Train worker (ZeRO-2)   : {ips_worker:8.1f} samples/s   "
+          f"RATIO worker/bare step {ips_worker / ips_mem:5.2f}x")
+    print(f"  UNet step, cached latents   : {ips_unet:8.1f} samples/s")
     print(f"  encoding images on the fly  : {ips_fly:8.1f} samples/s   "
-          f"RATIO cache/on-the-fly {ips_stream / ips_fly:5.2f}x"
+          f"RATIO cache/on-the-fly {ips_unet / ips_fly:5.2f}x"
           f"  (ideal 1 + encoder/UNet = 1 + {enc_cost * 1e3:.0f} ms / {unet_cost * 1e3:.0f} ms = {ideal:.2f}x)")
     print("  ours vs diffusers UNet2DConditionModel (matched config, same weights):")
     print(f"    ours {ips_ours:8.1f} samples/s | diffusers {ips_diffusers:8.1f} samples/s | RATIO ours/diffusers "

@@ -16,7 +16,7 @@ def run(main, tag: str) -> None:
     would repeat it); 4 the work itself failed; 5 a storage, tracking or Ray endpoint could not be reached
     (nothing was changed: rerun when it is back); 130 interrupted (rerun to resume)."""
     from ldm.config import ConfigError
-    from pipeline.storage import is_unreachable
+    from pipeline.common.storage import is_unreachable
     try:
         sys.exit(main())
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
@@ -34,7 +34,7 @@ def run(main, tag: str) -> None:
 
 
 def add_run_args(p, cls, what: str) -> dict:
-    """The flags every Ray Train job shares (pipeline.train_config.RunOptions), defaults taken from `cls` so the
+    """The flags every Ray Train job shares (pipeline.train.options.RunOptions), defaults taken from `cls` so the
     dataclass stays the one source of truth. Returns the argument groups for the job to add its own flags to.
     `what` names a batch element in help texts ("images", "latents")."""
     d = cls.__dataclass_fields__
@@ -91,7 +91,7 @@ def add_run_args(p, cls, what: str) -> dict:
 def options_from(cls, args, **explicit):
     """`cls(...)` from parsed arguments whose names match its fields; `explicit` for the ones that differ. A
     password in --mlflow-uri moves to MLFLOW_TRACKING_PASSWORD (never logged)."""
-    from pipeline.tracking import credentials_to_env
+    from pipeline.common.tracking import credentials_to_env
     names = set(cls.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw.update(explicit)

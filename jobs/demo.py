@@ -32,7 +32,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     from pipeline.demo import run_demo
-    from pipeline.tracking import credentials_to_env
+    from pipeline.common.tracking import credentials_to_env
     a = parse(argv)
     size = a.size or ("quick" if a.quick else "default")
     run_demo(DemoOptions(out=a.out, size=size, mlflow_uri=credentials_to_env(a.mlflow_uri),

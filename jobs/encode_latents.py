@@ -16,9 +16,9 @@ import sys
 
 from _common import run
 
-from pipeline.encode import EncodeOptions, run_encode
-from pipeline.preprocess import PreprocessConfig
-from pipeline.tracking import credentials_to_env
+from pipeline.encode.flow import EncodeOptions, run_encode
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.common.tracking import credentials_to_env
 
 
 def parse(argv=None):

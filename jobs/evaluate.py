@@ -28,10 +28,10 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipeline.evaluate import evaluate_autoencoder, format_eval, shard_image_batches
-    from pipeline.models import load_autoencoder
-    from pipeline.runtime import init_ray
-    from pipeline.tracking import credentials_to_env
+    from pipeline.evaluate.metrics import evaluate_autoencoder, format_eval, shard_image_batches
+    from pipeline.common.models import load_autoencoder
+    from pipeline.common.runtime import init_ray
+    from pipeline.common.tracking import credentials_to_env
     a = parse(argv)
     a.mlflow_uri = credentials_to_env(a.mlflow_uri)
     ae = load_autoencoder(a.autoencoder, a.autoencoder_preset)
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
                              max_images=a.max_images)
     print(format_eval(a.autoencoder, r))
     if a.json:
-        from pipeline.storage import write_json_atomic
+        from pipeline.common.storage import write_json_atomic
         write_json_atomic(a.json, {"autoencoder": a.autoencoder, "input": a.input, **r})
     if a.mlflow_uri:
-        from pipeline.tracking import mlflow_run
+        from pipeline.common.tracking import mlflow_run
         with mlflow_run(a.mlflow_uri, a.experiment, run_name=f"eval {a.autoencoder}"):
             import mlflow
             mlflow.log_params({"autoencoder": a.autoencoder, "input": a.input, "resolution": res})

@@ -10,8 +10,8 @@ import time
 
 from _common import run
 
-from pipeline import storage
-from pipeline.make_shards import fashion_records, photo_records, write_shards
+from pipeline.common import storage
+from pipeline.data.make_shards import fashion_records, photo_records, write_shards
 
 
 def parse(argv=None):

@@ -9,6 +9,8 @@ import argparse
 
 from _common import run
 
+from ldm.sampling import SAMPLERS
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -16,7 +18,7 @@ def parse(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable); class ids for class models")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--out", default="samples.png", help="output grid PNG (one row per prompt)")
-    p.add_argument("--sampler", choices=["ddim", "dpmpp_2m", "ddpm"], default="ddim", help="sampler")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (ldm.sampling.SAMPLERS)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -27,9 +29,9 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipeline.grid import save_grid
-    from pipeline.models import local_file
-    from pipeline.sample import sample_images
+    from pipeline.evaluate.grid import save_grid
+    from pipeline.common.models import local_file
+    from pipeline.evaluate.sample import sample_images
     a = parse(argv)
     if not a.prompt:
         a.prompt = [""]

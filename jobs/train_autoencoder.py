@@ -16,7 +16,9 @@ import argparse
 
 from _common import add_run_args, options_from, run
 
-from pipeline.train_autoencoder import AETrainOptions
+from pipeline.train.options import AETrainOptions
+
+D = {k: f.default for k, f in AETrainOptions.__dataclass_fields__.items()}  # the dataclass holds every default
 
 
 def parse(argv=None):
@@ -25,23 +27,26 @@ def parse(argv=None):
                    help="config overrides key=value (e.g. autoencoder.ch=64 loss.disc_start=2000)")
     d = p.add_argument_group("data and model")
     d.add_argument("--input", required=True, help="training shards: folder, glob or list file (local or s3://)")
-    d.add_argument("--eval-input", default="", help="held-out shards for PSNR/SSIM/FD (default: the sibling test/ "
+    d.add_argument("--eval-input", default=D["eval_input"],
+                   help="held-out shards for PSNR/SSIM/FD (default: the sibling test/ "
                    "folder of a .../train input)")
-    d.add_argument("--preset", default="demo", help="config preset whose autoencoder/loss sections are used")
-    d.add_argument("--config", default="", help="YAML config applied on top of the preset")
-    d.add_argument("--reg", choices=["kl", "vq"], default="", help="regularisation (default: the preset's)")
-    d.add_argument("--f", type=int, default=0, help="downsampling factor, a power of two (default: the preset's)")
+    d.add_argument("--preset", default=D["preset"], help="config preset whose autoencoder/loss sections are used")
+    d.add_argument("--config", default=D["config_yaml"], help="YAML config applied on top of the preset")
+    d.add_argument("--reg", choices=["kl", "vq"], default=D["reg"], help="regularisation (default: the preset's)")
+    d.add_argument("--f", type=int, default=D["f"], help="downsampling factor, a power of two (default: the preset's)")
     d.add_argument("--compare-f", default="", help="comma-separated f values: train one model per f and report "
                    "PSNR vs latent size (paper §4.1) as an MLflow parent run with child runs")
     c = add_run_args(p, AETrainOptions, "images")["tracking"]
-    c.add_argument("--register-model", default="", help="registered model name (default ae-PRESET-REG-fF)")
-    c.add_argument("--eval-max-images", type=int, default=2000, help="held-out images evaluated (0 = all)")
+    c.add_argument("--register-model", default=D["register_model"],
+                   help="registered model name (default ae-PRESET-REG-fF)")
+    c.add_argument("--eval-max-images", type=int, default=D["eval_max_images"],
+                   help="held-out images evaluated (0 = all)")
     c.add_argument("--no-fd", action="store_true", help="skip the FD-EffNetLite0 metric (faster)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from pipeline.train_autoencoder import run_compare_f, run_train_autoencoder
+    from pipeline.train.autoencoder import run_compare_f, run_train_autoencoder
     a = parse(argv)
     opts = options_from(AETrainOptions, a, config_yaml=a.config, overrides=tuple(a.overrides), eval_fd=not a.no_fd)
     if a.compare_f:

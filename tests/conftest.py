@@ -66,7 +66,7 @@ def ray_local(s3_server):
     """One embedded Ray for the session (2 CPUs, small object store), started by the product's own init_ray."""
     import ray
 
-    from pipeline.runtime import init_ray
+    from pipeline.common.runtime import init_ray
     assert init_ray(num_cpus=2, object_store_mb=256) == "local"  # its workers inherit the S3 env set above
     yield ray
     ray.shutdown()

@@ -1,5 +1,5 @@
 """What only a GPU shows of the hardened checkpoints: DeepSpeed's bf16 optimizer states on CUDA (ZeRO 1-3, NCCL)
-restore through the weights-only loader (pipeline.checkpoints) bit for bit. Skipped without CUDA."""
+restore through the weights-only loader (pipeline.train.checkpoints) bit for bit. Skipped without CUDA."""
 import os
 
 import pytest
@@ -20,7 +20,7 @@ def deepspeed():
 def test_bf16_zero_checkpoint_restores_weights_only(deepspeed, stage, tmp_path):
     from ldm.config import get_preset
     from ldm.model import LatentDiffusion
-    from pipeline.checkpoints import harden_deepspeed, seal, verify
+    from pipeline.train.checkpoints import harden_deepspeed, seal, verify
     cfg = get_preset("demo")
     ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},

@@ -16,7 +16,9 @@ from ldm.autoencoder import AutoencoderKL, encode_latent
 from ldm.config import apply_overrides, get_preset
 from ldm.diffusion import Schedule, diffusion_loss
 from ldm.model import LatentDiffusion
-from pipeline.sample import generate
+from ldm.conditioning import Conditioner
+from ldm.latent_scale import LatentScale
+from ldm.sampling import generate
 
 FORCED = os.environ.get("LDM_GPU_TESTS_ON", "")
 ON_GPU = torch.cuda.is_available() and FORCED != "cpu"
@@ -52,8 +54,8 @@ def test_autoencoder_bf16_autocast_matches_fp32():
 
 
 def test_latent_encoder_actor_on_this_device():
-    """pipeline.encoder.LatentEncoder, the Ray Data callable, as a GPU actor would run it (bf16 autocast)."""
-    from pipeline.encoder import LatentEncoder
+    """pipeline.encode.encoder.LatentEncoder, the Ray Data callable, as a GPU actor would run it (bf16 autocast)."""
+    from pipeline.encode.encoder import LatentEncoder
     enc = LatentEncoder("random:demo", "", "none", 16, False, 32)
     assert enc.device == DEV
     px = ((images(6, 32, seed=1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -91,12 +93,11 @@ def test_unet_bf16_training_and_guided_sampling():
     assert all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), (losses[:10], losses[-10:])
     net.eval()
-    cond, uncond = {"y": torch.arange(4, device=DEV)}, {"y": torch.full((4,), 4, device=DEV)}
+    conditioner = Conditioner(cfg.conditioning, device=DEV)
+    run = dict(steps=10, cfg_scale=3.0, seed=7, device=DEV)
     with torch.no_grad():
-        a = generate(net, lambda z: z, cond, uncond, 4, (4, 8, 8), 1.0, 0.0, steps=10, cfg_scale=3.0, seed=7,
-                     device=DEV)
-        b = generate(net, lambda z: z, cond, uncond, 4, (4, 8, 8), 1.0, 0.0, steps=10, cfg_scale=3.0, seed=7,
-                     device=DEV)
+        a = generate(net, conditioner, LatentScale(), lambda z: z, [0, 1, 2, 3], (4, 8, 8), sched.alphas_cumprod, **run)
+        b = generate(net, conditioner, LatentScale(), lambda z: z, [0, 1, 2, 3], (4, 8, 8), sched.alphas_cumprod, **run)
     assert a.device.type == DEV and torch.isfinite(a).all() and torch.equal(a, b)
 
 
@@ -104,7 +105,7 @@ def test_unet_bf16_training_and_guided_sampling():
 # the jobs on the device: Ray Data encode with GPU actors, Ray Train + DeepSpeed bf16 over NCCL
 
 def _records(n: int):
-    from pipeline.make_shards import Record, encode_image
+    from pipeline.data.make_shards import Record, encode_image
     rng = np.random.default_rng(0)
     colours = np.array([[220, 40, 40], [40, 200, 60], [40, 60, 220], [230, 200, 40]], np.uint8)
     for i in range(n):
@@ -120,9 +121,9 @@ def _records(n: int):
 def gpu_ray(tmp_path_factory):
     ray = pytest.importorskip("ray")
     pytest.importorskip("deepspeed")
-    from pipeline.runtime import prepare_embedded_env
+    from pipeline.common.runtime import prepare_embedded_env
     if not ray.is_initialized():
-        prepare_embedded_env()  # loopback only, token auth on (as pipeline.runtime.init_ray does)
+        prepare_embedded_env()  # loopback only, token auth on (as pipeline.common.runtime.init_ray does)
         ray.init(num_cpus=4, num_gpus=1 if ON_GPU else 0, object_store_memory=512 * 2 ** 20, include_dashboard=False)
     yield ray
     ray.shutdown()
@@ -130,7 +131,7 @@ def gpu_ray(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pipeline.make_shards import write_shards
+    from pipeline.data.make_shards import write_shards
     root = tmp_path_factory.mktemp("gpu-shards")
     write_shards(_records(256), str(root / "train"), "webdataset", 64, seed=0)
     write_shards(_records(64), str(root / "test"), "webdataset", 64, seed=1)
@@ -139,7 +140,8 @@ def shards(tmp_path_factory):
 
 def test_stage1_job_on_device(gpu_ray, shards, tmp_path):
     """jobs/train_autoencoder.py's driver: Ray Train + prepare_model (DDP, NCCL on a GPU), held-out PSNR."""
-    from pipeline.train_autoencoder import AETrainOptions, run_train_autoencoder
+    from pipeline.train.autoencoder import run_train_autoencoder
+    from pipeline.train.options import AETrainOptions
     lines = []
     s = run_train_autoencoder(AETrainOptions(
         input=str(shards / "train"), preset="tiny", overrides=PIXEL_LOSS, max_steps=60, batch_size=32, lr=2e-3,
@@ -152,8 +154,8 @@ def test_stage1_job_on_device(gpu_ray, shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def class_cache(gpu_ray, shards, tmp_path_factory):
-    from pipeline.encode import EncodeOptions, run_encode
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.encode.flow import EncodeOptions, run_encode
+    from pipeline.data.preprocess import PreprocessConfig
     root = tmp_path_factory.mktemp("gpu-cache")
     lines = []
     s = run_encode(EncodeOptions(input=str(shards / "train"), output=str(root / "latents"), autoencoder="random:tiny",
@@ -167,9 +169,9 @@ def class_cache(gpu_ray, shards, tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_train_job_deepspeed_bf16_on_device(class_cache, tmp_path, stage):
-    from pipeline.sample import sample_images
-    from pipeline.train_config import TrainOptions
-    from pipeline.train_ldm import run_train
+    from pipeline.evaluate.sample import sample_images
+    from pipeline.train.options import TrainOptions
+    from pipeline.train.ldm import run_train
     lines = []
     s = run_train(TrainOptions(
         latents=class_cache, preset="tiny", overrides=CLASS, num_workers=1, zero_stage=stage, max_steps=40,

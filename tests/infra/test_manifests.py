@@ -84,7 +84,7 @@ def test_dockerfile_install_order():
 
 
 def test_deepspeed_presets():
-    from pipeline.train_config import load_deepspeed_preset
+    from pipeline.train.options import load_deepspeed_preset
     for stage in range(4):
         cfg = load_deepspeed_preset(stage)
         assert cfg["zero_optimization"]["stage"] == stage and not any(k.startswith("_") for k in cfg)

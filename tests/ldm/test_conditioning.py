@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from ldm.conditioning import (ClassEmbedder, FrozenHFTextEncoder, SpatialRescaler, TransformerTextEncoder, apply_drop,
-                              build_text_encoder, drop_mask)
-from ldm.config import ConditioningConfig
+from ldm.conditioning import (Conditioner, FrozenHFTextEncoder, TransformerTextEncoder, apply_drop, build_text_encoder,
+                              drop_mask)
+from ldm.config import ConditioningConfig, apply_overrides, get_preset
+from ldm.latent_scale import LatentScale
+from ldm.model import LatentDiffusion
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,41 @@ def test_trainable_transformer_with_bert_tokenizer():
     assert enc.token_emb.weight.grad is not None
 
 
-def test_class_embedder_null_class_and_rescaler():
-    ce = ClassEmbedder(10, 16)
-    assert ce(torch.tensor([0, 10])).shape == (2, 1, 16)  # 10 = null label
-    sr = SpatialRescaler(n_stages=2, multiplier=0.5, in_channels=3, out_channels=4)
-    assert sr(torch.randn(1, 3, 32, 32)).shape == (1, 4, 8, 8)
+def test_conditioner_gives_training_and_sampling_the_same_condition(minilm):
+    cfg = ConditioningConfig(kind="text", text_encoder="hf", max_length=16)
+    c = Conditioner(cfg, text=minilm)
+    assert c.mode == "frozen" and c.null["context"].shape == (1, 16, 384)
+    ids, mask = minilm.tokenize(["a sneaker", "a dress"])
+    drop = torch.tensor([False, True])
+    from_tokens = c.batch({"input_ids": ids, "attention_mask": mask}, drop)
+    cond, uncond = c.prompts(["a sneaker", "a dress"])
+    assert torch.allclose(from_tokens["context"][0], cond["context"][0], atol=1e-5)  # same tau(y) either way
+    assert torch.allclose(from_tokens["context"][1], uncond["context"][1])          # dropped -> the null caption
+    cached = c.batch({"text_emb": cond["context"].half().flatten(1), "attention_mask": mask}, drop)
+    assert torch.allclose(cached["context"][0], cond["context"][0], atol=1e-2)      # cached embeddings, same path
+
+
+def test_conditioner_class_trainable_and_none():
+    cls = Conditioner(ConditioningConfig(kind="class", num_classes=10))
+    out = cls.batch({"label": torch.tensor([3, 4])}, torch.tensor([False, True]))
+    assert out["y"].tolist() == [3, 10]  # index num_classes is the null class
+    assert cls.prompts([1, 2])[1]["y"].tolist() == [10, 10]
+    cfg = apply_overrides(get_preset("tiny"), ["conditioning.text_encoder=transformer", "conditioning.max_length=8"])
+    model = LatentDiffusion(cfg)
+    tr = Conditioner.build(model)
+    assert tr.mode == "trainable" and tr.prompts(["a bag"])[0]["input_ids"].shape == (1, 8)
+    assert Conditioner(ConditioningConfig(kind="none")).prompts(["x"]) == ({}, {})
+    with pytest.raises(ValueError, match="FrozenHFTextEncoder"):
+        Conditioner(ConditioningConfig(kind="text", text_encoder="hf"))
+
+
+def test_latent_scale_goes_both_ways():
+    s = LatentScale.choose(0.0, [0.5, 1.5], 2.0)
+    assert s == LatentScale(2.0, 1.0)
+    z = torch.randn(2, 2, 4, 4)
+    assert torch.allclose(s.to_latent(s.to_diffusion(z)), z, atol=1e-6)
+    assert LatentScale.from_json(s.to_json()) == s
+    assert LatentScale.choose(0.18215, [0.5], 2.0) == LatentScale(0.18215, 0.0)  # a fixed scale has no shift
 
 
 def test_cfg_dropout():

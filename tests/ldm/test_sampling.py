@@ -3,7 +3,8 @@ import torch
 
 from ldm.diffusion import Schedule
 from ldm.config import DiffusionConfig
-from ldm.sampling import ddim_timesteps, guided, predict_eps_x0, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.sampling import (SAMPLERS, all_timesteps, ddim_timesteps, generate, guided, predict_eps_x0, sample_ddim,
+                          sample_ddpm, sample_dpmpp_2m)
 
 SCHED = Schedule.from_config(DiffusionConfig(timesteps=1000))
 AC = SCHED.alphas_cumprod
@@ -40,9 +41,9 @@ def test_perfect_denoiser_reaches_the_data_point(sampler, param):
     elif sampler == "ddim_eta":
         out = sample_ddim(m, x_T, ts, AC, eta=1.0, parameterization=param, final_alpha_cumprod=1.0, generator=g)
     elif sampler == "ddpm":
-        out = sample_ddpm(m, x_T, AC, parameterization=param, generator=g)
+        out = sample_ddpm(m, x_T, all_timesteps(1000), AC, parameterization=param, generator=g)
     elif sampler == "ddpm_respaced":
-        out = sample_ddpm(m, x_T, AC, ts, parameterization=param, generator=g)
+        out = sample_ddpm(m, x_T, ts, AC, parameterization=param, generator=g)
     else:
         out = sample_dpmpp_2m(m, x_T, ts, AC, parameterization=param)
     assert (out - x_star).abs().max() < 1e-3, (out - x_star).abs().max()
@@ -96,7 +97,28 @@ def test_inpainting_keeps_known_region(sampler):
     m = perfect(x_star, "eps")
     kw = dict(mask=mask, x0_known=known, generator=g)
     out = {"ddim": lambda: sample_ddim(m, torch.randn(1, 3, 8, 8, generator=g), ts, AC, final_alpha_cumprod=1.0, **kw),
-           "ddpm": lambda: sample_ddpm(m, torch.randn(1, 3, 8, 8, generator=g), AC, ts, **kw),
+           "ddpm": lambda: sample_ddpm(m, torch.randn(1, 3, 8, 8, generator=g), ts, AC, **kw),
            "dpmpp_2m": lambda: sample_dpmpp_2m(m, torch.randn(1, 3, 8, 8, generator=g), ts, AC, **kw)}[sampler]()
     assert torch.equal(out[..., :4], known[..., :4])
     assert (out[..., 4:] - x_star[..., 4:]).abs().max() < 1e-3
+
+
+def test_every_sampler_takes_one_signature_and_generate_dispatches_by_name():
+    g = torch.Generator().manual_seed(0)
+    x_star = torch.randn(1, 3, 4, 4, generator=g)
+    ts = ddim_timesteps(1000, 20)
+    for name, fn in SAMPLERS.items():
+        out = fn(perfect(x_star, "eps"), torch.randn(2, 3, 4, 4, generator=g), ts, AC, parameterization="eps",
+                 generator=g, noises=None, mask=None, x0_known=None, callback=None)
+        assert out.shape == (2, 3, 4, 4), name
+
+    class Uncond:
+        def prompts(self, prompts):
+            return {}, {}
+
+    from ldm.latent_scale import LatentScale
+    img = generate(perfect(x_star, "eps"), Uncond(), LatentScale(2.0, 0.5), lambda z: z, ["a", "b"], (3, 4, 4), AC,
+                   steps=20, sampler="dpmpp_2m")
+    assert torch.allclose(img, (x_star / 2.0 + 0.5).clamp(-1, 1).expand(2, -1, -1, -1), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        generate(perfect(x_star, "eps"), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC, sampler="euler")

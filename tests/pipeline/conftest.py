@@ -4,7 +4,7 @@ import torch
 from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint import save_components
 from ldm.config import get_preset, to_dict
-from pipeline.make_shards import fashion_records, photo_records, write_shards
+from pipeline.data.make_shards import fashion_records, photo_records, write_shards
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def fmnist_shards(tmp_path_factory):
 def tiny_ae_ckpt(tmp_path_factory):
     """A tiny KL autoencoder (f=2, 16px) trained for a few seconds on real Fashion-MNIST, saved as an
     ldm-ray safetensors checkpoint: a real first stage whose reconstructions mean something."""
-    from pipeline.make_shards import load_fashion_mnist
+    from pipeline.data.make_shards import load_fashion_mnist
     torch.manual_seed(0)
     cfg = get_preset("tiny").autoencoder
     imgs, _ = load_fashion_mnist("train")

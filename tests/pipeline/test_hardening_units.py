@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from pipeline.checkpoints import safe_load, seal, verify
-from pipeline.errors import CheckpointError, DataError, NonFiniteLoss, repeating_error
-from pipeline.runtime import forwarded_env
-from pipeline.tracking import credentials_to_env, redact
+from pipeline.train.checkpoints import safe_load, seal, verify
+from pipeline.common.errors import CheckpointError, DataError, NonFiniteLoss, repeating_error
+from pipeline.common.runtime import forwarded_env
+from pipeline.common.tracking import credentials_to_env, redact
 
 
 class _Payload:

@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 
 from ldm.config import ConfigError, LDMConfig, apply_overrides, format_config, load_config, to_dict
-from pipeline import storage
-from pipeline.train_config import RunOptions
-
-
-@dataclass(frozen=True, kw_only=True)
-class AETrainOptions(RunOptions):
-    input: str
-    eval_input: str = ""                 # held-out shards; default: the sibling test/ of a .../train input
-    reg: str = ""                        # "" = the preset's; kl | vq
-    f: int = 0                           # 0 = the preset's downsampling factor
-    max_steps: int = 2000
-    lr: float = 4.5e-6 * 32              # the paper's base lr x batch (App. G scaling)
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.05
-    ema_decay: float = 0.0
-    log_every: int = 50
-    shuffle_buffer: int = 2000
-    experiment: str = "train_autoencoder"
-    eval_max_images: int = 2000
-    eval_fd: bool = True
+from pipeline.common import storage
+from pipeline.train.options import AETrainOptions
 
 
 def ch_mult_for_f(f: int, base: tuple[int, ...]) -> tuple[int, ...]:
@@ -62,68 +43,69 @@ def default_eval_input(inp: str) -> str:
 
 
 def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = "") -> dict:
-    from pipeline.ae_worker import ae_train_loop
-    from pipeline.checkpoints import list_checkpoints
-    from pipeline.datasets import training_images
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.runtime import fit, init_ray, quiet_data_progress, worker_resources
-    from pipeline.tracking import open_or_continue_run, register_version
-    from pipeline.train_ldm import resolve_resume
+    from pipeline.common.runtime import quiet_data_progress
+    from pipeline.data.datasets import training_images
+    from pipeline.data.preprocess import PreprocessConfig
+    from pipeline.train import kit
+    from pipeline.train.autoencoder_loop import AEJob, ae_train_loop
 
     cfg = stage1_config(opts)
     ae = cfg.autoencoder
     eval_input = opts.eval_input or default_eval_input(opts.input)
     tag = f"{ae.reg}-f{ae.downsample_factor}"
-    storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name, opts.mlflow_uri)
-    name = name or f"ae-{cfg.name}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage_path = storage_path if storage.is_remote(storage_path) else str(Path(storage_path).resolve())
-    run_dir = storage.join(storage_path, name)
+    plan = kit.plan_run(opts, f"ae-{cfg.name}-{tag}")
     log("[stage1] autoencoder config:\n" + format_config(ae) + "\n[stage1] loss config:\n" + format_config(cfg.loss))
     log(f"[stage1] latent {ae.latent_shape} for {ae.resolution}px images (f={ae.downsample_factor}, "
         f"{3 * ae.resolution ** 2 / (ae.latent_shape[0] * ae.latent_shape[1] ** 2):.1f}x fewer numbers)")
-    run_id = ""
-    if opts.mlflow_uri:
-        params = {f"autoencoder.{k}": v for k, v in to_dict(ae).items()}
-        params.update({f"loss.{k}": v for k, v in to_dict(cfg.loss).items()})
-        params.update({f"train.{k}": v for k, v in asdict(opts).items()})
-        run_id = open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
-                                      {"stage": "1", "reg": ae.reg, "f": str(ae.downsample_factor)}, log,
-                                      parent_run_id=parent_run_id)
-    mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
-    cpus, threads = worker_resources(opts.num_workers, opts.use_gpu, opts.cpus_per_worker, opts.threads_per_worker,
-                                     local=mode == "local")
+    run_id = open_mlflow_run(opts, cfg, plan.run_dir, tag, parent_run_id, log) if opts.mlflow_uri else ""
+    res = kit.start_ray(opts, log)
     with quiet_data_progress():
         ds = training_images(opts.input, PreprocessConfig(resolution=ae.resolution)).select_columns(["image"])
-    worker_cfg = {"autoencoder": to_dict(ae), "loss": to_dict(cfg.loss),
-                  "train": {**asdict(opts), "mlflow_run_id": run_id, "resume_from": resume_from,
-                            "threads_per_worker": threads, "known_checkpoints": list_checkpoints(run_dir)}}
-    log(f"[stage1] ray {mode}: {opts.num_workers} worker(s) x {cpus:g} CPU ({threads} threads), DDP; run dir {run_dir}")
+    job = AEJob(opts, ae, cfg.loss, kit.worker_run(plan, res, run_id))
+    log(f"[stage1] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), DDP; "
+        f"run dir {plan.run_dir}")
     t0 = time.time()
-    result = fit(ae_train_loop, worker_cfg, num_workers=opts.num_workers, use_gpu=opts.use_gpu, cpus=cpus,
-                 storage_path=storage_path, name=name, keep_checkpoints=opts.keep_checkpoints,
-                 max_failures=opts.max_failures, datasets={"train": ds})
+    result = kit.fit(ae_train_loop, job, opts, plan, res, {"train": ds})
     export = storage.join(result.checkpoint.path, "export", "autoencoder.safetensors")
-    summary = {"run_dir": run_dir, "name": name, "export": export, "step": (result.metrics or {}).get("step"),
+    metrics = result.metrics or {}
+    summary = {"run_dir": plan.run_dir, "name": plan.name, "export": export, "step": metrics.get("step"),
                "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id, "reg": ae.reg,
-               "f": ae.downsample_factor, "latent_shape": list(ae.latent_shape)}
+               "f": ae.downsample_factor, "latent_shape": list(ae.latent_shape),
+               "samples_per_s": metrics.get("steady_samples_per_s")}
     if eval_input:
-        from pipeline.evaluate import evaluate_autoencoder, format_eval, shard_image_batches
-        from pipeline.models import load_autoencoder
-        model = load_autoencoder(export).model
-        r = evaluate_autoencoder(model, shard_image_batches(eval_input, ae.resolution), fd=opts.eval_fd,
-                                 max_images=opts.eval_max_images)
-        summary["eval"] = r
-        log(format_eval(f"{tag} on {eval_input}", r))
-        if run_id:
-            import mlflow
-            mlflow.MlflowClient(opts.mlflow_uri).log_batch(run_id, metrics=[
-                mlflow.entities.Metric(f"eval/{k}", float(v), int(time.time() * 1000), summary["step"] or 0)
-                for k, v in r.items()])
+        summary["eval"] = evaluate_export(opts, export, eval_input, tag, summary["step"], run_id, log)
     if run_id:
+        from pipeline.common.tracking import register_version
         summary["model_version"] = register_version(opts.mlflow_uri, run_id,
                                                     opts.register_model or f"ae-{cfg.name}-{tag}", log)
     log(f"[stage1] done: step {summary['step']} in {summary['seconds']} s; autoencoder {export}")
     return summary
+
+
+def open_mlflow_run(opts: AETrainOptions, cfg: LDMConfig, run_dir: str, tag: str, parent_run_id: str, log) -> str:
+    from pipeline.common.tracking import open_or_continue_run
+    ae = cfg.autoencoder
+    params = {f"autoencoder.{k}": v for k, v in to_dict(ae).items()}
+    params.update({f"loss.{k}": v for k, v in to_dict(cfg.loss).items()})
+    params.update({f"train.{k}": v for k, v in asdict(opts).items()})
+    return open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
+                                {"stage": "1", "reg": ae.reg, "f": str(ae.downsample_factor)}, log,
+                                parent_run_id=parent_run_id)
+
+
+def evaluate_export(opts: AETrainOptions, export: str, eval_input: str, tag: str, step, run_id: str, log) -> dict:
+    """Held-out reconstruction quality of the exported autoencoder, logged as eval/* on the run."""
+    from pipeline.common.models import load_autoencoder
+    from pipeline.evaluate.metrics import evaluate_autoencoder, format_eval, shard_image_batches
+    loaded = load_autoencoder(export)
+    r = evaluate_autoencoder(loaded.model, shard_image_batches(eval_input, loaded.cfg.resolution), fd=opts.eval_fd,
+                             max_images=opts.eval_max_images)
+    log(format_eval(f"{tag} on {eval_input}", r))
+    if run_id:
+        import mlflow
+        mlflow.MlflowClient(opts.mlflow_uri).log_batch(run_id, metrics=[
+            mlflow.entities.Metric(f"eval/{k}", float(v), int(time.time() * 1000), step or 0) for k, v in r.items()])
+    return r
 
 
 def run_compare_f(opts: AETrainOptions, factors: list[int], log=print) -> dict:
@@ -132,7 +114,7 @@ def run_compare_f(opts: AETrainOptions, factors: list[int], log=print) -> dict:
     if opts.mlflow_uri:
         import mlflow
 
-        from pipeline.tracking import ensure_experiment
+        from pipeline.common.tracking import ensure_experiment
         client = mlflow.MlflowClient(opts.mlflow_uri)
         run = client.create_run(ensure_experiment(opts.mlflow_uri, opts.experiment),
                                 run_name=f"compare-f {','.join(map(str, factors))}", tags={"sweep": "compare-f"})

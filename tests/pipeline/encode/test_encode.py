@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from ldm.metrics import psnr
-from pipeline import storage
-from pipeline.encode import EncodeOptions, run_encode
-from pipeline.latent_cache import CacheMismatch, part_files, read_manifest
-from pipeline.models import load_autoencoder
-from pipeline.preprocess import PreprocessConfig, decode_image, resize_crop
-from pipeline.sources import discover_shards, read_shard
+from pipeline.common import storage
+from pipeline.encode.flow import EncodeOptions, run_encode
+from pipeline.encode.latent_cache import CacheMismatch, part_files, read_manifest
+from pipeline.common.models import load_autoencoder
+from pipeline.data.preprocess import PreprocessConfig, decode_image, resize_crop
+from pipeline.data.sources import discover_shards, read_shard
 from salted import write_bad_parquet_set, write_salted_webdataset
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def opts(inp, out, ae, **kw):
@@ -150,7 +150,7 @@ def _encode_cmd(inp, out):
 
 
 def test_kill_and_resume_equals_uninterrupted(ray_local, tmp_path):
-    from pipeline.make_shards import fashion_records, write_shards
+    from pipeline.data.make_shards import fashion_records, write_shards
     write_shards(fashion_records("test", 480, 1, "png"), str(tmp_path / "in"), "webdataset", 60, seed=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full = subprocess.run(_encode_cmd(tmp_path / "in", tmp_path / "full"), env=env, capture_output=True, text=True,
@@ -211,7 +211,7 @@ def test_cache_files_get_the_umask_mode_not_0600(ray_local, fmnist_shards, tmp_p
 def test_unreachable_storage_is_one_exit_code(tmp_path):
     """An S3 endpoint that is down gives exit 5 and a message naming it, for the input and for the output alike."""
     from helpers import free_port
-    from pipeline.make_shards import fashion_records, write_shards
+    from pipeline.data.make_shards import fashion_records, write_shards
     write_shards(fashion_records("test", 8, 1, "png"), str(tmp_path / "in"), "webdataset", 8, seed=1)
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -224,7 +224,7 @@ def test_unreachable_storage_is_one_exit_code(tmp_path):
 def test_two_plain_jobs_on_one_machine_stay_private(tmp_path):
     """Two `python jobs/encode_latents.py` at once: each starts its own embedded Ray (they used to join each other's
     through address="auto" and deadlock on 2 cores), and both finish with exact counts."""
-    from pipeline.make_shards import fashion_records, write_shards
+    from pipeline.data.make_shards import fashion_records, write_shards
     write_shards(fashion_records("test", 64, 1, "png"), str(tmp_path / "in"), "webdataset", 32, seed=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen(_encode_cmd(tmp_path / "in", tmp_path / f"out{i}"), env=env,

@@ -133,7 +133,7 @@ def open_or_continue_run(uri: str, experiment: str, run_dir: str, params: dict, 
     import mlflow
     from mlflow.entities import Param
 
-    from pipeline import storage
+    from pipeline.common import storage
     marker = storage.join(run_dir, "mlflow_run_id")
     exp_id = ensure_experiment(uri, experiment)
     client = mlflow.MlflowClient(uri)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import storage
-from pipeline.errors import CheckpointError
+from pipeline.common import storage
+from pipeline.common.errors import CheckpointError
 
 SEAL = "seal-rank"
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -102,3 +102,21 @@ class TrainOptions(RunOptions):
     nan_tolerance: int = 5
     experiment: str = "train_ldm"
     register_model: str = ""             # registered model name ("" = ldm-<preset>)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AETrainOptions(RunOptions):
+    input: str
+    eval_input: str = ""                 # held-out shards; default: the sibling test/ of a .../train input
+    reg: str = ""                        # "" = the preset's; kl | vq
+    f: int = 0                           # 0 = the preset's downsampling factor
+    max_steps: int = 2000
+    lr: float = 4.5e-6 * 32              # the paper's base lr x batch (App. G scaling)
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    ema_decay: float = 0.0
+    log_every: int = 50
+    shuffle_buffer: int = 2000
+    experiment: str = "train_autoencoder"
+    eval_max_images: int = 2000
+    eval_fd: bool = True

@@ -1,5 +1,5 @@
 """Errors that a retry would only repeat. Ray Train does not restart a worker group for them
-(pipeline/failure_policy.py) and the jobs exit with the documented status and the error's own message."""
+(pipeline/train/ray_hooks.py) and the jobs exit with the documented status and the error's own message."""
 from __future__ import annotations
 
 from ldm.config import ConfigError

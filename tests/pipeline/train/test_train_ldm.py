@@ -18,14 +18,14 @@ import torch
 
 from ldm.checkpoint import load_components
 from ldm.config import ConfigError
-from pipeline.encode import EncodeOptions, run_encode
-from pipeline.latent_cache import part_files, read_manifest
-from pipeline.make_shards import fashion_records, write_shards
-from pipeline.preprocess import PreprocessConfig
-from pipeline.train_config import TrainOptions
-from pipeline.train_ldm import CacheConfigMismatch, run_train
+from pipeline.encode.flow import EncodeOptions, run_encode
+from pipeline.encode.latent_cache import part_files, read_manifest
+from pipeline.data.make_shards import fashion_records, write_shards
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.train.options import TrainOptions
+from pipeline.train.ldm import CacheConfigMismatch, run_train
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY_TEXT = ("conditioning.text_encoder=hf", "unet.context_dim=384")
 
 
@@ -67,7 +67,8 @@ def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, s
     local = mlflow.artifacts.download_artifacts(f"models:/ldm-tiny/{s['model_version']}", tracking_uri=mlflow_server)
     comps, config, meta = load_components(glob.glob(f"{local}/**/*.safetensors", recursive=True)[0])
     assert {"unet", "ema_unet"} <= set(comps) and config["unet"]["model_channels"] == 32
-    assert float(meta["scale_factor"]) > 0 and json.loads(meta["autoencoder"])["source"] == "random:tiny"
+    assert json.loads(meta["latent_scale"])["scale"] > 0 and json.loads(meta["autoencoder"])["source"] == "random:tiny"
+    assert "scale_factor" not in meta and config["scale_factor"] == 0.0  # the scale is stored once, in latent_scale
     # ema differs from the raw weights after training
     k = "out.2.weight"
     assert not torch.equal(comps["unet"][k], comps["ema_unet"][k])
@@ -197,8 +198,8 @@ class _RunsCode:
 
 
 def test_checkpoint_that_carries_code_is_refused_not_run(tiny_cache, tmp_path):
-    from pipeline.checkpoints import seal
-    from pipeline.errors import CheckpointError
+    from pipeline.train.checkpoints import seal
+    from pipeline.common.errors import CheckpointError
     good = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=4, checkpoint_every=100, sample_every=0,
                            name="victim", max_failures=3))
     ckpt = Path(good["checkpoint"])
@@ -260,7 +261,7 @@ def test_bad_configs_fail_in_the_driver_within_seconds(tiny_cache, tmp_path, ove
 
 
 def test_launch_checks_from_the_manifest(tiny_cache, tmp_path):
-    from pipeline.errors import DataError
+    from pipeline.common.errors import DataError
     t0 = time.time()
     with pytest.raises(DataError, match=r"--batch-size 200 is larger than a worker's share of the cache \(320 rows"):
         run_train(topts(tiny_cache, tmp_path, batch_size=200))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.make_shards import load_fashion_mnist
+from pipeline.data.make_shards import load_fashion_mnist
 
 
 class FashionCNN(nn.Module):

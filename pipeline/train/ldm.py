@@ -1,20 +1,21 @@
 """Driver of jobs/train_ldm.py: check the cache against the config, open the MLflow run, read the cache
-with Ray Data and run the Ray Train TorchTrainer (workers: pipeline/ldm_worker.py), then register the
+with Ray Data and run the Ray Train TorchTrainer (workers: pipeline/train/ldm_loop.py), then register the
 exported model."""
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
+
+import ray.data
 
 from ldm.config import ConfigError, config_hash, flatten, format_config, load_config, to_dict
-from pipeline import storage
-from pipeline.latent_cache import part_files, read_manifest
-from pipeline.models import text_encoder_path
-from pipeline.checkpoints import list_checkpoints
-from pipeline.errors import DataError
-from pipeline.tracking import open_or_continue_run, redact, register_version
-from pipeline.train_config import TrainOptions, load_deepspeed_preset
+from ldm.latent_scale import LatentScale
+from pipeline.common import storage
+from pipeline.common.errors import DataError
+from pipeline.common.models import text_encoder_path
+from pipeline.common.tracking import open_or_continue_run, redact, register_version
+from pipeline.encode.latent_cache import part_files, read_manifest
+from pipeline.train.options import TrainOptions, load_deepspeed_preset
 
 
 class CacheConfigMismatch(ConfigError):
@@ -62,7 +63,7 @@ def check_launch(opts: TrainOptions, manifest: dict) -> None:
         raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of the cache ({rows} rows / "
                         f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data")
     if opts.autoencoder and opts.autoencoder != manifest["autoencoder"]["source"]:
-        from pipeline.models import first_stage_key, load_autoencoder
+        from pipeline.common.models import first_stage_key, load_autoencoder
         have = load_autoencoder(opts.autoencoder, tracking_uri=opts.mlflow_uri).identity
         want = manifest["autoencoder"]
         if first_stage_key(have) != first_stage_key(want):
@@ -88,52 +89,23 @@ def default_prompts(files: list[str], n: int = 8) -> list[str]:
     return seen
 
 
-def resolve_resume(resume: str, storage_path: str, name: str, mlflow_uri: str = "") -> tuple[str, str, str]:
-    """-> (storage_path, name, resume_from checkpoint path or ""). `resume` is a run dir, a Ray Train
-    checkpoint dir, or `mlflow:RUN_ID` (the run's `ray_run_dir` tag names its run dir)."""
-    if not resume:
-        return storage_path, name, ""
-    if resume.startswith(("mlflow:", "runs:/")):
-        import mlflow
-        run_id = resume.split(":", 1)[1].lstrip("/").split("/")[0]
-        run = mlflow.MlflowClient(mlflow_uri or None).get_run(run_id)
-        run_dir = run.data.tags.get("ray_run_dir")
-        if not run_dir:
-            raise FileNotFoundError(f"MLflow run {run_id} has no ray_run_dir tag: pass the run directory instead")
-        resume = run_dir
-    p = resume.rstrip("/")
-    if storage.exists(storage.join(p, "train_state.json")):  # a Ray Train checkpoint directory
-        return storage_path, name, p
-    if not storage.exists(p):
-        raise FileNotFoundError(f"--resume {resume}: no such run directory or checkpoint")
-    parent, base = p.rsplit("/", 1) if "/" in p else (".", p)
-    return parent, base, ""
-
-
 def run_train(opts: TrainOptions, log=print) -> dict:
-    import ray
-
-    from pipeline.ldm_worker import train_loop_per_worker
-    from pipeline.runtime import fit, init_ray, quiet_data_progress, worker_resources
+    from pipeline.common.runtime import quiet_data_progress
+    from pipeline.train import kit
+    from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
 
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
     manifest = read_manifest(opts.latents)
     check_cache(cfg, manifest, opts.latents)
-    scale = cfg.scale_factor or manifest["totals"]["scale_factor"]
-    shift = 0.0 if cfg.scale_factor else float(sum(manifest["totals"]["latent_channel_mean"]) /
-                                              len(manifest["totals"]["latent_channel_mean"]))
+    totals = manifest["totals"]
+    scale = LatentScale.choose(cfg.scale_factor, totals["latent_channel_mean"], totals["scale_factor"])
     files = part_files(opts.latents, manifest)
     text_id = manifest.get("text_encoder", {})
-    text_path = opts.text_encoder or text_encoder_path(text_id)
     cached_emb = bool(text_id.get("embeddings")) and cfg.conditioning.text_encoder == "hf"
-    prompts = list(opts.sample_prompts)
-    if not prompts:
-        prompts = ([str(i) for i in range(cfg.conditioning.num_classes)] if cfg.conditioning.kind == "class"
-                   else default_prompts(files))
-    storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name, opts.mlflow_uri)
-    name = name or f"ldm-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage_path = storage_path if storage.is_remote(storage_path) else str(Path(storage_path).resolve())
-    run_dir = storage.join(storage_path, name)
+    prompts = tuple(opts.sample_prompts) or tuple(
+        [str(i) for i in range(cfg.conditioning.num_classes)] if cfg.conditioning.kind == "class"
+        else default_prompts(files))
+    plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
     check_launch(opts, manifest)
@@ -142,62 +114,57 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     log("[train] options: " + ", ".join(f"{k}={redact(str(v))}" for k, v in asdict(opts).items()
                                         if v not in ("", (), None)))
     log(f"[train] cache {opts.latents}: {manifest['counts']['kept']} rows in {len(files)} parts, latent "
-        f"{manifest['latent_shape']}, scale {scale:.5f}, shift {shift:.5f}; conditioning "
+        f"{manifest['latent_shape']}, scale {scale.scale:.5f}, shift {scale.shift:.5f}; conditioning "
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}")
-
-    run_id = ""
-    if opts.mlflow_uri:
-        run_id = open_mlflow_run(opts, cfg, run_dir, manifest, scale, shift, log)
-
-    mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
-    cpus, threads = worker_resources(opts.num_workers, opts.use_gpu, opts.cpus_per_worker, opts.threads_per_worker,
-                                     local=mode == "local")
-    columns = ["latent_mean", "latent_std"]
-    if cfg.conditioning.kind == "text":
-        columns += ["input_ids", "attention_mask"] + (["text_emb"] if cached_emb else [])
-    if cfg.conditioning.kind == "class":
-        columns.append("label")
+    run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
+    res = kit.start_ray(opts, log)
     with quiet_data_progress():
-        ds = ray.data.read_parquet(files, shuffle=ray.data.FileShuffleConfig(seed=opts.seed)).select_columns(columns)
-    worker_cfg = {
-        "ldm": to_dict(cfg),
-        "train": {**asdict(opts), "precision": precision, "mlflow_run_id": run_id, "resume_from": resume_from,
-                  "latent_shape": manifest["latent_shape"], "scale_factor": scale, "shift_factor": shift,
-                  "sample_prompts": prompts, "autoencoder": opts.autoencoder or manifest["autoencoder"]["source"],
-                  "autoencoder_identity": manifest["autoencoder"], "text_encoder_identity": text_id,
-                  "text_encoder": text_path, "cached_embeddings": cached_emb, "threads_per_worker": threads,
-                  "known_checkpoints": list_checkpoints(run_dir)},
-    }
-    log(f"[train] ray {mode}: {opts.num_workers} worker(s) x {cpus:g} CPU ({threads} threads), ZeRO-{opts.zero_stage} "
-        f"{precision}, run dir {run_dir}")
+        ds = ray.data.read_parquet(files, shuffle=ray.data.FileShuffleConfig(seed=opts.seed))
+        ds = ds.select_columns(stream_columns(cfg, cached_emb))
+    job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
+                 prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
+                 opts.text_encoder or text_encoder_path(text_id), text_id)
+    log(f"[train] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
+        f"ZeRO-{opts.zero_stage} {precision}, run dir {plan.run_dir}")
     t0 = time.time()
-    result = fit(train_loop_per_worker, worker_cfg, num_workers=opts.num_workers, use_gpu=opts.use_gpu, cpus=cpus,
-                 storage_path=storage_path, name=name, keep_checkpoints=opts.keep_checkpoints,
-                 max_failures=opts.max_failures, datasets={"train": ds})
-    metrics = result.metrics or {}
-    summary = {"run_dir": run_dir, "name": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "step": metrics.get("step"), "loss": metrics.get("loss"), "images_seen": metrics.get("images_seen"),
-               "skipped_steps": metrics.get("skipped_steps"), "seconds": round(time.time() - t0, 1),
-               "mlflow_run_id": run_id}
-    if result.checkpoint:
-        summary["export"] = storage.join(result.checkpoint.path, "export", "model.safetensors")
+    result = kit.fit(train_loop_per_worker, job, opts, plan, res, {"train": ds})
+    summary = summarize(result, plan, run_id, time.time() - t0)
     if opts.mlflow_uri and run_id:
-        summary["model_version"] = register(opts, cfg, run_id, log)
+        summary["model_version"] = register_version(opts.mlflow_uri, run_id, opts.register_model or f"ldm-{cfg.name}",
+                                                    log)
     log(f"[train] done: step {summary['step']}, {summary['images_seen']} images, final loss "
         f"{summary['loss']:.4f}, {summary['seconds']} s; export {summary.get('export')}")
     return summary
 
 
-def open_mlflow_run(opts: TrainOptions, cfg, run_dir: str, manifest: dict, scale: float, shift: float, log) -> str:
+def stream_columns(cfg, cached_emb: bool) -> list[str]:
+    """The cache columns a training step reads: the posterior, and what the Conditioner needs."""
+    columns = ["latent_mean", "latent_std"]
+    if cfg.conditioning.kind == "text":
+        columns += ["input_ids", "attention_mask"] + (["text_emb"] if cached_emb else [])
+    if cfg.conditioning.kind == "class":
+        columns.append("label")
+    return columns
+
+
+def summarize(result, plan, run_id: str, seconds: float) -> dict:
+    metrics = result.metrics or {}
+    summary = {"run_dir": plan.run_dir, "name": plan.name, "mlflow_run_id": run_id, "seconds": round(seconds, 1),
+               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "samples_per_s": metrics.get("steady_samples_per_s")}
+    summary.update({k: metrics.get(k) for k in ("step", "loss", "images_seen", "skipped_steps")})
+    if result.checkpoint:
+        summary["export"] = storage.join(result.checkpoint.path, "export", "model.safetensors")
+    return summary
+
+
+def open_mlflow_run(opts: TrainOptions, cfg, run_dir: str, manifest: dict, scale: LatentScale, log) -> str:
     """A new MLflow run with the full config as params, or the run this run dir already has (resume)."""
     params = {f"ldm.{k}": v for k, v in flatten(to_dict(cfg))}
     params.update({f"train.{k}": v for k, v in asdict(opts).items()})
     params.update({"cache.autoencoder_config_hash": manifest["autoencoder"]["config_hash"],
                    "cache.autoencoder_weights": manifest["autoencoder"]["weights_sha256"],
-                   "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": scale, "latent.shift": shift})
+                   "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": scale.scale,
+                   "latent.shift": scale.shift})
     return open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
                                 {"latent_cache": opts.latents, "preset": cfg.name}, log)
-
-
-def register(opts: TrainOptions, cfg, run_id: str, log) -> str | None:
-    return register_version(opts.mlflow_uri, run_id, opts.register_model or f"ldm-{cfg.name}", log)

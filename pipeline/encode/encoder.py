@@ -11,7 +11,7 @@ from ldm.autoencoder import encode_latent
 class LatentEncoder:
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
                  store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = ""):
-        from pipeline.models import load_autoencoder
+        from pipeline.common.models import load_autoencoder
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.ae = load_autoencoder(autoencoder, autoencoder_preset, tracking_uri).model.to(self.device)

@@ -1,5 +1,5 @@
 """Start a private embedded Ray, or join a cluster when the user says so (`RAY_ADDRESS`, which `ray job submit`
-sets, or a job's `--address`), and run Ray Train with a failure policy that does not retry user errors.
+sets, or a job's `--address`). The Ray Train kit (pipeline/train/kit.py) runs the trainers on it.
 
 An embedded Ray is a single-machine cluster: every Ray port listens on 127.0.0.1 and token authentication is on.
 Credentials are never put into a runtime_env (Ray logs it in clear text): embedded workers inherit the driver's
@@ -92,65 +92,3 @@ def quiet_data_progress():
         yield
     finally:
         ctx.enable_progress_bars = old
-
-
-def worker_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float = 0.0, threads: int = 0,
-                     local: bool = True) -> tuple[float, int]:
-    """CPUs reserved per Ray Train worker and torch threads in it. On a small CPU node the workers leave one
-    CPU to Ray Data (2 workers x 1 CPU on 2 cores starve the readers and hang)."""
-    import ray
-    total = ray.cluster_resources().get("CPU", 1)
-    cpus = cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, (total - 1) / num_workers)))
-    threads = threads or (max(1, int(total // max(1, num_workers))) if local else max(1, int(cpus)))
-    return cpus, threads
-
-
-def fit(loop, config: dict, *, num_workers: int, use_gpu: bool, cpus: float, storage_path: str, name: str,
-        keep_checkpoints: int, max_failures: int, datasets: dict):
-    """Run a Ray Train TorchTrainer; a rerun with the same (storage_path, name) resumes from its latest
-    checkpoint (Ray Train V2), and a worker failure restarts the group from there (FailureConfig). An error that
-    would repeat (pipeline.errors) is not retried: it is raised here as itself, not as a WorkerGroupError."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline import failure_policy
-    from pipeline.errors import repeating_error
-    failure_policy.install()
-    trainer = TorchTrainer(
-        loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-        datasets=datasets)
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised as the worker's own error when it will repeat
-        user = repeating_error(e)
-        if user is not None:
-            raise user from None
-        raise
-    if result.error:
-        raise repeating_error(result.error) or result.error
-    return result
-
-
-def resumable_batches(shard, state: dict, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
-    """Endless training batches from a Ray Train dataset shard, epoch after epoch (Ray Data re-reads the
-    files in a new shuffled order each epoch). `state["epoch"]` and `state["batch_in_epoch"]` record the data
-    position for checkpoints; a restored state skips the batches of its epoch that were already trained on."""
-    from pipeline.errors import DataError
-    epoch, skip = state["epoch"], state["batch_in_epoch"]
-    while True:
-        state["epoch"], state["batch_in_epoch"], n = epoch, 0, 0
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                                           local_shuffle_buffer_size=shuffle_buffer or None,
-                                                           local_shuffle_seed=seed + epoch * 7919 + rank)):
-            state["batch_in_epoch"], n = i + 1, n + 1
-            if i >= skip:
-                yield batch
-        if n == 0:
-            raise DataError(f"the dataset gives this worker no full batch of {batch_size}: lower --batch-size or "
-                             f"--num-workers, or add data")
-        epoch, skip = epoch + 1, 0

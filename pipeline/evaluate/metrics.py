@@ -57,8 +57,8 @@ def evaluate_autoencoder(model: torch.nn.Module, batches, fd: bool = True, max_i
 
 def shard_image_batches(input_uri: str, resolution: int, batch_size: int = 64):
     """Preprocessed held-out images from shards, streamed through Ray Data."""
-    from pipeline.datasets import training_images
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.data.datasets import training_images
+    from pipeline.data.preprocess import PreprocessConfig
     ds = training_images(input_uri, PreprocessConfig(resolution=resolution))
     for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         yield b["image"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.preprocess import PreprocessConfig, preprocess_batch
-from pipeline.sources import discover_shards, read_shard
+from pipeline.data.preprocess import PreprocessConfig, preprocess_batch
+from pipeline.data.sources import discover_shards, read_shard
 
 
 def preprocessed_records(shards: list[str], layout: str, pre: PreprocessConfig, cpus_per_task: float = 0.5,

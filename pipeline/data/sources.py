@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.common import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "txt")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import storage
+from pipeline.common import storage
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

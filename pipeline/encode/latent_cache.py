@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.common import storage
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -90,7 +90,7 @@ class CacheWriter:
             for key in ("autoencoder", "text_encoder", "latent_shape", "resolution"):
                 old, new = self.manifest.get(key), header.get(key)
                 if key == "autoencoder":
-                    from pipeline.models import first_stage_key
+                    from pipeline.common.models import first_stage_key
                     old, new = first_stage_key(old), first_stage_key(new)
                 if old != new:
                     raise CacheMismatch(

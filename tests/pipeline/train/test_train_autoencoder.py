@@ -10,13 +10,14 @@ import torch
 
 from ldm.autoencoder import build_autoencoder
 from ldm.config import get_preset
-from pipeline.encode import EncodeOptions, run_encode
-from pipeline.evaluate import evaluate_autoencoder, shard_image_batches
-from pipeline.make_shards import fashion_records, photo_records, write_shards
-from pipeline.preprocess import PreprocessConfig
-from pipeline.train_autoencoder import AETrainOptions, ch_mult_for_f, run_compare_f, run_train_autoencoder
+from pipeline.encode.flow import EncodeOptions, run_encode
+from pipeline.evaluate.metrics import evaluate_autoencoder, shard_image_batches
+from pipeline.data.make_shards import fashion_records, photo_records, write_shards
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.train.autoencoder import ch_mult_for_f, run_compare_f, run_train_autoencoder
+from pipeline.train.options import AETrainOptions
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from pipeline import storage
-from pipeline.latent_cache import CacheWriter
-from pipeline.models import load_autoencoder, text_encoder_identity
-from pipeline.preprocess import PreprocessConfig
-from pipeline.sources import discover_shards
+from pipeline.common import storage
+from pipeline.encode.latent_cache import CacheWriter
+from pipeline.common.models import load_autoencoder, text_encoder_identity
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.data.sources import discover_shards
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,11 @@ def _fmt_eta(sec: float) -> str:
 
 
 def run_encode(opts: EncodeOptions, log=print) -> dict:
-    import ray
-
-    from pipeline.encoder import LatentEncoder
-    from pipeline.datasets import preprocessed_records
-    from pipeline.runtime import init_ray
-
+    """Shards -> decode, filter, resize (CPU tasks) -> frozen encoders (an actor pool) -> cache parts + manifest.
+    A rerun skips the shards already done."""
     import yaml
-    from pipeline.tracking import redact
+
+    from pipeline.common.tracking import redact
     log("[encode] options:\n" + yaml.safe_dump({**asdict(opts), "mlflow_uri": redact(opts.mlflow_uri)},
                                                 sort_keys=False).rstrip())
     with storage.reaching(opts.input, "the input"):
@@ -83,48 +80,61 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
         f"{len(todo)} to encode -> {opts.output}  (latent {latent_shape}, autoencoder "
         f"{ae.identity['config_hash']}/{ae.identity['weights_sha256']})")
     writer.start(todo)
-    t0, kept0, n_done = time.time(), 0, 0
-    if todo:
-        mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
-        gpus = opts.gpus_per_encoder
-        if gpus < 0:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
-            f"{gpus} GPU), batch {opts.batch_size}")
-        ds = preprocessed_records(todo, shard_set.layout, opts.preprocess, opts.cpus_per_decoder,
-                                  opts.decode_batch_size)
-        ds = ds.map_batches(
-            LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder,
-            num_gpus=gpus,
-            fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
-                                       text_encoder=opts.text_encoder, max_length=opts.max_length,
-                                       store_text_embeddings=opts.store_text_embeddings, resolution=res,
-                                       threads=max(1, int(opts.cpus_per_encoder)), tracking_uri=opts.mlflow_uri))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for uri in writer.add_batch(batch):
-                n_done += 1
-                sh = writer.manifest["shards"][uri]
-                kept0 += sh["kept"]
-                rate = kept0 / max(1e-9, time.time() - t0)
-                eta = (time.time() - t0) / n_done * (len(todo) - n_done)
-                skipped = ", ".join(f"{k} {v}" for k, v in sorted(sh["skipped"].items())) or "none"
-                status = f"ERROR {sh['error']}" if sh.get("error") else "ok"
-                log(f"[encode] shard {n_done}/{len(todo)} {uri.rsplit('/', 1)[-1]}: kept {sh['kept']}, "
-                    f"skipped {sum(sh['skipped'].values())} ({skipped}) {status} | {rate:.1f} img/s, "
-                    f"ETA {_fmt_eta(eta)}")
-        if writer.pending:  # should not happen: every shard ends with its counted marker row
-            raise EncodeFailed(f"rows of shards {sorted(writer.pending)} never completed")
+    t0 = time.time()
+    kept = write_encoded(encoded_records(opts, todo, shard_set.layout, log), writer, len(todo), log) if todo else 0
     writer.write_manifest()
     m = writer.manifest
     summary = {"output": opts.output, "shards_total": len(shard_set.shards),
                "shards_done": len(m["completed_shards"]), "shards_failed": m["failed_shards"],
-               "encoded_this_run": n_done, "images_per_s": round(kept0 / max(1e-9, time.time() - t0), 2),
+               "encoded_this_run": len(todo), "images_per_s": round(kept / max(1e-9, time.time() - t0), 2),
                "seconds": round(time.time() - t0, 1), **m["totals"]}
     log(format_summary(summary))
     if opts.mlflow_uri:
         log_to_mlflow(opts, summary, m)
     return summary
+
+
+def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log):
+    """The Ray Data chain: preprocessed records of `shards`, encoded by a pool of LatentEncoder actors."""
+    import ray
+
+    from pipeline.common.runtime import init_ray
+    from pipeline.data.datasets import preprocessed_records
+    from pipeline.encode.encoder import LatentEncoder
+    mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
+    gpus = opts.gpus_per_encoder
+    if gpus < 0:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
+        f"{gpus} GPU), batch {opts.batch_size}")
+    ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size)
+    return ds.map_batches(
+        LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder, num_gpus=gpus,
+        fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
+                                   text_encoder=opts.text_encoder, max_length=opts.max_length,
+                                   store_text_embeddings=opts.store_text_embeddings,
+                                   resolution=opts.preprocess.resolution, threads=max(1, int(opts.cpus_per_encoder)),
+                                   tracking_uri=opts.mlflow_uri))
+
+
+def write_encoded(ds, writer: CacheWriter, total: int, log) -> int:
+    """Drain the chain into the cache, one line per finished shard (counts by reason, img/s, ETA); the images kept."""
+    t0, kept, n_done = time.time(), 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for uri in writer.add_batch(batch):
+            n_done += 1
+            sh = writer.manifest["shards"][uri]
+            kept += sh["kept"]
+            rate = kept / max(1e-9, time.time() - t0)
+            eta = (time.time() - t0) / n_done * (total - n_done)
+            skipped = ", ".join(f"{k} {v}" for k, v in sorted(sh["skipped"].items())) or "none"
+            status = f"ERROR {sh['error']}" if sh.get("error") else "ok"
+            log(f"[encode] shard {n_done}/{total} {uri.rsplit('/', 1)[-1]}: kept {sh['kept']}, "
+                f"skipped {sum(sh['skipped'].values())} ({skipped}) {status} | {rate:.1f} img/s, ETA {_fmt_eta(eta)}")
+    if writer.pending:  # should not happen: every shard ends with its counted marker row
+        raise EncodeFailed(f"rows of shards {sorted(writer.pending)} never completed")
+    return kept
 
 
 def format_summary(s: dict) -> str:
@@ -143,7 +153,7 @@ def format_summary(s: dict) -> str:
 
 
 def log_to_mlflow(opts: EncodeOptions, summary: dict, manifest: dict) -> None:
-    from pipeline.tracking import mlflow_run, redact
+    from pipeline.common.tracking import mlflow_run, redact
     params = {k: redact(str(v)) for k, v in asdict(opts).items() if k != "preprocess"}
     params.update({f"preprocess.{k}": v for k, v in asdict(opts.preprocess).items()})
     params["autoencoder_config_hash"] = manifest["autoencoder"]["config_hash"]

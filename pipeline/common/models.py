@@ -19,7 +19,7 @@ import torch
 from ldm.autoencoder import build_autoencoder
 from ldm.checkpoint import (load_components, load_diffusers_vae, load_first_stage_state_dict)
 from ldm.config import AutoencoderConfig, ConfigError, config_hash, from_dict, get_preset, to_dict
-from pipeline import storage
+from pipeline.common import storage
 
 
 def first_stage_key(identity: dict) -> dict:

@@ -1,0 +1,34 @@
+"""The latent rescaling of paper §4.3.2: diffusion runs on z' = (z - shift) * scale, scale = 1 / std of the
+first-stage latents, so the UNet sees unit variance; samples go back with z = z' / scale + shift."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LatentScale:
+    scale: float = 1.0
+    shift: float = 0.0
+
+    @classmethod
+    def choose(cls, config_scale: float, channel_mean: list[float], measured_scale: float) -> "LatentScale":
+        """A fixed scale from the config (e.g. SD's 0.18215, no shift), else 1/std and the mean of the data."""
+        if config_scale:
+            return cls(float(config_scale), 0.0)
+        return cls(float(measured_scale), float(sum(channel_mean) / len(channel_mean)))
+
+    def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift) * self.scale
+
+    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self.shift
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatentScale":
+        return cls(**json.loads(text))

@@ -1,0 +1,52 @@
+"""Text-to-image sampling from a trained LDM export (paper §3.3, §4.3) for jobs/sample.py and the demo: load the
+export, its first stage and its text encoder, then ldm.sampling.generate (z_T ~ N(0, I) -> DDIM / DPM-Solver++ /
+DDPM with classifier-free guidance -> D(z))."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ldm.checkpoint import load_components
+from ldm.conditioning import Conditioner
+from ldm.config import LDMConfig, from_dict
+from ldm.diffusion import Schedule
+from ldm.latent_scale import LatentScale
+from ldm.model import LatentDiffusion
+from ldm.sampling import generate
+
+
+def load_ldm(export: str, use_ema: bool = True, device="cpu") -> tuple[LatentDiffusion, dict]:
+    """A consolidated export (jobs/train_ldm.py) -> the LatentDiffusion module and its metadata."""
+    comps, config, meta = load_components(export)
+    net = LatentDiffusion(from_dict(LDMConfig, config))
+    pre = "ema_" if use_ema and "ema_unet" in comps else ""
+    net.unet.load_state_dict(comps[f"{pre}unet"], strict=True)
+    if net.cond_stage is not None:
+        net.cond_stage.load_state_dict(comps[f"{pre}cond_stage"], strict=True)
+    if "latent_scale" not in meta:
+        raise ValueError(f"{export} has no latent_scale in its metadata: it was not written by jobs/train_ldm.py")
+    info = {"latent_scale": LatentScale.from_json(meta["latent_scale"]),
+            "autoencoder": json.loads(meta.get("autoencoder", "{}")),
+            "text_encoder": json.loads(meta.get("text_encoder", "{}")), "step": meta.get("step"),
+            "latent_shape": tuple(json.loads(meta["latent_shape"]))}
+    return net.to(device).eval(), info
+
+
+def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
+                  steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
+                  device="cpu") -> tuple[torch.Tensor, list]:
+    from pipeline.common.models import load_autoencoder, text_encoder_path
+    net, info = load_ldm(export, device=device)
+    ae_spec = autoencoder or info["autoencoder"].get("source", "")
+    ae = load_autoencoder(ae_spec)
+    want = info["autoencoder"].get("weights_sha256")
+    if want and ae.identity["weights_sha256"] != want:
+        raise ValueError(f"autoencoder {ae_spec} (weights {ae.identity['weights_sha256']}) is not the one the model "
+                         f"was trained with ({want}); pass --autoencoder with the right first stage")
+    conditioner = Conditioner.build(net, text_encoder or text_encoder_path(info["text_encoder"]), device)
+    full = [p for p in prompts for _ in range(n_per_prompt)]
+    images = generate(net, conditioner, info["latent_scale"], ae.model.to(device).decode, full, info["latent_shape"],
+                      Schedule.from_config(net.cfg.diffusion).alphas_cumprod, steps=steps, cfg_scale=cfg_scale,
+                      seed=seed, sampler=sampler, parameterization=net.cfg.diffusion.parameterization, device=device)
+    return images, full

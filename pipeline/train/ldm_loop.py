@@ -1,0 +1,336 @@
+"""The Ray Train worker loop of jobs/train_ldm.py, top to bottom:
+
+  set-up: the LatentDiffusion module (UNet + trainable tau, if any) in DeepSpeed, its Conditioner, EMA, noise
+  -> restore a checkpoint (DeepSpeed shards + EMA + RNG + data position)
+  -> each step: z ~ q(z|x) from the cached posterior, rescaled (§4.3.2), CFG dropout of the condition,
+     L_LDM (paper eq. 2) -> NaN guard -> DeepSpeed backward/step -> EMA
+  -> periodic work: the step line and metrics, a sample grid (EMA model, DDIM + CFG), a checkpoint
+  -> at the end a checkpoint holding the consolidated safetensors export.
+
+The frozen autoencoder and text encoder stay outside DeepSpeed. MLflow is written by rank 0 only, and a
+tracking server that goes away costs a warning, never the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ldm.autoencoder import DiagonalGaussian
+from ldm.conditioning import Conditioner, drop_mask
+from ldm.config import LDMConfig, to_dict
+from ldm.diffusion import Schedule, diffusion_loss
+from ldm.ema import EMA
+from ldm.latent_scale import LatentScale
+from ldm.model import LatentDiffusion
+from pipeline.common.errors import CheckpointError, NonFiniteLoss
+from pipeline.train.checkpoints import harden_deepspeed, read_state, safe_load
+from pipeline.train.kit import Progress, Worker, WorkerRun, batches, restore_checkpoint, save_checkpoint
+from pipeline.train.options import TrainOptions, load_deepspeed_preset, lr_lambda
+
+
+@dataclass(frozen=True)
+class LDMJob:
+    """Everything a worker needs, typed: the job's options, the model config, and what the driver read from the
+    latent cache."""
+    opts: TrainOptions
+    cfg: LDMConfig
+    run: WorkerRun
+    precision: str                       # fp32 | bf16
+    latent_shape: tuple[int, int, int]
+    latent_scale: LatentScale
+    sample_prompts: tuple[str, ...]
+    autoencoder: str                     # first stage for the sample grids
+    autoencoder_identity: dict           # the cache's, stored in the export
+    text_encoder: str                    # frozen text encoder folder ("" = the offline MiniLM)
+    text_encoder_identity: dict
+
+
+def import_deepspeed(cpu: bool):
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # skip the ~150 s JIT build of DeepSpeed's CPU shared-memory all-reduce; gloo does the work here
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+    return deepspeed
+
+
+def deepspeed_config(o: TrainOptions, precision: str, world: int) -> dict:
+    ds = load_deepspeed_preset(o.zero_stage, o.deepspeed_config or None)
+    ds["train_micro_batch_size_per_gpu"] = o.batch_size
+    ds["gradient_accumulation_steps"] = o.grad_accum
+    ds["train_batch_size"] = o.batch_size * o.grad_accum * world
+    ds["gradient_clipping"] = o.grad_clip
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    ds["optimizer"]["params"]["lr"] = o.lr
+    ds["optimizer"]["params"]["weight_decay"] = o.weight_decay
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if o.offload and o.zero_stage >= 1:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if o.zero_stage == 3:
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    return ds
+
+
+def full_state(engine, stage: int) -> dict[str, torch.Tensor]:
+    """The whole module's weights in fp32 on the CPU (ZeRO-3: gathered, a collective every rank joins)."""
+    import deepspeed
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None) if stage == 3
+              else contextlib.nullcontext())
+    with gather:
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+
+
+def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(d: str, *, engine, gen: torch.Generator, ema: EMA | None, state: dict, rank: int) -> None:
+    path, _ = engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{d} holds no DeepSpeed checkpoint 'ds'")
+    state.update(read_state(d))
+    rng = os.path.join(d, f"rng_rank{rank}.pt")
+    if os.path.exists(rng):
+        gen.set_state(safe_load(rng))
+    if ema is not None:
+        ema.load_state_dict(safe_load(os.path.join(d, "ema.pt")))
+
+
+def export(job: LDMJob, engine, ema: EMA | None, step: int, out_dir: str) -> str | None:
+    """Rank 0: consolidated safetensors (UNet, EMA UNet, trained text transformer), the config, the latent scale
+    and the identities of the first stage and text encoder. Every rank calls it (ZeRO-3 gathers)."""
+    from ldm.checkpoint import save_components
+    full = full_state(engine, job.opts.zero_stage)
+    if ema is None:
+        return None
+    shadow = ema.state_dict()["shadow"]
+    comps = {"unet": _split(full, "unet."), "ema_unet": _split(shadow, "unet.")}
+    if engine.module.cond_stage is not None:
+        comps["cond_stage"] = _split(full, "cond_stage.")
+        comps["ema_cond_stage"] = _split(shadow, "cond_stage.")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model.safetensors")
+    meta = {"step": str(step), "latent_scale": job.latent_scale.to_json(),
+            "latent_shape": json.dumps(list(job.latent_shape)),
+            "autoencoder": json.dumps(job.autoencoder_identity), "text_encoder": json.dumps(job.text_encoder_identity)}
+    save_components(path, comps, to_dict(job.cfg), meta)
+    return path
+
+
+def checkpoint(job: LDMJob, w: Worker, t: "Trainee", state: dict, metrics: dict, final: bool = False) -> None:
+    with save_checkpoint(w, metrics, every_rank_writes=True) as d:
+        t.engine.save_checkpoint(d, tag="ds", client_state={"step": state["step"]})
+        torch.save(t.gen.get_state(), os.path.join(d, f"rng_rank{w.rank}.pt"))
+        if t.ema is not None:
+            torch.save(t.ema.state_dict(), os.path.join(d, "ema.pt"))
+            with open(os.path.join(d, "train_state.json"), "w") as f:
+                json.dump(state, f)
+        path = export(job, t.engine, t.ema, state["step"], os.path.join(d, "export")) if final else None
+        if path:
+            w.tracker.artifact(path, "model")
+
+
+class SampleGrid:
+    """Rank 0: a grid from fixed prompts and seeds with the EMA model, DDIM + CFG, decoded by the first stage
+    (loaded on first use)."""
+
+    def __init__(self, job: LDMJob, w: Worker, conditioner: Conditioner):
+        self.job, self.w, self.conditioner, self.decoder = job, w, conditioner, None
+
+    def __call__(self, ema: EMA, step: int) -> None:
+        from ldm.sampling import generate
+        from pipeline.common.models import load_autoencoder
+        from pipeline.evaluate.grid import save_grid
+        job, o, dev = self.job, self.job.opts, self.w.device
+        if self.decoder is None:
+            self.decoder = load_autoencoder(job.autoencoder, tracking_uri=o.mlflow_uri).model.to(dev)
+        net = LatentDiffusion(job.cfg).to(dev).eval()
+        net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
+        images = generate(net, self.conditioner, job.latent_scale, self.decoder.decode, list(job.sample_prompts),
+                          job.latent_shape, Schedule.from_config(job.cfg.diffusion).alphas_cumprod,
+                          steps=o.sample_steps, cfg_scale=o.cfg_scale, seed=o.sample_seed,
+                          parameterization=job.cfg.diffusion.parameterization, device=dev).cpu()
+        d = tempfile.mkdtemp()
+        path = save_grid(images, os.path.join(d, f"step_{step:07d}.png"), nrow=min(8, len(images)))
+        with open(os.path.join(d, "prompts.txt"), "w") as f:
+            f.write("\n".join(job.sample_prompts))
+        self.w.tracker.artifact(path, "samples")
+        self.w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
+        self.w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, cfg {o.cfg_scale})")
+
+
+class NanGuard:
+    """Skips a step whose loss or gradients are not finite; raises after `tolerance` such steps in a row."""
+
+    def __init__(self, tolerance: int, state: dict, w: Worker):
+        self.tolerance, self.state, self.w, self.in_a_row = tolerance, state, w, 0
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        """Every rank agrees before anyone calls backward (the flag lives on the loss's device: NCCL reduces
+        CUDA tensors only)."""
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() < 1:
+            self.skip("non-finite loss", "non-finite losses")
+        return ok.item() >= 1
+
+    def skip(self, what: str, plural: str) -> None:
+        self.state["skipped_steps"] += 1
+        self.in_a_row += 1
+        self.w.tracker.metric("skipped_steps", self.state["skipped_steps"], self.state["step"])
+        self.w.say(f"step {self.state['step']}: {what}, step skipped ({self.in_a_row} in a row, "
+                   f"{self.state['skipped_steps']} in all)")
+        if self.in_a_row >= self.tolerance:
+            self.w.tracker.flush()
+            raise NonFiniteLoss(f"{self.in_a_row} {plural} in a row at step {self.state['step']} (limit "
+                                f"--nan-tolerance {self.tolerance}); stopping. The last good checkpoint is intact: "
+                                f"lower the learning rate or check the latent cache for NaN/Inf, then --resume")
+
+
+def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedule: Schedule, gen, device):
+    """L_LDM (eq. 2) on z ~ q(z|x) drawn from the cached posterior and rescaled to unit variance (§4.3.2), with
+    the condition dropped for classifier-free guidance training."""
+    shape = job.latent_shape
+    posterior = DiagonalGaussian(mean=batch["latent_mean"].to(device).float().view(-1, *shape),
+                                 std=batch["latent_std"].to(device).float().view(-1, *shape))
+    z0 = job.latent_scale.to_diffusion(posterior.sample(gen))
+    drop = drop_mask(z0.shape[0], job.cfg.conditioning.cond_drop_prob, gen, device)
+    return diffusion_loss(engine, z0, job.cfg.diffusion, schedule, generator=gen,
+                          **conditioner.batch(batch, drop)).mean(), z0.shape[0]
+
+
+def log_step(w: Worker, progress: Progress, state: dict, loss: float, engine, lr: float, every: int) -> None:
+    step = state["step"]
+    for k, v in (("loss", loss), ("lr", lr), ("samples_per_s", progress.rate()),
+                 ("images_seen", state["images_seen"]), ("skipped_steps", state["skipped_steps"])):
+        w.tracker.metric(k, v, step)
+    gn = engine.get_global_grad_norm()
+    if gn is not None and math.isfinite(float(gn)):
+        w.tracker.metric("grad_norm", float(gn), step)
+    if progress.due(every):
+        w.say(progress.line(f"images {state['images_seen']} | loss {loss:.4f} | lr {lr:.2e} | "
+                            f"skipped {state['skipped_steps']}"))
+        w.tracker.flush()
+
+
+@dataclass
+class Trainee:
+    """What a worker trains with: DeepSpeed's engine and LR schedule, the conditioner, EMA (rank 0), the noise."""
+    engine: object
+    lr_sched: object
+    conditioner: Conditioner
+    ema: EMA | None
+    schedule: Schedule
+    gen: torch.Generator
+
+    @classmethod
+    def build(cls, job: LDMJob, w: Worker) -> "Trainee":
+        o = job.opts
+        deepspeed = import_deepspeed(cpu=w.device.type == "cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if w.device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False)
+        torch.manual_seed(o.seed)  # same initial weights on every rank
+        model = LatentDiffusion(job.cfg)
+        conditioner = Conditioner.build(model, job.text_encoder, w.device)
+        engine, _, _, lr_sched = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(o, job.precision, w.world), dist_init_required=False,
+            lr_scheduler=partial(torch.optim.lr_scheduler.LambdaLR,
+                                 lr_lambda=lr_lambda(o.lr_schedule, o.warmup_steps, o.max_steps, o.min_lr_ratio)))
+        harden_deepspeed(engine)  # its checkpoint files are read weights-only, like every other file we load
+        weights = full_state(engine, o.zero_stage)  # ZeRO-3: a collective, so every rank gathers
+        ema = EMA(weights, o.ema_decay).to(w.device) if w.rank == 0 else None
+        gen = torch.Generator(device=w.device).manual_seed(o.seed * 1000 + w.rank)
+        return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gen)
+
+    def update_ema(self, zero_stage: int) -> None:
+        if zero_stage == 3:  # a collective: every rank gathers, rank 0 keeps the average
+            weights = full_state(self.engine, 3)
+        elif self.ema is None:
+            return
+        else:
+            weights = self.engine.module.state_dict()
+        if self.ema is not None:
+            self.ema.update(weights)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job: LDMJob = config["job"]
+    o = job.opts
+    w = Worker.start(o, job.run, "train")
+
+    # ---- set-up
+    t = Trainee.build(job, w)
+    state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
+
+    # ---- restore
+    if restore_checkpoint(job.run, partial(load_checkpoint, engine=t.engine, gen=t.gen, ema=t.ema, state=state,
+                                           rank=w.rank), w):
+        w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
+              f"batch {state['batch_in_epoch']} of it)")
+    w.say(f"rank 0 of {w.world}: device {w.device}, {torch.get_num_threads()} torch threads, conditioning "
+          f"{t.conditioner.mode}")
+    if state["step"] >= o.max_steps:
+        w.say(f"already at step {state['step']} >= --max-steps {o.max_steps}; nothing to train")
+
+    # ---- the loop: micro-steps of L_LDM until an optimizer step is applied, then the periodic work
+    progress, guard = Progress(state, o.max_steps), NanGuard(o.nan_tolerance, state, w)
+    grid = SampleGrid(job, w, t.conditioner)
+    losses, last_loss = [], float("nan")
+    for batch in batches(ray.train.get_dataset_shard("train"), state, o.batch_size, o.shuffle_buffer, o.seed, w.rank):
+        if state["step"] >= o.max_steps:
+            break
+        loss, n = ldm_loss(t.engine, batch, job, t.conditioner, t.schedule, t.gen, w.device)
+        if not guard.finite(loss):
+            continue
+        t.engine.backward(loss)
+        t.engine.step()
+        losses.append(loss.item())
+        if len(losses) % o.grad_accum:
+            continue
+        if not t.engine.was_step_applied():  # DeepSpeed saw non-finite gradients and skipped the update
+            guard.skip("non-finite gradient", "non-finite gradient steps")
+            continue
+        guard.in_a_row = 0
+        state["step"] += 1
+        state["images_seen"] += n * o.grad_accum * w.world
+        last_loss, losses = mean_over_ranks(losses, w), []
+        step = state["step"]
+
+        # ---- periodic work: EMA, the step line, a sample grid, a checkpoint
+        if step % o.ema_every == 0:
+            t.update_ema(o.zero_stage)
+        progress.tick()
+        log_step(w, progress, state, last_loss, t.engine, t.lr_sched.get_last_lr()[0], o.log_every)
+        if t.ema is not None and o.sample_every and step % o.sample_every == 0 and job.autoencoder:
+            try:
+                grid(t.ema, step)
+            except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
+                w.say(f"WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
+        if step < o.max_steps and step % o.checkpoint_every == 0:
+            checkpoint(job, w, t, state, metrics(state, last_loss))
+    w.tracker.flush()
+    checkpoint(job, w, t, state, {**metrics(state, last_loss), "steady_samples_per_s": progress.steady()}, final=True)
+    w.tracker.flush()
+
+
+def mean_over_ranks(losses: list[float], w: Worker) -> float:
+    mean = torch.tensor([sum(losses) / len(losses)], device=w.device)
+    dist.all_reduce(mean)
+    return mean.item() / w.world
+
+
+def metrics(state: dict, loss: float) -> dict:
+    return {"step": state["step"], "loss": loss, "images_seen": state["images_seen"],
+            "skipped_steps": state["skipped_steps"]}
