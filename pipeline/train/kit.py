@@ -188,7 +188,10 @@ def save_checkpoint(w: Worker, metrics: dict, every_rank_writes: bool):
         if d is None:
             ray.train.report(metrics)
             return
-        seal(d, w.rank, w.world) if every_rank_writes else seal(d, 0, 1)
+        if every_rank_writes:
+            seal(d, w.rank, w.world)
+        else:
+            seal(d, 0, 1)  # one writer: its seal covers the whole checkpoint
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     finally:
         if d is not None:

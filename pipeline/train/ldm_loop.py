@@ -95,22 +95,24 @@ def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(d: str, *, engine, gen: torch.Generator, ema: EMA | None, state: dict, rank: int) -> None:
-    path, _ = engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int) -> None:
+    path, _ = t.engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{d} holds no DeepSpeed checkpoint 'ds'")
     state.update(read_state(d))
     rng = os.path.join(d, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
-        gen.set_state(safe_load(rng))
-    if ema is not None:
-        ema.load_state_dict(safe_load(os.path.join(d, "ema.pt")))
+        t.gen.set_state(safe_load(rng))
+    if t.ema is not None:
+        t.ema.load_state_dict(safe_load(os.path.join(d, "ema.pt")))
 
 
 def export(job: LDMJob, engine, ema: EMA | None, step: int, out_dir: str) -> str | None:
     """Rank 0: consolidated safetensors (UNet, EMA UNet, trained text transformer), the config, the latent scale
     and the identities of the first stage and text encoder. Every rank calls it (ZeRO-3 gathers)."""
     from ldm.checkpoint import save_components
+    if ema is None and job.opts.zero_stage != 3:  # ZeRO-3 ranks without the EMA still join the gather
+        return None
     full = full_state(engine, job.opts.zero_stage)
     if ema is None:
         return None
@@ -255,12 +257,10 @@ class Trainee:
         return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gen)
 
     def update_ema(self, zero_stage: int) -> None:
-        if zero_stage == 3:  # a collective: every rank gathers, rank 0 keeps the average
-            weights = full_state(self.engine, 3)
-        elif self.ema is None:
+        """Rank 0 keeps the average; at ZeRO-3 the gather is a collective that every rank joins."""
+        if self.ema is None and zero_stage != 3:
             return
-        else:
-            weights = self.engine.module.state_dict()
+        weights = full_state(self.engine, 3) if zero_stage == 3 else self.engine.module.state_dict()
         if self.ema is not None:
             self.ema.update(weights)
 
@@ -275,8 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
 
     # ---- restore
-    if restore_checkpoint(job.run, partial(load_checkpoint, engine=t.engine, gen=t.gen, ema=t.ema, state=state,
-                                           rank=w.rank), w):
+    if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank), w):
         w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
               f"batch {state['batch_in_epoch']} of it)")
     w.say(f"rank 0 of {w.world}: device {w.device}, {torch.get_num_threads()} torch threads, conditioning "
