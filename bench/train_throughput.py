@@ -4,7 +4,8 @@
 1. the bare step: the text-conditional LDM step (cached MiniLM embeddings, CFG dropout, AdamW) on in-memory
    tensors, vs the same loop streaming the latent cache through Ray Data (`iter_torch_batches`);
 2. the product: jobs/train_ldm.py's Ray Train worker (DeepSpeed ZeRO-2, EMA, metrics) on the same cache, its
-   steady samples/s (after 5 steps) vs the bare step;
+   steady samples/s (after 5 steps) vs the bare step, and vs the worker's own step (DeepSpeed + EMA) run in this
+   process without Ray, which splits the gap into DeepSpeed's share and Ray's;
 3. encoding images on the fly with the frozen autoencoder vs the cache, printed next to the ideal
    1 + (encoder cost / UNet step cost) that pre-encoding saves;
 4. our UNet train step vs diffusers' UNet2DConditionModel at a matched config (same weights).
@@ -92,12 +93,15 @@ def main() -> None:
     ldm_opt = torch.optim.AdamW(ldm.parameters(), lr=1e-4)
     scale = LatentScale.choose(0.0, m["totals"]["latent_channel_mean"], m["totals"]["scale_factor"])
 
-    def ldm_step(batch):
+    def ldm_loss_of(model, batch):
         post = DiagonalGaussian(mean=batch["latent_mean"].float().view(-1, *shape),
                                 std=batch["latent_std"].float().view(-1, *shape))
         z0 = scale.to_diffusion(post.sample(gen))
         kw = conditioner.batch(batch, drop_mask(B, 0.1, gen))
-        loss = diffusion_loss(ldm, z0, cfg.diffusion, sched, generator=gen, **kw).mean()
+        return diffusion_loss(model, z0, cfg.diffusion, sched, generator=gen, **kw).mean()
+
+    def ldm_step(batch):
+        loss = ldm_loss_of(ldm, batch)
         ldm_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ldm.parameters(), 1.0)
@@ -117,6 +121,11 @@ def main() -> None:
         while True:
             yield from ds.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256)
     ips_stream = timed(stream(), ldm_step)
+
+    # (D2) the worker's step without Ray: the same loss in DeepSpeed ZeRO-2 (one rank, gloo) with the EMA update,
+    # so the worker/bare gap splits into DeepSpeed's share and Ray's
+    ips_ds = deepspeed_step(ldm_step_loss=lambda m, b: ldm_loss_of(m, b), batches=cycle(mem_batches), timed=timed,
+                            cfg=cfg, B=B)
 
     # (E) the Ray Train worker of jobs/train_ldm.py on the same cache (steady samples/s, after 5 steps)
     w = run_train(TrainOptions(latents=str(tmp / "latents"), preset=a.preset, batch_size=B, lr=1e-4,
@@ -182,8 +191,10 @@ def main() -> None:
     print(f"  bare LDM step, in-memory    : {ips_mem:8.1f} samples/s")
     print(f"  bare LDM step, streaming    : {ips_stream:8.1f} samples/s   "
           f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x")
+    print(f"  DeepSpeed ZeRO-2 + EMA step : {ips_ds:8.1f} samples/s   "
+          f"RATIO deepspeed/bare step {ips_ds / ips_mem:5.2f}x  (the worker's step in this process, no Ray)")
     print(f"  Ray Train worker (ZeRO-2)   : {ips_worker:8.1f} samples/s   "
-          f"RATIO worker/bare step {ips_worker / ips_mem:5.2f}x")
+          f"RATIO worker/bare step {ips_worker / ips_mem:5.2f}x  worker/deepspeed step {ips_worker / ips_ds:5.2f}x")
     print(f"  UNet step, cached latents   : {ips_unet:8.1f} samples/s")
     print(f"  encoding images on the fly  : {ips_fly:8.1f} samples/s   "
           f"RATIO cache/on-the-fly {ips_unet / ips_fly:5.2f}x"
@@ -192,6 +203,40 @@ def main() -> None:
     print(f"    ours {ips_ours:8.1f} samples/s | diffusers {ips_diffusers:8.1f} samples/s | RATIO ours/diffusers "
           f"{ips_ours / ips_diffusers:5.2f}x")
     ray.shutdown()
+
+
+def deepspeed_step(ldm_step_loss, batches, timed, cfg, B: int) -> float:
+    """Samples/s of the Ray Train worker's step (DeepSpeed engine at the job's default ZeRO stage, EMA every step)
+    run in this process on one gloo rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from ldm.ema import EMA
+    from ldm.model import LatentDiffusion
+    from pipeline.train.ldm_loop import deepspeed_config, full_state, import_deepspeed
+    from pipeline.train.options import TrainOptions
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    o = TrainOptions(latents="-", batch_size=B, lr=1e-4)
+    deepspeed = import_deepspeed(cpu=True)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=deepspeed_config(o, "fp32", 1), dist_init_required=False)
+    ema = EMA(full_state(engine, o.zero_stage), 0.999)
+
+    def step(batch):
+        loss = ldm_step_loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        ema.update(engine.module.state_dict())
+    try:
+        return timed(batches, step)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

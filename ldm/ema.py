@@ -22,8 +22,9 @@ class EMA:
     @torch.no_grad()
     def update(self, state: dict[str, torch.Tensor]) -> float:
         decay = ema_decay(self.num_updates, self.max_decay, self.warmup)
-        for k, s in self.shadow.items():
-            s.lerp_(state[k].detach().to(s.device, torch.float32), 1.0 - decay)
+        shadow = list(self.shadow.values())  # one fused lerp over all tensors, not a Python loop of them
+        torch._foreach_lerp_(shadow, [state[k].detach().to(s.device, torch.float32) for k, s in self.shadow.items()],
+                             1.0 - decay)
         self.num_updates += 1
         return decay
 

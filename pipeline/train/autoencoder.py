@@ -43,7 +43,7 @@ def default_eval_input(inp: str) -> str:
 
 
 def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = "") -> dict:
-    from pipeline.common.runtime import quiet_data_progress
+    from pipeline.common.runtime import training_stream_context
     from pipeline.data.datasets import training_images
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.train import kit
@@ -59,7 +59,7 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
         f"{3 * ae.resolution ** 2 / (ae.latent_shape[0] * ae.latent_shape[1] ** 2):.1f}x fewer numbers)")
     run_id = open_mlflow_run(opts, cfg, plan.run_dir, tag, parent_run_id, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
-    with quiet_data_progress():
+    with training_stream_context():
         ds = training_images(opts.input, PreprocessConfig(resolution=ae.resolution)).select_columns(["image"])
     job = AEJob(opts, ae, cfg.loss, kit.worker_run(plan, res, run_id))
     log(f"[stage1] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), DDP; "

@@ -90,7 +90,7 @@ def default_prompts(files: list[str], n: int = 8) -> list[str]:
 
 
 def run_train(opts: TrainOptions, log=print) -> dict:
-    from pipeline.common.runtime import quiet_data_progress
+    from pipeline.common.runtime import training_stream_context
     from pipeline.train import kit
     from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
 
@@ -118,7 +118,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}")
     run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
-    with quiet_data_progress():
+    with training_stream_context():
         ds = ray.data.read_parquet(files, shuffle=ray.data.FileShuffleConfig(seed=opts.seed))
         ds = ds.select_columns(stream_columns(cfg, cached_emb))
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
