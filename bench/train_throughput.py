@@ -45,7 +45,7 @@ def main() -> None:
     from ldm.latent_scale import LatentScale
     from ldm.model import LatentDiffusion
     from ldm.unet import UNetModel
-    from pipeline.common.runtime import init_ray
+    from pipeline.common.runtime import init_ray, training_stream_context
     from pipeline.encode.flow import EncodeOptions, run_encode
     from pipeline.encode.latent_cache import part_files, read_manifest
     from pipeline.data.make_shards import fashion_records, write_shards
@@ -115,7 +115,8 @@ def main() -> None:
     ips_mem = timed(cycle(mem_batches), ldm_step)
 
     # (B) the same step streaming the cache through Ray Data
-    ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(columns)
+    with training_stream_context():  # the reader jobs/train_ldm.py streams with
+        ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(columns)
 
     def stream():
         while True:
@@ -124,7 +125,7 @@ def main() -> None:
 
     # (D2) the worker's step without Ray: the same loss in DeepSpeed ZeRO-2 (one rank, gloo) with the EMA update,
     # so the worker/bare gap splits into DeepSpeed's share and Ray's
-    ips_ds = deepspeed_step(ldm_step_loss=lambda m, b: ldm_loss_of(m, b), batches=cycle(mem_batches), timed=timed,
+    ips_ds = deepspeed_step(ldm_step_loss=ldm_loss_of, batches=cycle(mem_batches), timed=timed,
                             cfg=cfg, B=B)
 
     # (E) the Ray Train worker of jobs/train_ldm.py on the same cache (steady samples/s, after 5 steps)
