@@ -1,42 +1,110 @@
 #!/usr/bin/env python
-"""Evaluate a first-stage autoencoder on held-out shards: PSNR, SSIM, FD-EffNetLite0 (a Fréchet distance of
-ImageNet EfficientNet-Lite0 features of reconstructions vs inputs; not FID) and, for VQ, codebook usage.
+"""Evaluate a trained model on held-out shards.
 
-  python jobs/evaluate.py --autoencoder runs/ae-demo/.../export/autoencoder.safetensors --input data/shards/test
-  python jobs/evaluate.py --autoencoder mlflow-models:/ae-demo-kl-f4/1 --input s3://b/shards/test --resolution 32
+--model EXPORT: sample quality of an LDM (paper §4). Generates --num-samples images with fixed seeds from the
+  held-out records' own conditioning (captions, class labels, or none) and scores them against those records'
+  real images: Fréchet distance, KID, Inception Score, precision/recall on the features of the offline ImageNet
+  EfficientNet-Lite0 (named FD-EffNetLite0, ...: comparable between runs, not with papers' FID), or real FID/KID/IS
+  with --inception-weights. On Fashion-MNIST it also reports the in-project classifier's agreement with the
+  prompted class. --cfg-scales and --steps sweep guidance and sampling steps: a table, a plot, MLflow metrics
+  (a run filed under the model's training run) and --json.
+--autoencoder EXPORT: the first stage's reconstructions: PSNR, SSIM, FD-EffNetLite0 and, for VQ, codebook usage.
+
+  python jobs/evaluate.py --model runs/ldm/.../export/model.safetensors --input data/shards/test \\
+      --num-samples 500 --cfg-scales 1,2,4,8 --steps 10,25,50 --json eval.json --mlflow-uri http://127.0.0.1:5000
+  python jobs/evaluate.py --autoencoder mlflow-models:/ae-demo-kl-f4/1 --input s3://b/shards/test
 """
 import argparse
 import json
+import os
 
 from _common import run
+
+from ldm.sampling import SAMPLERS
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--autoencoder", required=True, help="ldm-ray safetensors, mlflow-models:/NAME/VERSION, s3://, "
-                   "a diffusers vae/ folder, or random:PRESET (a baseline)")
-    p.add_argument("--autoencoder-preset", default="", help="config preset for a CompVis .ckpt")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="LDM export to score: model.safetensors, s3://..., mlflow-models:/NAME/VERSION")
+    what.add_argument("--autoencoder", help="first stage to score: ldm-ray safetensors, mlflow-models:/NAME/VERSION, "
+                      "s3://, a diffusers vae/ folder, or random:PRESET (a baseline)")
     p.add_argument("--input", required=True, help="held-out shards (folder, glob or list; local or s3://)")
-    p.add_argument("--resolution", type=int, default=0, help="image size (default: the autoencoder's resolution)")
-    p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0 = all)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--no-fd", action="store_true", help="skip the FD-EffNetLite0 metric")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    p.add_argument("--mlflow-uri", default="", help="log the metrics to MLflow")
-    p.add_argument("--experiment", default="evaluate", help="MLflow experiment")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass / prompts per sampling batch")
+    p.add_argument("--json", default="", help="also write every figure to this JSON file")
+    p.add_argument("--mlflow-uri", default="", help="log the figures to MLflow")
+    p.add_argument("--experiment", default="evaluate",
+                   help="MLflow experiment (--model: used only when the model's training run is not found there)")
+    m = p.add_argument_group("--model: samples")
+    m.add_argument("--num-samples", type=int, default=500, help="generated images per point (the first N held-out "
+                   "records give their conditioning and their real images)")
+    m.add_argument("--cfg-scales", type=_floats, default=(4.0,), help="guidance scales to sweep, e.g. 1,2,4,8")
+    m.add_argument("--steps", type=_ints, default=(50,), help="sampling steps to sweep, e.g. 10,25,50")
+    m.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (ldm.sampling.SAMPLERS)")
+    m.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    m.add_argument("--workers", type=int, default=0, help="generation workers (Ray Data actors); 0 = as many as "
+                   "Ray's CPUs / --cpus-per-worker, 1 = in this process")
+    m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
+    m.add_argument("--inception-weights", default="", help="TorchScript Inception-v3 of StyleGAN3/clean-fid "
+                   "(inception-2015-12-05.pt) for real FID/KID/IS; nothing is downloaded")
+    m.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the export's own)")
+    m.add_argument("--first-stage", default="", help="first stage to decode with (default: the export's own)")
+    m.add_argument("--no-agreement", action="store_true", help="skip the Fashion-MNIST classifier agreement")
+    m.add_argument("--baselines", action="store_true", help="also score uniform noise images and the untrained model "
+                   "(the export's config, fresh weights) at the first sweep point: what the model must beat")
+    m.add_argument("--plot", default="", help="trade-off plot PNG (default: beside --json, else evaluate.png)")
+    a = p.add_argument_group("--autoencoder: reconstructions")
+    a.add_argument("--autoencoder-preset", default="", help="config preset for a CompVis .ckpt")
+    a.add_argument("--resolution", type=int, default=0, help="image size (default: the autoencoder's resolution)")
+    a.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0 = all)")
+    a.add_argument("--no-fd", action="store_true", help="skip the FD-EffNetLite0 metric")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from pipeline.evaluate.metrics import evaluate_autoencoder, format_eval, shard_image_batches
-    from pipeline.common.models import load_autoencoder
     from pipeline.common.runtime import init_ray
     from pipeline.common.tracking import credentials_to_env
     a = parse(argv)
     a.mlflow_uri = credentials_to_env(a.mlflow_uri)
+    init_ray()
+    return evaluate_model(a) if a.model else evaluate_autoencoder(a)
+
+
+def evaluate_model(a) -> int:
+    from pipeline.common.storage import write_json_atomic
+    from pipeline.evaluate.model_eval import ModelEvalOptions, evaluate_model, format_table, plot
+    from pipeline.evaluate.tracking import log_model_eval
+    o = ModelEvalOptions(model=a.model, input=a.input, num_samples=a.num_samples, cfg_scales=a.cfg_scales,
+                         steps=a.steps, sampler=a.sampler, seed=a.seed, batch_size=a.batch_size, workers=a.workers,
+                         cpus_per_worker=a.cpus_per_worker, inception_weights=a.inception_weights,
+                         autoencoder=a.first_stage, text_encoder=a.text_encoder, agreement=not a.no_agreement,
+                         baselines=a.baselines, tracking_uri=a.mlflow_uri)
+    r = evaluate_model(o)
+    print(format_table(r))
+    png = plot(r, a.plot or (os.path.splitext(a.json)[0] + ".png" if a.json else "evaluate.png"))
+    print(f"[evaluate] plot: {png}")
+    if a.json:
+        write_json_atomic(a.json, r)
+        print(f"[evaluate] figures: {a.json}")
+    if a.mlflow_uri:
+        run_id, where = log_model_eval(a.mlflow_uri, a.experiment, r, png)
+        print(f"[evaluate] MLflow run {run_id} ({where})")
+    return 0
+
+
+def evaluate_autoencoder(a) -> int:
+    from pipeline.common.models import load_autoencoder
+    from pipeline.evaluate.metrics import evaluate_autoencoder, format_eval, shard_image_batches
     ae = load_autoencoder(a.autoencoder, a.autoencoder_preset)
     res = a.resolution or ae.cfg.resolution
-    init_ray()
     r = evaluate_autoencoder(ae.model, shard_image_batches(a.input, res, a.batch_size), fd=not a.no_fd,
                              max_images=a.max_images)
     print(format_eval(a.autoencoder, r))

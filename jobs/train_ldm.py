@@ -56,6 +56,13 @@ def parse(argv=None):
     c.add_argument("--sample-seed", type=int, default=D["sample_seed"],
                    help="seed of the sample grids' noise (fixed across steps)")
     c.add_argument("--register-model", default=D["register_model"], help="registered model name (default ldm-PRESET)")
+    e = p.add_argument_group("sample quality during training")
+    e.add_argument("--eval-every", type=int, default=D["eval_every"], help="every N steps (and at the end) log "
+                   "FD-EffNetLite0 / KID-EffNetLite0 of samples from the EMA weights to MLflow (0 = off)")
+    e.add_argument("--eval-samples", type=int, default=D["eval_samples"],
+                   help="images generated (with fixed seeds, --sample-steps, --cfg-scale) and compared per evaluation")
+    e.add_argument("--eval-input", default=D["eval_input"], help="held-out shards: the first --eval-samples records "
+                   "give the conditioning and the real images")
     return p.parse_args(argv)
 
 

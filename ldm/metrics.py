@@ -1,11 +1,10 @@
-"""Image metrics for the first stage and samples: PSNR, SSIM, Fréchet distance, codebook usage.
+"""Image metrics for the first stage and samples: PSNR, SSIM, improved precision/recall, codebook usage.
 
-The Fréchet distance here is computed on whatever features it is given; with the offline
-EfficientNet-Lite0 report it as "FD-EffNetLite0" (not FID, which needs Inception-v3 weights).
+The Fréchet distance, KID and Inception Score come from torchmetrics (pipeline/evaluate/scores.py), on
+whatever features it is given; with the offline EfficientNet-Lite0 they are reported as "FD-EffNetLite0" etc.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,17 +35,29 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win: int = 1
     return s.mean(dim=(1, 2, 3))
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets."""
-    from scipy import linalg
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    sa, sb = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean = linalg.sqrtm(sa @ sb)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(sa.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sa + eps) @ (sb + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
+def _kth_neighbour(a: torch.Tensor, b: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row of `a` to its k-th nearest row of `b` (k counts a row's zero distance to itself
+    when a is b, so callers pass k + 1 for a set's own radii)."""
+    return torch.cat([torch.cdist(a[i:i + chunk], b).kthvalue(k, dim=1).values for i in range(0, len(a), chunk)])
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Whether each point lies in at least one ball (centre, radius)."""
+    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1)
+                      for i in range(0, len(points), chunk)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, paper §4 tables): each set's manifold is the
+    union of balls reaching every feature's k-th nearest neighbour; precision is the share of fakes inside
+    the real manifold (fidelity), recall the share of reals inside the fake one (diversity)."""
+    real, fake = real.double(), fake.double()
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} real and generated images "
+                         f"(got {len(real)} and {len(fake)})")
+    r_real, r_fake = _kth_neighbour(real, real, k + 1), _kth_neighbour(fake, fake, k + 1)
+    return {"precision": float(_inside(fake, real, r_real).double().mean()),
+            "recall": float(_inside(real, fake, r_fake).double().mean())}
 
 
 def codebook_usage(indices: torch.Tensor, n_embed: int) -> dict[str, float]:

@@ -162,13 +162,18 @@ SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2
 @torch.no_grad()
 def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts: list, shape: tuple, alphas_cumprod:
              torch.Tensor, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
-             parameterization: str = "eps", device="cpu") -> torch.Tensor:
+             parameterization: str = "eps", device="cpu", seeds: list[int] | None = None) -> torch.Tensor:
     """Images in [-1, 1] for `prompts` (paper §3.3, §4.3): z_T ~ N(0, I), a sampler with classifier-free
-    guidance on the conditional LDM `net`, back to the first stage's latent scale, decoded by `decode`."""
+    guidance on the conditional LDM `net`, back to the first stage's latent scale, decoded by `decode`.
+    `seeds` (one per prompt) draws each z_T from its own seed, so an image does not depend on its batch."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     g = torch.Generator(device=device).manual_seed(seed)
-    x_t = torch.randn((len(prompts), *shape), generator=g, device=device)
+    if seeds is None:
+        x_t = torch.randn((len(prompts), *shape), generator=g, device=device)
+    else:
+        x_t = torch.stack([torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)),
+                                       device=device) for s in seeds])
     cond, uncond = conditioner.prompts(prompts)
     fn = guided(net, cond, uncond, cfg_scale) if cond else (lambda x, t: net(x, t))
     ts = ddim_timesteps(alphas_cumprod.shape[0], steps)

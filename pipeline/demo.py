@@ -2,7 +2,8 @@
 
   1 make Fashion-MNIST shards with captions  2 train the stage-1 autoencoder (KL, f=4) + held-out PSNR
   3 encode the latent cache                   4 train the text-conditional LDM (frozen MiniLM, CFG dropout)
-  5 train a Fashion-MNIST classifier          6 sample every class (DDIM + CFG), judge prompt-class agreement
+  5 train a Fashion-MNIST classifier          6 sample every class (DDIM + CFG), judge prompt-class agreement,
+                                                score FD / KID against held-out images
 
 Everything runs on an embedded local Ray and a local MLflow store unless URIs are given.
 """
@@ -24,16 +25,17 @@ class DemoSize:
     ldm_steps: int
     samples_per_class: int
     classifier_epochs: int
+    eval_samples: int            # images per FD/KID during LDM training (twice: half-way and at the end)
 
 
 SIZES = {
     # a wiring check of every stage in about two minutes (tests); its samples are not meant to be good
     "smoke": DemoSize(train_images=400, test_images=100, ae_steps=20, ldm_steps=20, samples_per_class=1,
-                      classifier_epochs=1),
+                      classifier_epochs=1, eval_samples=16),
     "quick": DemoSize(train_images=3000, test_images=500, ae_steps=120, ldm_steps=200, samples_per_class=5,
-                      classifier_epochs=1),
+                      classifier_epochs=1, eval_samples=100),
     "default": DemoSize(train_images=12000, test_images=2000, ae_steps=450, ldm_steps=550, samples_per_class=10,
-                        classifier_epochs=2),
+                        classifier_epochs=2, eval_samples=100),
 }
 
 
@@ -63,7 +65,7 @@ class Progress:
 
 def run_demo(opts: DemoOptions, log=print) -> dict:
     from pipeline.common.runtime import init_ray
-    from pipeline.evaluate.classifier import train_classifier
+    from pipeline.evaluate.classifier import cached_classifier
 
     size = SIZES[opts.size]
     out = Path(opts.out).resolve()
@@ -81,14 +83,17 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     enc = encode_cache(out, ae["export"], uri, log)
     prog.stage(f"LDM: text-conditional UNet on the cache, {size.ldm_steps} steps, CFG dropout 0.1 (paper §3.3)")
     ldm = train_ldm(out, size, uri, opts, log)
-    prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples)")
-    clf, clf_acc = train_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
+    prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples; trained once per machine)")
+    clf, clf_acc = cached_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
     prog.stage(f"sample {size.samples_per_class} images for each of the 10 classes (DDIM {opts.sample_steps} steps, "
                f"CFG {opts.cfg_scale})")
     judged = judge_samples(ldm["export"], clf, size, opts, out)
+    judged.update(score_samples(judged.pop("images"), out, size))
 
     summary = {"stage1_psnr_db": round(ae["eval"]["psnr"], 2), "prompt_class_agreement": judged["agreement"],
-               "per_class_agreement": judged["per_class"], "classifier_test_accuracy": round(clf_acc, 4),
+               "per_class_agreement": judged["per_class"],
+               "sample_fd": judged["fd"], "sample_kid": judged["kid"], "fd_name": judged["names"]["fd"],
+               "fd_real_images": judged["num_real"], "classifier_test_accuracy": round(clf_acc, 4),
                "grid": judged["grid"], "mlflow_uri": uri, "ldm_export": ldm["export"], "autoencoder": ae["export"],
                "cache_rows": enc["kept"], "stage1_images": ae["eval"]["images"],
                "seconds": round(time.time() - t0, 1), "size": asdict(size)}
@@ -137,6 +142,8 @@ def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log) -> di
         batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
         checkpoint_every=max(200, size.ldm_steps // 3), sample_every=max(200, size.ldm_steps // 2),
         sample_prompts=tuple(PROMPTS), sample_steps=25, cfg_scale=opts.cfg_scale, log_every=50,
+        eval_every=max(10, size.ldm_steps // 2), eval_samples=size.eval_samples,
+        eval_input=str(out / "shards" / "test"),
         storage_path=str(out / "runs"), name="ldm", mlflow_uri=uri, experiment="demo-ldm",
         register_model="demo-ldm", seed=opts.seed), log)
 
@@ -155,8 +162,16 @@ def judge_samples(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path
     grid = out / "samples_grid.png"
     save_grid(images, str(grid), nrow=size.samples_per_class, upscale=3)
     (out / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(PROMPTS)))
-    return {"agreement": round(float((pred == labels).float().mean()), 4), "grid": str(grid),
+    return {"agreement": round(float((pred == labels).float().mean()), 4), "grid": str(grid), "images": images,
             "per_class": {FASHION_CLASSES[c]: float((pred[labels == c] == c).float().mean()) for c in range(10)}}
+
+
+def score_samples(images, out: Path, size: DemoSize) -> dict:
+    """FD / KID (EffNet-Lite0 features) of the judged samples against held-out real images."""
+    from pipeline.evaluate.held_out import read_held_out
+    from pipeline.evaluate.scores import SampleScores, from_uint8, load_feature_net, to_uint8
+    held = read_held_out(str(out / "shards" / "test"), 32, min(500, size.test_images))
+    return SampleScores(load_feature_net(), held.images).score(from_uint8(to_uint8(images)))
 
 
 def track_summary(uri: str, run_id: str, s: dict) -> None:
@@ -166,7 +181,8 @@ def track_summary(uri: str, run_id: str, s: dict) -> None:
     client.log_batch(run_id, metrics=[
         mlflow.entities.Metric("demo/prompt_class_agreement", s["prompt_class_agreement"], now, 0),
         mlflow.entities.Metric("demo/classifier_test_accuracy", s["classifier_test_accuracy"], now, 0),
-        mlflow.entities.Metric("demo/stage1_psnr", s["stage1_psnr_db"], now, 0)])
+        mlflow.entities.Metric("demo/stage1_psnr", s["stage1_psnr_db"], now, 0),
+        mlflow.entities.Metric(f"demo/sample_{s['fd_name']}", s["sample_fd"], now, 0)])
     client.log_artifact(run_id, s["grid"], "demo")
 
 
@@ -182,6 +198,7 @@ def report(s: dict, out: Path, uri: str) -> str:
    classifier: test accuracy {100 * s['classifier_test_accuracy']:.1f}% on the real 10k test split
    samples: agreement {100 * s['prompt_class_agreement']:.0f}% between the prompted class and the classifier
             ({per_class})
+            {s['fd_name']} {s['sample_fd']:.1f}, KID {s['sample_kid']:.4f} against {s['fd_real_images']} held-out images
    grid (one row per class, in the order of {out / 'prompts.txt'}): {s['grid']}
    MLflow: {ui}
 {'=' * 78}"""

@@ -64,6 +64,30 @@ def train_classifier(epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, s
     return model.eval(), acc
 
 
+def cached_classifier(epochs: int = 2, seed: int = 0, cache_dir: str = "", log=print) -> tuple[FashionCNN, float]:
+    """(model, test accuracy): the judge trained once per machine and kept (weights only, safetensors, its
+    accuracy in the metadata) under $LDM_RAY_CACHE or ~/.cache/ldm-ray; written atomically."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    root = cache_dir or os.environ.get("LDM_RAY_CACHE") or os.path.expanduser("~/.cache/ldm-ray")
+    path = os.path.join(root, f"fashion_cnn_e{epochs}_s{seed}.safetensors")
+    if os.path.exists(path):
+        model = FashionCNN()
+        model.load_state_dict(load_file(path), strict=True)
+        with safe_open(path, "pt") as f:
+            acc = float(f.metadata()["test_accuracy"])
+        log(f"[classifier] Fashion-MNIST CNN from {path}: test accuracy {100 * acc:.1f}%")
+        return model.eval(), acc
+    model, acc = train_classifier(epochs=epochs, seed=seed, log=log)
+    os.makedirs(root, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, {"test_accuracy": str(acc)})
+    os.replace(tmp, path)
+    return model, acc
+
+
 @torch.no_grad()
 def predict(model: FashionCNN, images: torch.Tensor) -> torch.Tensor:
     model.eval()

@@ -1,14 +1,13 @@
 """Held-out evaluation of a first stage (paper §4.1, Tab. 8): PSNR, SSIM, a Fréchet distance between
-EfficientNet-Lite0 features of reconstructions and inputs ("FD-EffNetLite0"; FID needs Inception-v3 weights,
-pass --inception-weights to a future version for that), and codebook usage for VQ models."""
+EfficientNet-Lite0 features of reconstructions and inputs ("FD-EffNetLite0", torchmetrics' Fréchet distance;
+not FID, which needs Inception-v3 weights), and codebook usage for VQ models."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ldm.autoencoder import AutoencoderKL, VQModel
-from ldm.metrics import codebook_usage, frechet_distance, psnr, ssim
+from ldm.metrics import codebook_usage, psnr, ssim
 
 
 @torch.no_grad()
@@ -17,10 +16,8 @@ def evaluate_autoencoder(model: torch.nn.Module, batches, fd: bool = True, max_i
     """`batches` yields uint8 (N, H, W, 3) arrays. Reconstructions use the posterior mean (KL) or the
     quantised latent (VQ)."""
     model = model.to(device).eval()
-    feat_net = None
-    if fd:
-        from ldm.features import load_effnet_lite0
-        feat_net = load_effnet_lite0().to(device)
+    from pipeline.evaluate.scores import frechet_distance, load_feature_net
+    feat_net = load_feature_net() if fd else None
     p, s, fa, fb, idx = [], [], [], [], []
     n = 0
     for arr in batches:
@@ -40,15 +37,14 @@ def evaluate_autoencoder(model: torch.nn.Module, batches, fd: bool = True, max_i
         p.append(psnr(rec, x).cpu())
         s.append(ssim(rec, x).cpu())
         if feat_net is not None:
-            up = lambda t: F.interpolate(t, size=(224, 224), mode="bilinear", align_corners=False)  # noqa: E731
-            fa.append(feat_net.pooled(up(x)).cpu().numpy())
-            fb.append(feat_net.pooled(up(rec)).cpu().numpy())
+            fa.append(feat_net(x.cpu())[0])
+            fb.append(feat_net(rec.cpu())[0])
         n += x.shape[0]
     if n == 0:
         raise ValueError("no images to evaluate on")
     out = {"images": n, "psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean())}
     if feat_net is not None and n >= 2:
-        out["fd_effnet_lite0"] = frechet_distance(np.concatenate(fa), np.concatenate(fb))
+        out["fd_effnet_lite0"] = frechet_distance(torch.cat(fa), torch.cat(fb))
     if isinstance(model, VQModel) and idx:
         u = codebook_usage(torch.cat(idx), model.cfg.n_embed)
         out.update(codebook_usage=u["usage"], codebook_perplexity=u["perplexity"])

@@ -29,24 +29,46 @@ def load_ldm(export: str, use_ema: bool = True, device="cpu") -> tuple[LatentDif
     info = {"latent_scale": LatentScale.from_json(meta["latent_scale"]),
             "autoencoder": json.loads(meta.get("autoencoder", "{}")),
             "text_encoder": json.loads(meta.get("text_encoder", "{}")), "step": meta.get("step"),
+            "mlflow_run_id": meta.get("mlflow_run_id", ""),
             "latent_shape": tuple(json.loads(meta["latent_shape"]))}
     return net.to(device).eval(), info
+
+
+class LDMSampler:
+    """An export loaded once (UNet, its first stage, its text encoder): call it with prompts to get images."""
+
+    def __init__(self, export: str, autoencoder: str = "", text_encoder: str = "", device="cpu",
+                 tracking_uri: str = ""):
+        from pipeline.common.models import load_autoencoder, local_file, text_encoder_path
+        self.net, self.info = load_ldm(local_file(export, tracking_uri), device=device)
+        ae_spec = autoencoder or self.info["autoencoder"].get("source", "")
+        ae = load_autoencoder(ae_spec, tracking_uri=tracking_uri)
+        want = self.info["autoencoder"].get("weights_sha256")
+        if want and ae.identity["weights_sha256"] != want:
+            raise ValueError(f"autoencoder {ae_spec} (weights {ae.identity['weights_sha256']}) is not the one the "
+                             f"model was trained with ({want}); pass --autoencoder with the right first stage")
+        self.decode, self.resolution, self.device = ae.model.to(device).decode, ae.cfg.resolution, device
+        self.conditioner = Conditioner.build(self.net, text_encoder or text_encoder_path(self.info["text_encoder"]),
+                                             device)
+        self.alphas_cumprod = Schedule.from_config(self.net.cfg.diffusion).alphas_cumprod
+
+    @property
+    def mode(self) -> str:
+        return self.conditioner.mode
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
+                 sampler: str = "ddim", seeds: list[int] | None = None) -> torch.Tensor:
+        return generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
+                        self.info["latent_shape"], self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                        sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
+                        device=self.device, seeds=seeds)
 
 
 def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
                   steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
                   device="cpu") -> tuple[torch.Tensor, list]:
-    from pipeline.common.models import load_autoencoder, text_encoder_path
-    net, info = load_ldm(export, device=device)
-    ae_spec = autoencoder or info["autoencoder"].get("source", "")
-    ae = load_autoencoder(ae_spec)
-    want = info["autoencoder"].get("weights_sha256")
-    if want and ae.identity["weights_sha256"] != want:
-        raise ValueError(f"autoencoder {ae_spec} (weights {ae.identity['weights_sha256']}) is not the one the model "
-                         f"was trained with ({want}); pass --autoencoder with the right first stage")
-    conditioner = Conditioner.build(net, text_encoder or text_encoder_path(info["text_encoder"]), device)
     full = [p for p in prompts for _ in range(n_per_prompt)]
-    images = generate(net, conditioner, info["latent_scale"], ae.model.to(device).decode, full, info["latent_shape"],
-                      Schedule.from_config(net.cfg.diffusion).alphas_cumprod, steps=steps, cfg_scale=cfg_scale,
-                      seed=seed, sampler=sampler, parameterization=net.cfg.diffusion.parameterization, device=device)
+    images = LDMSampler(export, autoencoder, text_encoder, device)(full, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                                                                  sampler=sampler)
     return images, full

@@ -62,6 +62,12 @@ def check_launch(opts: TrainOptions, manifest: dict) -> None:
     if rows // world < opts.batch_size:
         raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of the cache ({rows} rows / "
                         f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data")
+    if opts.eval_every:
+        if not opts.eval_input:
+            raise DataError("--eval-every needs --eval-input: held-out shards whose images and conditioning the "
+                            "samples are scored against")
+        from pipeline.data.sources import discover_shards
+        discover_shards(opts.eval_input)  # names a missing or empty folder now, not inside a worker
     if opts.autoencoder and opts.autoencoder != manifest["autoencoder"]["source"]:
         from pipeline.common.models import first_stage_key, load_autoencoder
         have = load_autoencoder(opts.autoencoder, tracking_uri=opts.mlflow_uri).identity

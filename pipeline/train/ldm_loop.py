@@ -125,7 +125,8 @@ def export(job: LDMJob, engine, ema: EMA | None, step: int, out_dir: str) -> str
     path = os.path.join(out_dir, "model.safetensors")
     meta = {"step": str(step), "latent_scale": job.latent_scale.to_json(),
             "latent_shape": json.dumps(list(job.latent_shape)),
-            "autoencoder": json.dumps(job.autoencoder_identity), "text_encoder": json.dumps(job.text_encoder_identity)}
+            "autoencoder": json.dumps(job.autoencoder_identity), "text_encoder": json.dumps(job.text_encoder_identity),
+            "mlflow_run_id": job.run.mlflow_run_id or ""}  # jobs/evaluate.py files its run under this one
     save_components(path, comps, to_dict(job.cfg), meta)
     return path
 
@@ -143,33 +144,70 @@ def checkpoint(job: LDMJob, w: Worker, t: "Trainee", state: dict, metrics: dict,
             w.tracker.artifact(path, "model")
 
 
-class SampleGrid:
-    """Rank 0: a grid from fixed prompts and seeds with the EMA model, DDIM + CFG, decoded by the first stage
-    (loaded on first use)."""
+class EMAImages:
+    """Rank 0: images from the EMA weights (DDIM + CFG at the job's grid settings), decoded by the first stage
+    (loaded on first use). Feeds the sample grids and the in-training evaluation."""
 
     def __init__(self, job: LDMJob, w: Worker, conditioner: Conditioner):
-        self.job, self.w, self.conditioner, self.decoder = job, w, conditioner, None
+        self.job, self.w, self.conditioner, self.first_stage = job, w, conditioner, None
 
-    def __call__(self, ema: EMA, step: int) -> None:
-        from ldm.sampling import generate
+    def decoder(self):
         from pipeline.common.models import load_autoencoder
-        from pipeline.evaluate.grid import save_grid
+        if self.first_stage is None:
+            self.first_stage = load_autoencoder(self.job.autoencoder, tracking_uri=self.job.opts.mlflow_uri)
+            self.first_stage.model.to(self.w.device)
+        return self.first_stage
+
+    @torch.no_grad()
+    def __call__(self, ema: EMA, prompts: list, seeds: list[int] | None = None) -> torch.Tensor:
+        from ldm.sampling import generate
         job, o, dev = self.job, self.job.opts, self.w.device
-        if self.decoder is None:
-            self.decoder = load_autoencoder(job.autoencoder, tracking_uri=o.mlflow_uri).model.to(dev)
         net = LatentDiffusion(job.cfg).to(dev).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
-        images = generate(net, self.conditioner, job.latent_scale, self.decoder.decode, list(job.sample_prompts),
-                          job.latent_shape, Schedule.from_config(job.cfg.diffusion).alphas_cumprod,
-                          steps=o.sample_steps, cfg_scale=o.cfg_scale, seed=o.sample_seed,
-                          parameterization=job.cfg.diffusion.parameterization, device=dev).cpu()
-        d = tempfile.mkdtemp()
-        path = save_grid(images, os.path.join(d, f"step_{step:07d}.png"), nrow=min(8, len(images)))
-        with open(os.path.join(d, "prompts.txt"), "w") as f:
-            f.write("\n".join(job.sample_prompts))
-        self.w.tracker.artifact(path, "samples")
-        self.w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-        self.w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, cfg {o.cfg_scale})")
+        return generate(net, self.conditioner, job.latent_scale, self.decoder().model.decode, prompts,
+                        job.latent_shape, Schedule.from_config(job.cfg.diffusion).alphas_cumprod,
+                        steps=o.sample_steps, cfg_scale=o.cfg_scale, seed=o.sample_seed,
+                        parameterization=job.cfg.diffusion.parameterization, device=dev, seeds=seeds).cpu()
+
+
+def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
+    """A grid from the fixed prompts and seed, logged to MLflow with its prompts."""
+    from pipeline.evaluate.grid import save_grid
+    job, w = make.job, make.w
+    images = make(ema, list(job.sample_prompts))
+    d = tempfile.mkdtemp()
+    path = save_grid(images, os.path.join(d, f"step_{step:07d}.png"), nrow=min(8, len(images)))
+    with open(os.path.join(d, "prompts.txt"), "w") as f:
+        f.write("\n".join(job.sample_prompts))
+    w.tracker.artifact(path, "samples")
+    w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
+    w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, cfg {job.opts.cfg_scale})")
+
+
+class SampleEval:
+    """Rank 0, every --eval-every steps: FD and KID (EffNet-Lite0 features) of --eval-samples images generated
+    from a fixed held-out subset's conditioning with fixed seeds, against that subset's real images."""
+
+    def __init__(self, make: EMAImages):
+        from pipeline.evaluate.held_out import read_held_out
+        from pipeline.evaluate.scores import SampleScores, load_feature_net
+        o = make.job.opts
+        self.make = make
+        held = read_held_out(o.eval_input, make.decoder().cfg.resolution, o.eval_samples)
+        self.prompts = held.prompts(make.conditioner.mode)
+        self.scores = SampleScores(load_feature_net(), held.images)
+
+    def __call__(self, ema: EMA, step: int) -> dict:
+        from pipeline.evaluate.scores import format_scores, from_uint8, to_uint8
+        images = from_uint8(to_uint8(self.make(ema, self.prompts, seeds=list(range(len(self.prompts))))))
+        r = self.scores.score(images, seed=0)
+        for key in ("fd", "kid", "is"):
+            self.make.w.tracker.metric(r["names"][key], r[key], step)
+        for key in ("precision", "recall"):
+            if key in r:
+                self.make.w.tracker.metric(f"eval_{key}", r[key], step)
+        self.make.w.say(f"step {step}: {format_scores(r)} ({len(images)} samples vs held-out images)")
+        return r
 
 
 class NanGuard:
@@ -285,7 +323,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- the loop: micro-steps of L_LDM until an optimizer step is applied, then the periodic work
     progress, guard = Progress(state, o.max_steps), NanGuard(o.nan_tolerance, state, w)
-    grid = SampleGrid(job, w, t.conditioner)
+    make = EMAImages(job, w, t.conditioner)
+    evaluate = SampleEval(make) if t.ema is not None and o.eval_every else None
     losses, last_loss = [], float("nan")
     for batch in batches(ray.train.get_dataset_shard("train"), state, o.batch_size, o.shuffle_buffer, o.seed, w.rank):
         if state["step"] >= o.max_steps:
@@ -314,9 +353,11 @@ def train_loop_per_worker(config: dict) -> None:
         log_step(w, progress, state, last_loss, t.engine, t.lr_sched.get_last_lr()[0], o.log_every)
         if t.ema is not None and o.sample_every and step % o.sample_every == 0 and job.autoencoder:
             try:
-                grid(t.ema, step)
+                sample_grid(make, t.ema, step)
             except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
                 w.say(f"WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
+        if evaluate is not None and (step % o.eval_every == 0 or step == o.max_steps):
+            evaluate(t.ema, step)
         if step < o.max_steps and step % o.checkpoint_every == 0:
             checkpoint(job, w, t, state, metrics(state, last_loss))
     w.tracker.flush()

@@ -97,6 +97,9 @@ class TrainOptions(RunOptions):
     sample_steps: int = 50
     cfg_scale: float = 5.0
     sample_seed: int = 0
+    eval_every: int = 0                  # FD/KID of samples every N steps (0 = off); needs eval_input
+    eval_samples: int = 200
+    eval_input: str = ""                 # held-out shards for eval_every
     autoencoder: str = ""                # for sample grids; default: the cache's autoencoder source
     text_encoder: str = ""               # frozen encoder folder; default: the cache's
     nan_tolerance: int = 5

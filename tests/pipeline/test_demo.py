@@ -1,5 +1,6 @@
 """jobs/demo.py wiring: every stage of the paper runs and the demo reports what it promises."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_smoke_size_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "demo.py"), "--size", "smoke", "--out", str(out),
-                        "--sample-steps", "5"], capture_output=True, text=True, timeout=900)
+                        "--sample-steps", "5"], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "LDM_RAY_CACHE": str(tmp_path / "cache")})  # the judge is trained here
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     text = r.stdout
     for stage in range(1, 7):
@@ -27,5 +29,9 @@ def test_demo_smoke_size_end_to_end(tmp_path):
     names = {e.name for e in client.search_experiments()}
     assert {"demo-stage1", "demo-encode", "demo-ldm"} <= names
     ldm_run = client.search_runs([client.get_experiment_by_name("demo-ldm").experiment_id])[0]
-    assert "demo/prompt_class_agreement" in ldm_run.data.metrics
+    assert "demo/prompt_class_agreement" in ldm_run.data.metrics and s["fd_name"] == "FD-EffNetLite0"
+    assert s["sample_fd"] > 0 and s["fd_real_images"] == 100 and "FD-EffNetLite0" in text
+    fd = client.get_metric_history(ldm_run.info.run_id, "FD-EffNetLite0")  # sample quality along training
+    assert sorted(m.step for m in fd) == [10, 20]
+    assert list((tmp_path / "cache").glob("fashion_cnn_e1_s0.safetensors"))  # kept for the next run
     assert client.search_model_versions("name='demo-ldm'") and client.search_model_versions("name='demo-autoencoder'")

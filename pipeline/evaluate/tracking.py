@@ -1,0 +1,69 @@
+"""An evaluation in MLflow: a run filed under the model's training run (a child run in its experiment, so the UI
+shows it beneath the run that trained the model), or in a stand-alone experiment when that run is not at this
+tracking URI. Every sweep point is a metric, the first point also under the plain names; the table, the plot
+and the JSON are artifacts."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+
+def _training_run(client, run_id: str):
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - another tracking server, or the run was deleted: file it stand-alone
+        return None
+
+
+def point_key(name: str, row: dict) -> str:
+    return f"{name}/cfg{row['cfg_scale']:g}_steps{row['steps']}"
+
+
+def log_model_eval(uri: str, experiment: str, r: dict, plot_png: str) -> tuple[str, str]:
+    import mlflow
+
+    from pipeline.common.tracking import ensure_experiment
+    client = mlflow.MlflowClient(uri)
+    parent = _training_run(client, r.get("model_run_id", ""))
+    if parent is not None:
+        exp_id, where = parent.info.experiment_id, f"under training run {parent.info.run_id}"
+        tags = {"mlflow.parentRunId": parent.info.run_id, "ldm_ray.evaluates_run": parent.info.run_id}
+    else:
+        exp_id, where, tags = ensure_experiment(uri, experiment), f"experiment {experiment}", {}
+    run = client.create_run(exp_id, run_name=f"evaluate {os.path.basename(r['model'])}",
+                            tags={**tags, "ldm_ray.kind": "evaluate"})
+    rid = run.info.run_id
+    n = r["names"]
+    params = {"model": r["model"], "input": r["input"], "feature_net": r["feature_net"], "sampler": r["sampler"],
+              "num_samples": r["num_samples"], "seed": r["seed"], "conditioning": r["conditioning"],
+              "cfg_scales": ",".join(f"{x['cfg_scale']:g}" for x in r["rows"]),
+              "steps": ",".join(str(x["steps"]) for x in r["rows"])}
+    metrics = {}
+    for row in r["rows"]:
+        for key, name in (("fd", n["fd"]), ("kid", n["kid"]), ("is", n["is"]), ("precision", "precision"),
+                          ("recall", "recall"), ("agreement", "agreement")):
+            if key in row:
+                metrics[point_key(name, row)] = row[key]
+                metrics.setdefault(name, row[key])  # the first point under the plain name
+    for row in r.get("baselines", []):
+        for key, name in (("fd", n["fd"]), ("kid", n["kid"]), ("agreement", "agreement")):
+            if key in row:
+                metrics[f"{name}/baseline_{row['baseline']}"] = row[key]
+    ts = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[mlflow.entities.Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "evaluate.json")
+        with open(path, "w") as f:
+            json.dump(r, f, indent=2)
+        client.log_artifact(rid, path, "evaluate")
+        client.log_table(rid, {k: [row.get(k) for row in r["rows"]]
+                               for k in ("cfg_scale", "steps", "fd", "kid", "is", "precision", "recall", "agreement")
+                               if k in r["rows"][0]}, "evaluate/table.json")
+    client.log_artifact(rid, plot_png, "evaluate")
+    client.set_terminated(rid)
+    return rid, where
