@@ -8,6 +8,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray Data's console at WARNING (its INFO progress log would bury the jobs' own lines; it still reaches the session's
+# ray-data.log). Set before anything imports ray; embedded Ray workers inherit it. A user's own config wins.
+os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(ROOT / "pipeline" / "common" / "ray_data_logging.yaml"))
 
 
 def run(main, tag: str) -> None:

@@ -5,6 +5,8 @@ with Ray Train (DDP across workers), evaluated on held-out shards and tracked in
   python jobs/train_autoencoder.py --input data/shards/train --preset demo --reg kl --f 4 --max-steps 4000 \\
       --mlflow-uri sqlite:///mlruns/mlflow.db
   python jobs/train_autoencoder.py --input data/shards/train --preset demo --compare-f 2,4,8   # paper §4.1
+  python jobs/train_autoencoder.py --input data/shards/train --preset demo --compare-f 1,2,4,8,16 \
+      --compare-ldm-steps 300   # ... carried through: an LDM per f, FD of its samples and its throughput
 
 The result (export/autoencoder.safetensors in the last checkpoint, the MLflow `model` artifact and a
 registered model version) is what `jobs/encode_latents.py --autoencoder` takes.
@@ -16,9 +18,11 @@ import argparse
 
 from _common import add_run_args, options_from, run
 
+from pipeline.compare_f import CompareFOptions
 from pipeline.train.options import AETrainOptions
 
 D = {k: f.default for k, f in AETrainOptions.__dataclass_fields__.items()}  # the dataclass holds every default
+CF = {k: f.default for k, f in CompareFOptions.__dataclass_fields__.items()}
 
 
 def parse(argv=None):
@@ -36,6 +40,15 @@ def parse(argv=None):
     d.add_argument("--f", type=int, default=D["f"], help="downsampling factor, a power of two (default: the preset's)")
     d.add_argument("--compare-f", default="", help="comma-separated f values: train one model per f and report "
                    "PSNR vs latent size (paper §4.1) as an MLflow parent run with child runs")
+    cf = p.add_argument_group("--compare-f carried through to samples (paper §4.1, Fig. 6)")
+    cf.add_argument("--compare-ldm-steps", type=int, default=CF["ldm_steps"], help="for each f also encode the "
+                    "training shards, train an LDM this many steps and score its samples (0 = reconstructions only)")
+    cf.add_argument("--compare-ldm-batch-size", type=int, default=CF["ldm_batch_size"], help="LDM batch per worker")
+    cf.add_argument("--compare-ldm-lr", type=float, default=CF["ldm_lr"], help="LDM peak learning rate (cosine)")
+    cf.add_argument("--compare-eval-samples", type=int, default=CF["eval_samples"],
+                    help="samples per f scored (FD, KID) against the held-out images of --eval-input")
+    cf.add_argument("--compare-sample-steps", type=int, default=CF["sample_steps"], help="DDIM steps of those samples")
+    cf.add_argument("--compare-cfg-scale", type=float, default=CF["cfg_scale"], help="their guidance scale")
     c = add_run_args(p, AETrainOptions, "images")["tracking"]
     c.add_argument("--register-model", default=D["register_model"],
                    help="registered model name (default ae-PRESET-REG-fF)")
@@ -46,11 +59,15 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipeline.train.autoencoder import run_compare_f, run_train_autoencoder
+    from pipeline.compare_f import run_compare_f
+    from pipeline.train.autoencoder import run_train_autoencoder
     a = parse(argv)
     opts = options_from(AETrainOptions, a, config_yaml=a.config, overrides=tuple(a.overrides), eval_fd=not a.no_fd)
     if a.compare_f:
-        run_compare_f(opts, [int(x) for x in a.compare_f.split(",") if x.strip()])
+        study = CompareFOptions(ldm_steps=a.compare_ldm_steps, ldm_batch_size=a.compare_ldm_batch_size,
+                                ldm_lr=a.compare_ldm_lr, eval_samples=a.compare_eval_samples,
+                                sample_steps=a.compare_sample_steps, cfg_scale=a.compare_cfg_scale)
+        run_compare_f(opts, [int(x) for x in a.compare_f.split(",") if x.strip()], study)
     else:
         run_train_autoencoder(opts)
     return 0

@@ -74,12 +74,15 @@ def cached_classifier(epochs: int = 2, seed: int = 0, cache_dir: str = "", log=p
     root = cache_dir or os.environ.get("LDM_RAY_CACHE") or os.path.expanduser("~/.cache/ldm-ray")
     path = os.path.join(root, f"fashion_cnn_e{epochs}_s{seed}.safetensors")
     if os.path.exists(path):
-        model = FashionCNN()
-        model.load_state_dict(load_file(path), strict=True)
-        with safe_open(path, "pt") as f:
-            acc = float(f.metadata()["test_accuracy"])
-        log(f"[classifier] Fashion-MNIST CNN from {path}: test accuracy {100 * acc:.1f}%")
-        return model.eval(), acc
+        try:
+            model = FashionCNN()
+            model.load_state_dict(load_file(path), strict=True)
+            with safe_open(path, "pt") as f:
+                acc = float((f.metadata() or {})["test_accuracy"])
+            log(f"[classifier] Fashion-MNIST CNN from {path}: test accuracy {100 * acc:.1f}%")
+            return model.eval(), acc
+        except Exception as e:  # noqa: BLE001 - an unreadable cache entry is retrained and replaced
+            log(f"[classifier] {path} unusable ({type(e).__name__}: {e}); training it again")
     model, acc = train_classifier(epochs=epochs, seed=seed, log=log)
     os.makedirs(root, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

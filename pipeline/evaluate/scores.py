@@ -118,12 +118,12 @@ class SampleScores:
             raise ValueError(f"scoring needs at least 2 generated and 2 real images (got {n} and "
                              f"{len(self.real_feats)})")
         subset = min(1000, n, len(self.real_feats))
-        kid = KernelInceptionDistance(feature=Precomputed(d), subsets=50, subset_size=subset)
-        kid.update(self.real_feats, real=True)
-        kid.update(feats, real=False)
         with warnings.catch_warnings():  # "will save all extracted features": they are ours, already in memory
             warnings.simplefilter("ignore", UserWarning)
+            kid = KernelInceptionDistance(feature=Precomputed(d), subsets=50, subset_size=subset)
             iscore = InceptionScore(feature=Precomputed(logits.shape[1]), splits=min(10, n))
+        kid.update(self.real_feats, real=True)
+        kid.update(feats, real=False)
         iscore.update(logits)
         with torch.random.fork_rng():  # KID's subsets and IS's splits are drawn at random: fixed by the seed
             torch.manual_seed(seed)

@@ -1,10 +1,10 @@
 """Driver of jobs/train_autoencoder.py: stage-1 training (paper §3.1) on Ray Train, held-out evaluation,
-MLflow tracking and registration, and the `--compare-f` sweep of paper §4.1 (one parent run, a child per f)."""
+MLflow tracking and registration (the `--compare-f` study of paper §4.1 that runs it per f is pipeline/compare_f.py)."""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from ldm.config import ConfigError, LDMConfig, apply_overrides, format_config, load_config, to_dict
 from pipeline.common import storage
@@ -106,43 +106,3 @@ def evaluate_export(opts: AETrainOptions, export: str, eval_input: str, tag: str
         mlflow.MlflowClient(opts.mlflow_uri).log_batch(run_id, metrics=[
             mlflow.entities.Metric(f"eval/{k}", float(v), int(time.time() * 1000), step or 0) for k, v in r.items()])
     return r
-
-
-def run_compare_f(opts: AETrainOptions, factors: list[int], log=print) -> dict:
-    """Paper §4.1: the same stage-1 recipe at several f; PSNR vs latent size, one MLflow parent run."""
-    parent = ""
-    if opts.mlflow_uri:
-        import mlflow
-
-        from pipeline.common.tracking import ensure_experiment
-        client = mlflow.MlflowClient(opts.mlflow_uri)
-        run = client.create_run(ensure_experiment(opts.mlflow_uri, opts.experiment),
-                                run_name=f"compare-f {','.join(map(str, factors))}", tags={"sweep": "compare-f"})
-        parent = run.info.run_id
-    rows = []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for f in factors:
-        s = run_train_autoencoder(replace(opts, f=f, name=f"{opts.name or 'compare'}-{stamp}-f{f}",
-                                          register_model=opts.register_model and f"{opts.register_model}-f{f}"),
-                                  log, parent_run_id=parent)
-        c, h, w = s["latent_shape"]
-        row = {"f": f, "latent": f"{c}x{h}x{w}", "latent_numbers": c * h * w, "psnr": s.get("eval", {}).get("psnr"),
-               "ssim": s.get("eval", {}).get("ssim"), "fd_effnet_lite0": s.get("eval", {}).get("fd_effnet_lite0"),
-               "export": s["export"]}
-        rows.append(row)
-        if parent:
-            metrics = [mlflow.entities.Metric(k, float(row[k]), int(time.time() * 1000), f)
-                       for k in ("psnr", "ssim", "latent_numbers") if row[k] is not None]
-            client.log_batch(parent, metrics=metrics)
-    table = "| f | latent | numbers | PSNR dB | SSIM | FD-EffNetLite0 |\n|---|---|---|---|---|---|\n" + "\n".join(
-        f"| {r['f']} | {r['latent']} | {r['latent_numbers']} | {_fmt(r['psnr'])} | {_fmt(r['ssim'], 4)} | "
-        f"{_fmt(r['fd_effnet_lite0'])} |" for r in rows)
-    log("[compare-f] paper §4.1 trade-off on this data:\n" + table)
-    if parent:
-        client.log_text(parent, table, "compare_f.md")
-        client.set_terminated(parent)
-    return {"rows": rows, "parent_run_id": parent, "table": table}
-
-
-def _fmt(v, nd: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{nd}f}"

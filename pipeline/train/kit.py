@@ -109,7 +109,7 @@ def fit(loop, job, opts: RunOptions, plan: RunPlan, res: Resources, datasets: di
     with the same run dir resumes from its latest checkpoint (Ray Train V2), and a worker failure restarts the
     group from there (FailureConfig). An error that would repeat (pipeline.common.errors) is not retried: it is
     raised here as itself, not as a WorkerGroupError."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.common.errors import repeating_error
@@ -121,7 +121,10 @@ def fit(loop, job, opts: RunOptions, plan: RunPlan, res: Resources, datasets: di
                                      resources_per_worker={"CPU": res.cpus, **({"GPU": 1} if opts.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=opts.max_failures)),
+                             failure_config=FailureConfig(max_failures=opts.max_failures),
+                             # Ray Train's own INFO lines (worker group, process group, every checkpoint and report)
+                             # would bury the workers' step/ETA lines; its warnings and errors still show
+                             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets)
     try:
         result = trainer.fit()
