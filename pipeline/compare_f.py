@@ -143,11 +143,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.evaluate.grid import figure, save_figure
     fs = [r["f"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, ax = figure(3, (13, 3.6))
     ax[0].plot(fs, [r["sample_fd"] for r in rows], "o-")
     ax[0].set_ylabel(f"{rows[0]['fd_name']} of samples")
     ax[1].plot(fs, [r["ldm_samples_per_s"] or float("nan") for r in rows], "o-")
@@ -159,9 +157,4 @@ def plot(rows: list[dict], path: str) -> str:
         a.set_xlabel("downsampling factor f")
         a.grid(alpha=0.3)
     fig.suptitle("paper §4.1 in miniature: the same budget at every f", fontsize=9)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

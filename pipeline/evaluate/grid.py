@@ -36,3 +36,22 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, upscale: int = 1) 
     im.save(buf, format="PNG")
     storage.write_bytes_atomic(path, buf.getvalue())
     return path
+
+
+def figure(ncols: int, size: tuple[float, float]):
+    """(fig, axes) of a headless matplotlib figure, one row of `ncols` plots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, ncols, figsize=size)
+
+
+def save_figure(fig, path: str) -> str:
+    """A matplotlib figure as PNG, written atomically (local or s3://), then closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes_atomic(path, buf.getvalue())
+    return path

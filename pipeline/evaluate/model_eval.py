@@ -183,15 +183,11 @@ def format_table(r: dict) -> str:
 def plot(r: dict, path: str) -> str:
     """FD and precision/recall against guidance (one line per step count) and FD against steps (one line per
     guidance scale): the paper's trade-off curves. Written atomically."""
-    import os
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.evaluate.grid import figure, save_figure
     rows, n = r["rows"], r["names"]
     scales, steps = sorted({x["cfg_scale"] for x in rows}), sorted({x["steps"] for x in rows})
     at = {(x["cfg_scale"], x["steps"]): x for x in rows}
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = figure(3, (15, 4))
     for s in steps:
         ax[0].plot(scales, [at[c, s]["fd"] for c in scales], "o-", label=f"{s} steps")
         ax[1].plot(scales, [at[c, s].get("precision", np.nan) for c in scales], "o-", label=f"precision, {s} steps")
@@ -207,9 +203,4 @@ def plot(r: dict, path: str) -> str:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.suptitle(f"{r['num_samples']} samples, {r['sampler']}, seed {r['seed']}: {r['model']}", fontsize=8)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
