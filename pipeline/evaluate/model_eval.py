@@ -54,15 +54,6 @@ class GenerateBatch:
         return {"index": batch["index"], "image": to_uint8(images)}
 
 
-def _bound(o: ModelEvalOptions, threads: int) -> type:
-    """GenerateBatch with its options bound in the class: Ray Data would otherwise put constructor arguments in
-    the object store, and Ray logs an error-level notice for every restartable actor built from them."""
-    class BoundGenerateBatch(GenerateBatch):
-        def __init__(self):
-            super().__init__(o, threads)
-    return BoundGenerateBatch
-
-
 def _prompt(p, mode: str):
     return int(p) if mode == "class" else str(p)
 
@@ -88,7 +79,7 @@ def generate_all(o: ModelEvalOptions, local, prompts: list, cfg_scale: float, st
     import ray
     items = [{"index": i, "prompt": str(p), "seed": s} for i, (p, s) in enumerate(zip(prompts, seeds))]
     ds = ray.data.from_items(items, override_num_blocks=max(workers, len(items) // o.batch_size))
-    ds = ds.map_batches(_bound(o, int(max(1, o.cpus_per_worker))),
+    ds = ds.map_batches(GenerateBatch, fn_constructor_kwargs={"o": o, "threads": int(max(1, o.cpus_per_worker))},
                         fn_kwargs={"cfg_scale": cfg_scale, "steps": steps}, batch_size=o.batch_size,
                         batch_format="numpy", concurrency=workers, num_cpus=o.cpus_per_worker)
     got = {}
