@@ -106,15 +106,13 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
         for steps in o.steps:
             t = time.time()
             images = from_uint8(generate_all(o, local, prompts, cfg_scale, steps, workers))
-            row = {"cfg_scale": cfg_scale, "steps": steps, **scores.score(images, seed=o.seed)}
-            if judge is not None:
-                row["agreement"] = float((judge(images) == torch.tensor(held.labels)).float().mean())
+            row = score_point(scores, judge, images, o.seed, cfg_scale=cfg_scale, steps=steps)
             row["seconds"] = round(time.time() - t, 1)
             rows.append(row)
             agree = f", agreement {100 * row['agreement']:.1f}%" if "agreement" in row else ""
             log(f"[evaluate] cfg {cfg_scale:g}, {o.sampler} {steps} steps: {format_scores(row)}{agree} "
                 f"({row['seconds']:.0f} s)")
-    base = baselines(o, local, prompts, scores, judge, held) if o.baselines else []
+    base = baselines(o, local, prompts, scores, judge) if o.baselines else []
     for row in base:
         log(f"[evaluate] baseline {row['baseline']}: {format_scores(row)}")
     names = rows[0]["names"]
@@ -124,7 +122,7 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
-def baselines(o: ModelEvalOptions, local: GenerateBatch, prompts: list, scores, judge, held) -> list[dict]:
+def baselines(o: ModelEvalOptions, local: GenerateBatch, prompts: list, scores, judge) -> list[dict]:
     """What the model's figures must beat, at the sweep's first point: uniform noise images, and the same
     model untrained (the export's config, weights freshly initialised with the seed)."""
     from ldm.model import LatentDiffusion
@@ -138,21 +136,27 @@ def baselines(o: ModelEvalOptions, local: GenerateBatch, prompts: list, scores, 
         untrained = from_uint8(generate_all(o, local, prompts, o.cfg_scales[0], o.steps[0], 1))
     finally:
         local.sampler.net = trained
-    rows = []
-    for name, images in (("noise", noise), ("untrained", untrained)):
-        row = {"baseline": name, "cfg_scale": o.cfg_scales[0], "steps": o.steps[0], **scores.score(images, o.seed)}
-        if judge is not None:
-            row["agreement"] = float((judge(images) == torch.tensor(held.labels)).float().mean())
-        rows.append(row)
-    return rows
+    return [score_point(scores, judge, images, o.seed, baseline=name, cfg_scale=o.cfg_scales[0], steps=o.steps[0])
+            for name, images in (("noise", noise), ("untrained", untrained))]
+
+
+def score_point(scores, judge, images: torch.Tensor, seed: int, **tags) -> dict:
+    """One row of the table: `tags`, the scores of `images`, and the judge's agreement where there is one."""
+    row = {**tags, **scores.score(images, seed=seed)}
+    if judge is not None:
+        row["agreement"] = judge(images)
+    return row
 
 
 def _judge(held, o: ModelEvalOptions, log):
+    """images -> the share the Fashion-MNIST classifier puts in the class their held-out record was captioned
+    with; None where the data is not Fashion-MNIST or agreement is off."""
     if not (o.agreement and held.fashion_mnist and held.labels is not None):
         return None
     from pipeline.evaluate.classifier import cached_classifier, predict
     clf, _ = cached_classifier(log=log)
-    return lambda images: predict(clf, images)
+    labels = torch.tensor(held.labels)
+    return lambda images: float((predict(clf, images) == labels).float().mean())
 
 
 def format_table(r: dict) -> str:

@@ -356,7 +356,7 @@ def train_loop_per_worker(config: dict) -> None:
                 sample_grid(make, t.ema, step)
             except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
                 w.say(f"WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
-        if evaluate is not None and (step % o.eval_every == 0 or step == o.max_steps):
+        if evaluate is not None and progress.due(o.eval_every):
             evaluate(t.ema, step)
         if step < o.max_steps and step % o.checkpoint_every == 0:
             checkpoint(job, w, t, state, metrics(state, last_loss))
