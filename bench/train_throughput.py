@@ -2,7 +2,9 @@
 """LDM training-step throughput, measured side by side in one run (same model, same batch, same machine):
 
 1. the bare step: the text-conditional LDM step (cached MiniLM embeddings, CFG dropout, AdamW) on in-memory
-   tensors, vs the same loop streaming the latent cache through Ray Data (`iter_torch_batches`);
+   tensors, vs the same loop fed by Ray Data (`iter_torch_batches`): streaming the parquet cache every epoch
+   (`--in-memory no`), and from the object store after one read (`--in-memory auto`, what jobs/train_ldm.py
+   does with a cache this size);
 2. the product: jobs/train_ldm.py's Ray Train worker (DeepSpeed ZeRO-2, EMA, metrics) on the same cache, its
    steady samples/s (after 5 steps) vs the bare step, and vs the worker's own step (DeepSpeed + EMA) run in this
    process without Ray, which splits the gap into DeepSpeed's share and Ray's;
@@ -10,7 +12,7 @@
    1 + (encoder cost / UNet step cost) that pre-encoding saves;
 4. our UNet train step vs diffusers' UNet2DConditionModel at a matched config (same weights).
 
-  python bench/train_throughput.py --images 1024 --preset demo --batch-size 32 --steps 100
+  python bench/train_throughput.py --images 1024 --preset demo --batch-size 64 --steps 100
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="epochs of --images each for the in-process step variants, run interleaved; the median "
+                    "epoch is reported (this machine's speed drifts by +-20%% over minutes)")
     a = ap.parse_args()
 
     import numpy as np
@@ -73,14 +78,31 @@ def main() -> None:
     sched = Schedule.from_config(cfg.diffusion)
     gen = torch.Generator().manual_seed(0)
 
-    def timed(batches, fn) -> float:
+    def timed(batches, fn, steps=None) -> float:
         it = iter(batches)
         for _ in range(a.warmup):
             fn(next(it))
         t0 = time.perf_counter()
-        for _ in range(a.steps):
+        for _ in range(steps or a.steps):
             fn(next(it))
-        return a.steps * B / (time.perf_counter() - t0)
+        return (steps or a.steps) * B / (time.perf_counter() - t0)
+
+    def interleaved(variants: dict) -> dict:
+        """{name: (epoch, step)}: one epoch of each variant in turn, --rounds times, each from a fresh iterator (a
+        variant's own per-epoch start-up counts, and none of its work runs in another's turn); the median epoch's
+        samples/s of each, so the machine's drift hits every variant alike."""
+        for epoch, fn in variants.values():
+            for _, b in zip(range(a.warmup), epoch()):
+                fn(b)
+        rates = {k: [] for k in variants}
+        for _ in range(a.rounds):
+            for k, (epoch, fn) in variants.items():
+                t0, n = time.perf_counter(), 0
+                for b in epoch():
+                    fn(b)
+                    n += 1
+                rates[k].append(n * B / (time.perf_counter() - t0))
+        return {k: float(np.median(v)) for k, v in rates.items()}
 
     def cycle(xs):
         while True:
@@ -112,28 +134,33 @@ def main() -> None:
     table = pa.concat_tables([pq.read_table(f, columns=columns) for f in part_files(str(tmp / "latents"), m)])
     cols = {c: torch.tensor(np.array(table[c].to_pylist())) for c in columns}
     mem_batches = [{c: v[i:i + B] for c, v in cols.items()} for i in range(0, table.num_rows - B + 1, B)]
-    ips_mem = timed(cycle(mem_batches), ldm_step)
 
-    # (B) the same step streaming the cache through Ray Data
+    # (B) the same step fed by Ray Data: the parquet cache streamed every epoch, and kept in the object store
     with training_stream_context():  # the reader jobs/train_ldm.py streams with
         ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(columns)
+    kept = ds.materialize()
 
-    def stream():
-        while True:
-            yield from ds.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256)
-    ips_stream = timed(stream(), ldm_step)
+    def epoch_of(d):
+        return lambda: d.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256)
 
     # (D2) the worker's step without Ray: the same loss in DeepSpeed ZeRO-2 (one rank, gloo) with the EMA update,
     # so the worker/bare gap splits into DeepSpeed's share and Ray's
-    ips_ds = deepspeed_step(ldm_step_loss=ldm_loss_of, batches=cycle(mem_batches), timed=timed,
-                            cfg=cfg, B=B)
+    ds_step, ds_close = deepspeed_step(ldm_step_loss=ldm_loss_of, cfg=cfg, B=B)
+    in_memory = lambda: iter(mem_batches)  # noqa: E731
+    r = interleaved({"mem": (in_memory, ldm_step), "stream": (epoch_of(ds), ldm_step),
+                     "kept": (epoch_of(kept), ldm_step), "ds": (in_memory, ds_step)})
+    ds_close()
+    ips_mem, ips_stream, ips_kept, ips_ds = r["mem"], r["stream"], r["kept"], r["ds"]
 
-    # (E) the Ray Train worker of jobs/train_ldm.py on the same cache (steady samples/s, after 5 steps)
+    # (E) the Ray Train worker of jobs/train_ldm.py on the same cache (steady samples/s, after 5 steps), with the
+    # bare step timed right before and after it
+    bare_before = timed(cycle(mem_batches), ldm_step, len(mem_batches))
     w = run_train(TrainOptions(latents=str(tmp / "latents"), preset=a.preset, batch_size=B, lr=1e-4,
                                max_steps=a.steps + 5, warmup_steps=0, ema_decay=0.999, checkpoint_every=10 ** 9,
                                sample_every=0, log_every=10 ** 9, storage_path=str(tmp / "runs"), name="bench"),
                   log=lambda *x: None)
     ips_worker = w["samples_per_s"]
+    bare_around = (bare_before + timed(cycle(mem_batches), ldm_step, len(mem_batches))) / 2
 
     # the raw UNet for (C) and (D)
     torch.manual_seed(0)
@@ -189,13 +216,16 @@ def main() -> None:
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"\ntrain-step throughput: preset {a.preset} UNet ({n_params:.1f}M params), latents {shape}, batch {B}, "
           f"{a.steps} timed steps after {a.warmup} warm-up, fp32, {torch.get_num_threads()} threads")
-    print(f"  bare LDM step, in-memory    : {ips_mem:8.1f} samples/s")
-    print(f"  bare LDM step, streaming    : {ips_stream:8.1f} samples/s   "
-          f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x")
+    print(f"  bare LDM step, in-memory    : {ips_mem:8.1f} samples/s   (median of {a.rounds} interleaved epochs)")
+    print(f"  bare LDM step, parquet      : {ips_stream:8.1f} samples/s   "
+          f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x  (--in-memory no: read + decoded every epoch)")
+    print(f"  bare LDM step, object store : {ips_kept:8.1f} samples/s   "
+          f"RATIO stream/in-memory {ips_kept / ips_mem:5.2f}x  (--in-memory auto, the job's default here)")
     print(f"  DeepSpeed ZeRO-2 + EMA step : {ips_ds:8.1f} samples/s   "
           f"RATIO deepspeed/bare step {ips_ds / ips_mem:5.2f}x  (the worker's step in this process, no Ray)")
     print(f"  Ray Train worker (ZeRO-2)   : {ips_worker:8.1f} samples/s   "
-          f"RATIO worker/bare step {ips_worker / ips_mem:5.2f}x  worker/deepspeed step {ips_worker / ips_ds:5.2f}x")
+          f"RATIO worker/bare step {ips_worker / bare_around:5.2f}x  (bare step timed just before and after: "
+          f"{bare_around:.1f})  worker/deepspeed step {ips_worker / ips_ds:5.2f}x")
     print(f"  UNet step, cached latents   : {ips_unet:8.1f} samples/s")
     print(f"  encoding images on the fly  : {ips_fly:8.1f} samples/s   "
           f"RATIO cache/on-the-fly {ips_unet / ips_fly:5.2f}x"
@@ -206,9 +236,9 @@ def main() -> None:
     ray.shutdown()
 
 
-def deepspeed_step(ldm_step_loss, batches, timed, cfg, B: int) -> float:
-    """Samples/s of the Ray Train worker's step (DeepSpeed engine at the job's default ZeRO stage, EMA every step)
-    run in this process on one gloo rank."""
+def deepspeed_step(ldm_step_loss, cfg, B: int):
+    """The Ray Train worker's step (DeepSpeed engine at the job's default ZeRO stage, EMA every step) on one gloo
+    rank in this process, and the function that tears its process group down."""
     import os
 
     import torch
@@ -234,10 +264,7 @@ def deepspeed_step(ldm_step_loss, batches, timed, cfg, B: int) -> float:
         engine.backward(loss)
         engine.step()
         ema.update(engine.module.state_dict())
-    try:
-        return timed(batches, step)
-    finally:
-        dist.destroy_process_group()
+    return step, dist.destroy_process_group
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ def add_run_args(p, cls, what: str) -> dict:
                    help="EMA decay of the weights, with warm-up (0 = off)")
     t.add_argument("--shuffle-buffer", type=int, default=dv["shuffle_buffer"],
                    help=f"local shuffle buffer ({what}) per worker")
+    t.add_argument("--in-memory", choices=["auto", "yes", "no"], default=dv["in_memory"],
+                   help="keep the training data in Ray's object store after the first epoch instead of re-reading "
+                   "and decoding it every epoch (Ray Data materialize); auto: when it fills at most half the object "
+                   "store (the autoencoder job: only with yes, as its decoded size is unknown before reading)")
     t.add_argument("--seed", type=int, default=dv["seed"], help="seed of weights, noise and data order")
     s = p.add_argument_group("distribution (Ray Train)")
     s.add_argument("--num-workers", type=int, default=dv["num_workers"],

@@ -50,7 +50,13 @@ class LatentEncoder:
             out["input_ids"] = ids.numpy().astype(np.int32)
             out["attention_mask"] = mask.numpy().astype(np.int8)
             if self.store_text_embeddings:
-                emb = self.text.encode(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
-                out["text_emb"] = emb.reshape(n, -1).astype(np.float16)
+                out["text_emb"] = self.embed(ids, mask).reshape(n, -1).astype(np.float16)
         return out
 
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        """Text embeddings, each distinct (tokens, mask) row encoded once: captions repeat within a batch (templates,
+        stock phrases) and a row's embedding does not depend on its batch neighbours."""
+        rows, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
+        length = ids.shape[1]
+        emb = self.text.encode(rows[:, :length].to(self.device), rows[:, length:].to(self.device))
+        return emb.float().cpu().numpy()[inverse.numpy()]

@@ -48,6 +48,18 @@ def part_files(cache_uri: str, manifest: dict | None = None) -> list[str]:
     return [storage.join(cache_uri, s["file"]) for _, s in sorted(m["shards"].items()) if s.get("file")]
 
 
+def decoded_bytes(files: list[str], columns: list[str], rows: int) -> int:
+    """Arrow bytes of `columns` over `rows` rows, from the first part's footer (uncompressed column sizes), so a
+    trainer can tell whether the cache fits in memory without reading it."""
+    fs, path = storage.fs_and_path(files[0])
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    per_row = sum(meta.row_group(g).column(c).total_uncompressed_size for g in range(meta.num_row_groups)
+                  for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.split(".")[0]
+                  in columns) / max(1, meta.num_rows)
+    return int(per_row * rows)
+
+
 def _fsl(arr: np.ndarray, typ) -> pa.FixedSizeListArray:
     arr = np.ascontiguousarray(arr)
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), type=typ), arr.shape[1])

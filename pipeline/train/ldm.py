@@ -14,7 +14,7 @@ from pipeline.common import storage
 from pipeline.common.errors import DataError
 from pipeline.common.models import text_encoder_path
 from pipeline.common.tracking import open_or_continue_run, redact, register_version
-from pipeline.encode.latent_cache import part_files, read_manifest
+from pipeline.encode.latent_cache import decoded_bytes, part_files, read_manifest
 from pipeline.train.options import TrainOptions, load_deepspeed_preset
 
 
@@ -126,7 +126,10 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     res = kit.start_ray(opts, log)
     with training_stream_context():
         ds = ray.data.read_parquet(files, shuffle=ray.data.FileShuffleConfig(seed=opts.seed))
-        ds = ds.select_columns(stream_columns(cfg, cached_emb))
+        columns = stream_columns(cfg, cached_emb)
+        ds = ds.select_columns(columns)
+        est = decoded_bytes(files, columns, manifest["counts"]["kept"]) if opts.in_memory == "auto" else None
+        ds = kit.keep_in_memory(ds, opts.in_memory, est, "train", log)
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
                  prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
                  opts.text_encoder or text_encoder_path(text_id), text_id)

@@ -66,6 +66,7 @@ class RunOptions:
     sample_every: int = 500
     log_every: int = 10
     shuffle_buffer: int = 1000
+    in_memory: str = "auto"              # auto | yes | no: keep the training data in Ray's object store
     seed: int = 0
     use_gpu: bool = False
     cpus_per_worker: float = 0.0         # 0 = auto
