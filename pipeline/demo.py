@@ -54,9 +54,10 @@ class DemoOptions:
     sample_steps: int = 25
 
 
-# each stage's share of the default demo's time (fresh clone, 2 cores, 2026-11-27): shards, stage 1, encode, LDM,
-# classifier, samples; the ETA weighs the stages by it instead of assuming they take equally long
-STAGE_SHARES = (0.004, 0.197, 0.086, 0.567, 0.094, 0.052)
+# each stage's share of the default demo's time (fresh clone, 2 cores, 2026-11-27, 14 min 08 s with the judge
+# cached; its first training adds about 105 s): shards, stage 1, encode, LDM, classifier, samples; the ETA weighs
+# the stages by it instead of assuming they take equally long
+STAGE_SHARES = (0.006, 0.284, 0.078, 0.570, 0.005, 0.057)
 
 
 class Progress:

@@ -182,11 +182,24 @@ class Worker:
         use_gpu = opts.use_gpu and torch.cuda.is_available()
         device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
         torch.set_num_threads(max(1, run.threads))
+        _quiet_train_reports()
         tracker = Tracker(opts.mlflow_uri, run.mlflow_run_id) if rank == 0 else Tracker("", "")
         return cls(rank, world, device, say if rank == 0 else _quiet, tracker, tag)
 
     def say(self, msg: str) -> None:
         self.log(f"[{self.tag}] {msg}")
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train V2 logs every report and every checkpoint at INFO under loggers named by file path, which its
+    LoggingConfig does not reach; the step lines already say it. Its warnings still show."""
+    import logging
+    try:
+        from ray.train.v2._internal.execution import context, storage as train_storage
+    except ImportError:  # another Ray Train layout: leave its logging as it is
+        return
+    for module in (context, train_storage):
+        logging.getLogger(module.__file__).setLevel(logging.WARNING)
 
 
 def restore_checkpoint(run: WorkerRun, load, w: Worker) -> bool:

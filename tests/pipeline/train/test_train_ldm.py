@@ -78,8 +78,11 @@ def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, s
 
 def test_loss_falls_on_a_fixed_cache(tiny_cache, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
+    lines = []
     s = run_train(topts(tiny_cache, tmp_path, num_workers=1, zero_stage=0, max_steps=150, lr=3e-3, sample_every=0,
-                        checkpoint_every=1000, mlflow_uri=uri, name="falls", batch_size=16))
+                        checkpoint_every=1000, mlflow_uri=uri, name="falls", batch_size=16), log=lines.append)
+    # a cache this small is read once into the object store (--in-memory auto), then 7 epochs come from there
+    assert any("kept in Ray's object store after one read: 320 rows" in x for x in lines), lines
     loss = metric_history(uri, s["mlflow_run_id"], "loss")
     assert len(loss) == 150
     assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:5]), (loss[:5], loss[-10:])
@@ -88,9 +91,12 @@ def test_loss_falls_on_a_fixed_cache(tiny_cache, tmp_path):
 def test_resume_to_2n_matches_uninterrupted(tiny_cache, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     common = dict(max_failures=0, sample_every=0, checkpoint_every=10, mlflow_uri=uri, lr=1e-3)
-    a1 = run_train(topts(tiny_cache, tmp_path, max_steps=20, name="resumed", **common))
-    assert a1["step"] == 20
-    a2 = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="resumed", **common))  # same run dir: resume
+    # the resumed run streams the parquet parts every epoch (--in-memory no), the straight one reads them once
+    lines = []
+    a1 = run_train(topts(tiny_cache, tmp_path, max_steps=20, name="resumed", in_memory="no", **common),
+                   log=lines.append)
+    assert a1["step"] == 20 and not any("object store" in x for x in lines)
+    a2 = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="resumed", in_memory="no", **common))  # resume
     b = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="straight", **common))
     assert a2["step"] == b["step"] == 40 and a2["images_seen"] == b["images_seen"]
     assert a2["mlflow_run_id"] == a1["mlflow_run_id"]  # one MLflow run continued
