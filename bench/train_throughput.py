@@ -79,13 +79,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     def timed(batches, fn, steps=None) -> float:
-        it = iter(batches)
+        it, steps = iter(batches), steps or a.steps
         for _ in range(a.warmup):
             fn(next(it))
         t0 = time.perf_counter()
-        for _ in range(steps or a.steps):
+        for _ in range(steps):
             fn(next(it))
-        return (steps or a.steps) * B / (time.perf_counter() - t0)
+        return steps * B / (time.perf_counter() - t0)
 
     def interleaved(variants: dict) -> dict:
         """{name: (epoch, step)}: one epoch of each variant in turn, --rounds times, each from a fresh iterator (a

@@ -54,10 +54,9 @@ def decoded_bytes(files: list[str], columns: list[str], rows: int) -> int:
     fs, path = storage.fs_and_path(files[0])
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
-    per_row = sum(meta.row_group(g).column(c).total_uncompressed_size for g in range(meta.num_row_groups)
-                  for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.split(".")[0]
-                  in columns) / max(1, meta.num_rows)
-    return int(per_row * rows)
+    chunks = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
+    wanted = sum(ch.total_uncompressed_size for ch in chunks if ch.path_in_schema.split(".")[0] in columns)
+    return int(wanted / max(1, meta.num_rows) * rows)
 
 
 def _fsl(arr: np.ndarray, typ) -> pa.FixedSizeListArray:
