@@ -23,17 +23,31 @@ def run(main, tag: str) -> None:
     try:
         sys.exit(main())
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
+        _stop_ray()
         print(f"[{tag}] error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001
+        _stop_ray()
         if not is_unreachable(e):
             print(f"[{tag}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(4)
         print(f"[{tag}] unreachable: {e}", file=sys.stderr)
         sys.exit(5)
     except KeyboardInterrupt:
+        _stop_ray()
         print(f"[{tag}] interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray before the last line: its log thread forwards workers' lines asynchronously, so a late
+    one could otherwise follow the error line (shutdown joins that thread; an attached cluster keeps running)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - already failing; the error line matters more
+            pass
 
 
 def add_run_args(p, cls, what: str) -> dict:
