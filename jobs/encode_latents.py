@@ -54,10 +54,13 @@ def parse(argv=None):
                     help="drop images with a longer/shorter side ratio above this")
     pp.add_argument("--max-punsafe", type=float, default=0.5, help="drop records with punsafe >= this")
     pp.add_argument("--max-pwatermark", type=float, default=0.5, help="drop records with pwatermark >= this")
-    pp.add_argument("--min-aesthetic", type=float, default=0.0, help="drop records with aesthetic below this (0 = off)")
+    pp.add_argument("--min-aesthetic", type=float, default=0.0,
+                    help="drop records whose aesthetic score (column aesthetic, AESTHETIC_SCORE or aesthetic_score) "
+                    "is below this (0 = off)")
     pp.add_argument("--min-similarity", type=float, default=0.0,
                     help="drop records with CLIP similarity below this (0 = off)")
-    pp.add_argument("--min-caption-chars", type=int, default=1, help="drop captions shorter than this")
+    pp.add_argument("--min-caption-chars", type=int, default=1, help="drop captions shorter than this; 0 keeps records "
+                    "without a caption (caption-less data for unconditional or label-conditioned models)")
     pp.add_argument("--max-caption-chars", type=int, default=1000, help="drop captions longer than this")
     pp.add_argument("--seed", type=int, default=0, help="seed of random crops")
     r = p.add_argument_group("Ray Data resources")

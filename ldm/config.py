@@ -149,6 +149,13 @@ class LDMConfig:
             raise ConfigError("conditioning.kind='text' needs unet.context_dim (the text encoder's width)")
         if cond.kind == "text" and cond.text_encoder == "transformer" and un.context_dim != cond.n_embed:
             raise ConfigError(f"unet.context_dim={un.context_dim} must equal conditioning.n_embed={cond.n_embed}")
+        if cond.kind == "none" and un.context_dim is not None:
+            raise ConfigError(f"conditioning.kind='none' has no context to cross-attend to, but unet.context_dim="
+                              f"{un.context_dim}: set unet.context_dim=null")
+        if self.diffusion.zero_terminal_snr and self.diffusion.parameterization == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr=true needs diffusion.parameterization=v (or x0): at SNR 0 "
+                              "the last step's noise prediction says nothing about x0 and sampling gives NaN "
+                              "(Lin et al. 2024, §3.2)")
         if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
             raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
                               "(the extra class is the null label for classifier-free guidance)")
@@ -414,7 +421,7 @@ def _ldm_kl_8() -> LDMConfig:
         diffusion=DiffusionConfig(timesteps=1000, linear_start=0.00085, linear_end=0.012),
         conditioning=ConditioningConfig(kind="text", text_encoder="transformer", n_embed=1280, n_layer=32,
                                         max_length=77),
-        scale_factor=0.18215,
+        scale_factor=0.0,  # your own KL-f8: 1/std of its latents, measured by the encode job (§4.3.2)
     )
 
 

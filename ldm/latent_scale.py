@@ -15,8 +15,15 @@ class LatentScale:
 
     @classmethod
     def choose(cls, config_scale: float, channel_mean: list[float], measured_scale: float) -> "LatentScale":
-        """A fixed scale from the config (e.g. SD's 0.18215, no shift), else 1/std and the mean of the data."""
+        """A fixed scale from the config (e.g. SD's 0.18215, no shift), else 1/std and the mean of the data. A fixed
+        scale that would leave the latents' std more than 2x off 1 belongs to another autoencoder: refused."""
         if config_scale:
+            std = config_scale / measured_scale  # the std the UNet would see: config_scale * (1 / measured_scale)
+            if measured_scale > 0 and not 0.5 <= std <= 2.0:
+                from ldm.config import ConfigError
+                raise ConfigError(f"scale_factor={config_scale:g} gives these latents a std of {std:.3g}, not ~1: it "
+                                  f"was chosen for another autoencoder (this cache's is 1/std = {measured_scale:.5g}). "
+                                  f"Set scale_factor=0 to use the cache's, or scale_factor={measured_scale:.5g}")
             return cls(float(config_scale), 0.0)
         return cls(float(measured_scale), float(sum(channel_mean) / len(channel_mean)))
 

@@ -51,10 +51,13 @@ def all_timesteps(num_train_timesteps: int) -> torch.Tensor:
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int, offset: int = 1) -> torch.Tensor:
-    """Evenly spaced ("leading") steps, descending: [.., 2c+1, c+1, 1] with c = T // num_steps (CompVis)."""
+    """Evenly spaced ("leading") steps, descending: [.., 2c+1, c+1, 1] with c = T // num_steps (CompVis). The +1
+    offset is dropped where it would push the last step past T - 1 (num_steps = T: every step 999..0, once)."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"DDIM steps must be 1..{num_train_timesteps} (the training timesteps), got {num_steps}")
     step = num_train_timesteps // num_steps
-    ts = torch.arange(num_steps, dtype=torch.long) * step + offset
-    return ts.clamp(max=num_train_timesteps - 1).flip(0)
+    offset = offset if (num_steps - 1) * step + offset <= num_train_timesteps - 1 else 0
+    return (torch.arange(num_steps, dtype=torch.long) * step + offset).flip(0)
 
 
 def _noise_like(x, generator, noises, i):

@@ -46,8 +46,15 @@ class PreprocessConfig:
         return {**asdict(self), "effective_min_size": self.effective_min_size}
 
 
+# the column names each score goes by: img2dataset's LAION-2B/5B parquet (lower case), LAION-Aesthetics
+# ("AESTHETIC_SCORE"), and mosaicml/diffusion-style shards ("aesthetic_score")
+SCORE_COLUMNS = {"punsafe": ("punsafe", "PUNSAFE"), "pwatermark": ("pwatermark", "PWATERMARK"),
+                 "aesthetic": ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score"),
+                 "similarity": ("similarity", "SIMILARITY")}
+
+
 def _score(meta: dict, name: str):
-    v = meta.get(name)
+    v = next((meta[c] for c in SCORE_COLUMNS[name] if meta.get(c) is not None), None)
     if v is None:
         return None  # column absent: no filter
     try:
@@ -58,10 +65,10 @@ def _score(meta: dict, name: str):
 
 
 def check_metadata(caption: str, meta_json: str, cfg: PreprocessConfig) -> str | None:
-    if not caption or not str(caption).strip():
-        return "missing_caption"
-    caption = str(caption).strip()
-    if len(caption) < cfg.min_caption_chars:
+    """The skip reason of a record's caption and LAION scores, or None to keep it. With min_caption_chars=0 a
+    missing or blank caption is kept (caption-less data, for unconditional and label-conditioned models)."""
+    caption = "" if caption is None else str(caption).strip()
+    if cfg.min_caption_chars > 0 and len(caption) < cfg.min_caption_chars:
         return "missing_caption"
     if len(caption) > cfg.max_caption_chars:
         return "caption_too_long"

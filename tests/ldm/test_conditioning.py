@@ -3,7 +3,7 @@ import torch
 
 from ldm.conditioning import (Conditioner, FrozenHFTextEncoder, TransformerTextEncoder, apply_drop, build_text_encoder,
                               drop_mask)
-from ldm.config import ConditioningConfig, apply_overrides, get_preset
+from ldm.config import ConditioningConfig, ConfigError, apply_overrides, get_preset
 from ldm.latent_scale import LatentScale
 from ldm.model import LatentDiffusion
 
@@ -79,7 +79,10 @@ def test_latent_scale_goes_both_ways():
     z = torch.randn(2, 2, 4, 4)
     assert torch.allclose(s.to_latent(s.to_diffusion(z)), z, atol=1e-6)
     assert LatentScale.from_json(s.to_json()) == s
-    assert LatentScale.choose(0.18215, [0.5], 2.0) == LatentScale(0.18215, 0.0)  # a fixed scale has no shift
+    assert LatentScale.choose(0.18215, [0.5], 0.2) == LatentScale(0.18215, 0.0)  # a fixed scale has no shift
+    # SD's 0.18215 on a self-trained autoencoder whose latents have std 0.5 (1/std = 2): std 0.09, refused
+    with pytest.raises(ConfigError, match="scale_factor=0.18215 gives these latents a std of 0.0911"):
+        LatentScale.choose(0.18215, [0.5], 2.0)
 
 
 def test_cfg_dropout():

@@ -53,6 +53,12 @@ def test_validate_names_the_contradiction():
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("nope")
     assert load_config("tiny", overrides=["conditioning.concat_channels=4", "unet.in_channels=8"])
+    with pytest.raises(ConfigError, match="kind='none' has no context .* set unet.context_dim=null"):
+        load_config("tiny", overrides=["conditioning.kind=none"])
+    assert load_config("tiny", overrides=["conditioning.kind=none", "unet.context_dim=null"])
+    with pytest.raises(ConfigError, match="zero_terminal_snr=true needs diffusion.parameterization=v"):
+        load_config("tiny", overrides=["diffusion.zero_terminal_snr=true"])
+    assert load_config("tiny", overrides=["diffusion.zero_terminal_snr=true", "diffusion.parameterization=v"])
 
 
 def test_config_is_frozen():

@@ -58,6 +58,13 @@ def test_ddim_default_ends_at_alpha_bar_0_like_compvis():
 
 def test_ddim_timesteps_leading():
     assert ddim_timesteps(1000, 4).tolist() == [751, 501, 251, 1]
+    # as many steps as training timesteps: each of 999..0 exactly once (the +1 offset would repeat 999)
+    assert ddim_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
+    for n in (1, 3, 7, 333, 999):
+        ts = ddim_timesteps(1000, n).tolist()
+        assert len(set(ts)) == n and 0 <= min(ts) and max(ts) <= 999 and ts == sorted(ts, reverse=True)
+    with pytest.raises(ValueError, match="DDIM steps must be 1..1000"):
+        ddim_timesteps(1000, 1001)
 
 
 def _cond_model(x, t, context=None):
