@@ -112,7 +112,7 @@ def main() -> None:
     torch.manual_seed(0)
     ldm = LatentDiffusion(cfg)
     conditioner = Conditioner.build(ldm)
-    ldm_opt = torch.optim.AdamW(ldm.parameters(), lr=1e-4)
+    ldm_opt = torch.optim.AdamW(ldm.parameters(), lr=1e-4, fused=True)  # as the worker's DeepSpeed preset
     scale = LatentScale.choose(0.0, m["totals"]["latent_channel_mean"], m["totals"]["scale_factor"])
 
     def ldm_loss_of(model, batch):
