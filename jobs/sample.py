@@ -20,12 +20,25 @@ def parse(argv=None):
     p.add_argument("--out", default="samples.png", help="output grid PNG (one row per prompt)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (ldm.sampling.SAMPLERS)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise: 0 deterministic (the default), 1 DDPM-like; ddim sampler only")
+    p.add_argument("--size", type=_size, default=None, metavar="HxW",
+                   help="image size in pixels (default: the training size); larger sizes sample the convolutional "
+                   "UNet beyond its training canvas (paper 4.3.2); a multiple of f x the UNet's downsampling")
     p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--autoencoder", default="", help="first stage (default: the one recorded in the export)")
     p.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the recorded one)")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
     return p.parse_args(argv)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: give HEIGHTxWIDTH in pixels, e.g. 64x128") from None
+    return h, w
 
 
 def main(argv=None) -> int:
@@ -36,9 +49,10 @@ def main(argv=None) -> int:
     if not a.prompt:
         a.prompt = [""]
     images, used = sample_images(local_file(a.model), a.prompt, a.n, a.autoencoder, a.text_encoder, a.steps,
-                                 a.cfg_scale, a.seed, a.sampler)
+                                 a.cfg_scale, a.seed, a.sampler, eta=a.eta, size=a.size)
     save_grid(images, a.out, nrow=a.n, upscale=a.upscale)
-    print(f"[sample] {len(used)} images ({len(a.prompt)} prompts x {a.n}) -> {a.out}")
+    print(f"[sample] {len(used)} images of {images.shape[-2]}x{images.shape[-1]} ({len(a.prompt)} prompts x {a.n}) "
+          f"-> {a.out}")
     return 0
 
 

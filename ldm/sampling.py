@@ -165,12 +165,17 @@ SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2
 @torch.no_grad()
 def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts: list, shape: tuple, alphas_cumprod:
              torch.Tensor, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
-             parameterization: str = "eps", device="cpu", seeds: list[int] | None = None) -> torch.Tensor:
+             parameterization: str = "eps", device="cpu", seeds: list[int] | None = None,
+             eta: float = 0.0) -> torch.Tensor:
     """Images in [-1, 1] for `prompts` (paper §3.3, §4.3): z_T ~ N(0, I), a sampler with classifier-free
     guidance on the conditional LDM `net`, back to the first stage's latent scale, decoded by `decode`.
-    `seeds` (one per prompt) draws each z_T from its own seed, so an image does not depend on its batch."""
+    `seeds` (one per prompt) draws each z_T from its own seed, so an image does not depend on its batch. `shape` may
+    be larger than the training latents: the UNet is convolutional (§4.3.2). `eta` is DDIM's noise (0: deterministic,
+    1: DDPM-like)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta={eta} is DDIM's: the {sampler} sampler takes none (use --sampler ddim or eta 0)")
     g = torch.Generator(device=device).manual_seed(seed)
     if seeds is None:
         x_t = torch.randn((len(prompts), *shape), generator=g, device=device)
@@ -180,5 +185,6 @@ def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts
     cond, uncond = conditioner.prompts(prompts)
     fn = guided(net, cond, uncond, cfg_scale) if cond else (lambda x, t: net(x, t))
     ts = ddim_timesteps(alphas_cumprod.shape[0], steps)
-    z = SAMPLERS[sampler](fn, x_t, ts, alphas_cumprod, parameterization=parameterization, generator=g)
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    z = SAMPLERS[sampler](fn, x_t, ts, alphas_cumprod, parameterization=parameterization, generator=g, **extra)
     return decode(latent_scale.to_latent(z)).clamp(-1, 1)

@@ -48,6 +48,8 @@ class LDMSampler:
             raise ValueError(f"autoencoder {ae_spec} (weights {ae.identity['weights_sha256']}) is not the one the "
                              f"model was trained with ({want}); pass --autoencoder with the right first stage")
         self.decode, self.resolution, self.device = ae.model.to(device).decode, ae.cfg.resolution, device
+        # pixel sizes a sample can have: whole latents that the UNet's downsamplings divide
+        self.size_multiple = ae.cfg.downsample_factor * 2 ** (len(self.net.cfg.unet.channel_mult) - 1)
         self.conditioner = Conditioner.build(self.net, text_encoder or text_encoder_path(self.info["text_encoder"]),
                                              device)
         self.alphas_cumprod = Schedule.from_config(self.net.cfg.diffusion).alphas_cumprod
@@ -56,19 +58,32 @@ class LDMSampler:
     def mode(self) -> str:
         return self.conditioner.mode
 
+    def latent_shape(self, size: tuple[int, int] | None = None) -> tuple:
+        """The latent shape of images of `size` = (height, width) pixels; None: the training size."""
+        shape = tuple(self.info["latent_shape"])
+        if size is None:
+            return shape
+        m, f = self.size_multiple, self.resolution // shape[-1]
+        if any(v <= 0 or v % m for v in size):
+            raise ValueError(f"sample size {size[0]}x{size[1]} is not a positive multiple of {m} (the first stage's "
+                             f"f={f} times the UNet's {m // f}x downsampling): e.g. {2 * self.resolution}x"
+                             f"{2 * self.resolution}")
+        return (shape[0], size[0] // f, size[1] // f)
+
     @torch.no_grad()
     def __call__(self, prompts: list, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
-                 sampler: str = "ddim", seeds: list[int] | None = None) -> torch.Tensor:
+                 sampler: str = "ddim", seeds: list[int] | None = None, eta: float = 0.0,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
         return generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
-                        self.info["latent_shape"], self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                        self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
-                        device=self.device, seeds=seeds)
+                        device=self.device, seeds=seeds, eta=eta)
 
 
 def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
                   steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
-                  device="cpu") -> tuple[torch.Tensor, list]:
+                  device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list]:
     full = [p for p in prompts for _ in range(n_per_prompt)]
     images = LDMSampler(export, autoencoder, text_encoder, device)(full, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                                                  sampler=sampler)
+                                                                  sampler=sampler, eta=eta, size=size)
     return images, full

@@ -130,3 +130,17 @@ def test_every_sampler_takes_one_signature_and_generate_dispatches_by_name():
     assert torch.allclose(img, (x_star / 2.0 + 0.5).clamp(-1, 1).expand(2, -1, -1, -1), atol=1e-3)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         generate(perfect(x_star, "eps"), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC, sampler="euler")
+    # DDIM's eta: with eta > 0 each step adds fresh noise, so two seeds differ where eta 0 is deterministic
+    ddim = dict(steps=10, sampler="ddim")
+    a0, b0 = (generate(lambda x, t: torch.zeros_like(x), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC,
+                       seeds=[0], eta=0.0, **ddim) for _ in range(2))
+    a1 = generate(lambda x, t: torch.zeros_like(x), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC,
+                  seeds=[0], eta=1.0, seed=1, **ddim)
+    assert torch.equal(a0, b0) and not torch.allclose(a0, a1)
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's: the dpmpp_2m sampler takes none"):
+        generate(perfect(x_star, "eps"), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC,
+                 sampler="dpmpp_2m", eta=0.5)
+    # a larger latent than the model's: the convolutional model samples it (paper 4.3.2)
+    big = generate(lambda x, t: torch.zeros_like(x), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 8, 16), AC,
+                   **ddim)
+    assert big.shape == (1, 3, 8, 16)

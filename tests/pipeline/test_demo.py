@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,3 +36,13 @@ def test_demo_smoke_size_end_to_end(tmp_path):
     assert sorted(m.step for m in fd) == [10, 20]
     assert list((tmp_path / "cache").glob("fashion_cnn_e1_s0.safetensors"))  # kept for the next run
     assert client.search_model_versions("name='demo-ldm'") and client.search_model_versions("name='demo-autoencoder'")
+    # jobs/sample.py on the export: DDIM with eta, and at twice the training canvas (the UNet is convolutional)
+    grid = tmp_path / "big.png"
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["ldm_export"], "--prompt",
+                        "a photo of a bag", "--n", "2", "--steps", "3", "--eta", "0.5", "--size", "64x64", "--out",
+                        str(grid)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 images of 64x64" in r.stdout and Image.open(grid).size == (2 * 64 + 3 * 2, 64 + 2 * 2)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["ldm_export"], "--size", "60x64",
+                        "--out", str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "sample size 60x64 is not a positive multiple of" in r.stderr.splitlines()[-1]
