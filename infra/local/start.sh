@@ -14,7 +14,8 @@
 # env file; a driver or job submission without it is refused. Every process runs in this script's own process
 # group and carries LDM_STACK_ID, by which stop.sh stops exactly this stack (nothing else on the machine),
 # workers and job drivers included.
-# Ports: RAY_PORT (6379), DASHBOARD_PORT (8265), MLFLOW_PORT (5000), S3_PORT (9000); RAY_CLIENT_PORT (10001).
+# Ports: RAY_PORT (6379), DASHBOARD_PORT (8265), MLFLOW_PORT (5000), S3_PORT (9000); RAY_CLIENT_PORT (10001);
+# DASHBOARD_AGENT_PORT (52365, the head's dashboard agent, which runs submitted jobs).
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 # a session (and process group) of its own: every service and every process Ray forks stays in it, so stop.sh
@@ -28,6 +29,7 @@ STACK="${STACK_DIR:-$ROOT/.local-stack}"
 BIN="${VENV:-$ROOT/.venv}/bin"
 RAY_PORT="${RAY_PORT:-6379}"; DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"; S3_PORT="${S3_PORT:-9000}"; RAY_CLIENT_PORT="${RAY_CLIENT_PORT:-10001}"
+DASHBOARD_AGENT_PORT="${DASHBOARD_AGENT_PORT:-52365}"
 BUCKET="${BUCKET:-ldm}"
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 mkdir -p "$STACK/logs" "$STACK/mlartifacts"
@@ -99,6 +101,11 @@ echo "$RAY_TMP" > "$STACK/ray_temp_dir"
 run env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
   --temp-dir "$RAY_TMP" --ray-client-server-port "$RAY_CLIENT_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --num-cpus "${RAY_NUM_CPUS:-$(nproc)}" \
+  --dashboard-agent-listen-port "$DASHBOARD_AGENT_PORT" \
   --object-store-memory "${RAY_OBJECT_STORE_BYTES:-536870912}" --disable-usage-stats
 wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" "Ray job server" 60
+# the job server hands each submission to the head's dashboard agent and waits only 10 s for one to register: on a
+# busy machine the agent comes up later than the job server ("No available agent to submit job"), so wait for it too
+# (it registers right after its HTTP server starts)
+wait_http "http://127.0.0.1:$DASHBOARD_AGENT_PORT/api/healthz" "Ray dashboard agent (runs submitted jobs)" 120
 echo "[stack] ready. source $STACK/env, then use ray job submit (see README)."

@@ -37,7 +37,7 @@ def stack_processes(stack_dir: Path) -> list:
 def stack(tmp_path_factory):
     d = tmp_path_factory.mktemp("stack")
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port(),
-             "S3_PORT": free_port(), "RAY_CLIENT_PORT": free_port()}
+             "S3_PORT": free_port(), "RAY_CLIENT_PORT": free_port(), "DASHBOARD_AGENT_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "STACK_DIR": str(d), "RAY_NUM_CPUS": "2",
            "VENV": str(BIN.parent)}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the stack makes and hands out its own token
