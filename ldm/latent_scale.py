@@ -18,8 +18,9 @@ class LatentScale:
         """A fixed scale from the config (e.g. SD's 0.18215, no shift), else 1/std and the mean of the data. A fixed
         scale that would leave the latents' std more than 2x off 1 belongs to another autoencoder: refused."""
         if config_scale:
-            std = config_scale / measured_scale  # the std the UNet would see: config_scale * (1 / measured_scale)
-            if measured_scale > 0 and not 0.5 <= std <= 2.0:
+            # the std the UNet would see: config_scale * (1 / measured_scale); a cache without a measured scale has 0
+            std = config_scale / measured_scale if measured_scale > 0 else 1.0
+            if not 0.5 <= std <= 2.0:
                 from ldm.config import ConfigError
                 raise ConfigError(f"scale_factor={config_scale:g} gives these latents a std of {std:.3g}, not ~1: it "
                                   f"was chosen for another autoencoder (this cache's is 1/std = {measured_scale:.5g}). "

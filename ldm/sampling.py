@@ -185,6 +185,6 @@ def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts
     cond, uncond = conditioner.prompts(prompts)
     fn = guided(net, cond, uncond, cfg_scale) if cond else (lambda x, t: net(x, t))
     ts = ddim_timesteps(alphas_cumprod.shape[0], steps)
-    extra = {"eta": eta} if sampler == "ddim" else {}
+    extra = {"eta": eta} if eta else {}  # only DDIM takes it (checked above)
     z = SAMPLERS[sampler](fn, x_t, ts, alphas_cumprod, parameterization=parameterization, generator=g, **extra)
     return decode(latent_scale.to_latent(z)).clamp(-1, 1)

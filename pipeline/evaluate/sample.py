@@ -48,8 +48,7 @@ class LDMSampler:
             raise ValueError(f"autoencoder {ae_spec} (weights {ae.identity['weights_sha256']}) is not the one the "
                              f"model was trained with ({want}); pass --autoencoder with the right first stage")
         self.decode, self.resolution, self.device = ae.model.to(device).decode, ae.cfg.resolution, device
-        # pixel sizes a sample can have: whole latents that the UNet's downsamplings divide
-        self.size_multiple = ae.cfg.downsample_factor * 2 ** (len(self.net.cfg.unet.channel_mult) - 1)
+        self.f = ae.cfg.downsample_factor  # pixels per latent, the paper's f
         self.conditioner = Conditioner.build(self.net, text_encoder or text_encoder_path(self.info["text_encoder"]),
                                              device)
         self.alphas_cumprod = Schedule.from_config(self.net.cfg.diffusion).alphas_cumprod
@@ -63,7 +62,8 @@ class LDMSampler:
         shape = tuple(self.info["latent_shape"])
         if size is None:
             return shape
-        m, f = self.size_multiple, self.resolution // shape[-1]
+        # whole latents that the UNet's downsamplings divide
+        f, m = self.f, self.f * 2 ** (len(self.net.cfg.unet.channel_mult) - 1)
         if any(v <= 0 or v % m for v in size):
             raise ValueError(f"sample size {size[0]}x{size[1]} is not a positive multiple of {m} (the first stage's "
                              f"f={f} times the UNet's {m // f}x downsampling): e.g. {2 * self.resolution}x"

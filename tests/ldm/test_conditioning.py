@@ -83,6 +83,7 @@ def test_latent_scale_goes_both_ways():
     # SD's 0.18215 on a self-trained autoencoder whose latents have std 0.5 (1/std = 2): std 0.09, refused
     with pytest.raises(ConfigError, match="scale_factor=0.18215 gives these latents a std of 0.0911"):
         LatentScale.choose(0.18215, [0.5], 2.0)
+    assert LatentScale.choose(0.18215, [0.0], 0.0) == LatentScale(0.18215, 0.0)  # no measured scale: nothing to check
 
 
 def test_cfg_dropout():
