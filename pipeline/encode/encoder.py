@@ -8,13 +8,37 @@ import torch
 from ldm.autoencoder import encode_latent
 
 
+PRECISIONS = ("auto", "fp32", "autocast", "bf16")
+COMPILE = ("auto", "on", "off")
+
+
 class LatentEncoder:
+    """precision: fp32; autocast (fp32 weights, bf16 matmuls/convs); bf16 (bf16 weights and activations, norm
+    statistics accumulated in fp32); auto = bf16 on a GPU, fp32 on a CPU.
+    compile: torch.compile the encoder (GroupNorm + SiLU fused; a one-off compile per actor); auto = on a GPU.
+    Measured on one H200, KL-f8 at 256 px, batch 128: autocast 575 img/s, bf16 712, bf16 + compile 1177;
+    channels_last made eager bf16 slower (537) and compiled bf16 no faster (1169), so it is off by default."""
+
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
-                 store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = ""):
+                 store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = "",
+                 precision: str = "auto", compile: str = "auto", channels_last: bool = False):
         from pipeline.common.models import load_autoencoder
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if compile not in COMPILE:
+            raise ValueError(f"compile {compile!r}: use one of {', '.join(COMPILE)}")
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.ae = load_autoencoder(autoencoder, autoencoder_preset, tracking_uri).model.to(self.device)
+        if precision == "auto":
+            precision = "bf16" if self.device == "cuda" else "fp32"
+        self.autocast = precision == "autocast"
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.ae = load_autoencoder(autoencoder, autoencoder_preset, tracking_uri).model
+        self.ae = self.ae.to(self.device, self.dtype).to(memory_format=fmt)
+        self.fmt = fmt
+        on = compile == "on" or (compile == "auto" and self.device == "cuda")
+        self.encode = torch.compile(self._encode) if on else self._encode
         self.resolution = resolution
         self.text = None
         self.tokenizer = None
@@ -34,9 +58,9 @@ class LatentEncoder:
         mean = std = None
         if good.any():
             px = np.stack([np.frombuffer(b, np.uint8).reshape(r, r, 3) for b in batch["pixels"][good]])
-            x = torch.from_numpy(px).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
-                m, s = encode_latent(self.ae, x)
+            x = torch.from_numpy(px).to(self.device).permute(0, 3, 1, 2)  # NHWC bytes: channels_last already
+            x = (x.float() / 127.5 - 1.0).to(self.dtype).contiguous(memory_format=self.fmt)
+            m, s = self.encode(x)
             mean, std = m.float().flatten(1).cpu().numpy(), s.float().flatten(1).cpu().numpy()
         d = mean.shape[1] if mean is not None else 1
         out["latent_mean"] = np.zeros((n, d), np.float16)
@@ -52,6 +76,10 @@ class LatentEncoder:
             if self.store_text_embeddings:
                 out["text_emb"] = self.embed(ids, mask).reshape(n, -1).astype(np.float16)
         return out
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            return encode_latent(self.ae, x)
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         """Text embeddings, each distinct (tokens, mask) row encoded once: captions repeat within a batch (templates,

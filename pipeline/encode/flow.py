@@ -33,6 +33,8 @@ class EncodeOptions:
     gpus_per_encoder: float = -1.0       # -1: 1 when the cluster has GPUs, else 0
     cpus_per_decoder: float = 0.5
     batch_size: int = 64
+    precision: str = "auto"              # the encoders' arithmetic: auto = bf16 weights on a GPU, fp32 on a CPU
+    compile: str = "auto"                # torch.compile the autoencoder: auto = on a GPU
     decode_batch_size: int = 64
     max_shards: int = 0                  # 0 = all pending shards
     object_store_mb: int = 512
@@ -115,7 +117,7 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log):
                                    text_encoder=opts.text_encoder, max_length=opts.max_length,
                                    store_text_embeddings=opts.store_text_embeddings,
                                    resolution=opts.preprocess.resolution, threads=max(1, int(opts.cpus_per_encoder)),
-                                   tracking_uri=opts.mlflow_uri))
+                                   tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile))
 
 
 def write_encoded(ds, writer: CacheWriter, total: int, log) -> int:

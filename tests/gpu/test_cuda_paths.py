@@ -54,7 +54,7 @@ def test_autoencoder_bf16_autocast_matches_fp32():
 
 
 def test_latent_encoder_actor_on_this_device():
-    """pipeline.encode.encoder.LatentEncoder, the Ray Data callable, as a GPU actor would run it (bf16 autocast)."""
+    """pipeline.encode.encoder.LatentEncoder, the Ray Data callable, as a GPU actor would run it (bf16 weights)."""
     from pipeline.encode.encoder import LatentEncoder
     enc = LatentEncoder("random:demo", "", "none", 16, False, 32)
     assert enc.device == DEV
