@@ -76,6 +76,13 @@ def parse(argv=None):
     r.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the autoencoder in each encoder actor (a one-off compile of ~15 s on a GPU, "
                         "then 1.65x bf16 on an H200); auto = on a GPU, off on a CPU")
+    r.add_argument("--write-batch-size", type=int, default=EncodeOptions.write_batch_size,
+                   help="encoded rows per write task: the write stage turns them into one parquet part per source "
+                        "shard on the worker that runs it (bigger = fewer, larger parts)")
+    r.add_argument("--num-writers", type=int, default=EncodeOptions.num_writers,
+                   help="write tasks at once (0 = as many as Ray Data schedules on the free CPUs)")
+    r.add_argument("--compact-seconds", type=float, default=EncodeOptions.compact_seconds,
+                   help="rewrite manifest.json from the per-shard commit records this often (and at the end)")
     r.add_argument("--decode-batch-size", type=int, default=64, help="records per decode task batch")
     r.add_argument("--address", default="", help="Ray cluster to join (default: RAY_ADDRESS, set by `ray job submit`; "
                    "unset: a private embedded Ray on 127.0.0.1)")
@@ -100,7 +107,9 @@ def main(argv=None) -> int:
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,
                          cpus_per_encoder=a.cpus_per_encoder, gpus_per_encoder=a.gpus_per_encoder,
                          cpus_per_decoder=a.cpus_per_decoder, batch_size=a.batch_size, precision=a.precision,
-                         compile=a.compile, decode_batch_size=a.decode_batch_size, max_shards=a.max_shards,
+                         compile=a.compile, write_batch_size=a.write_batch_size, num_writers=a.num_writers,
+                         compact_seconds=a.compact_seconds, decode_batch_size=a.decode_batch_size,
+                         max_shards=a.max_shards,
                          object_store_mb=a.object_store_mb, num_cpus=a.num_cpus, address=a.address,
                          mlflow_uri=credentials_to_env(a.mlflow_uri), experiment=a.experiment)
     summary = run_encode(opts)

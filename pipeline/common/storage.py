@@ -82,6 +82,15 @@ def write_json_atomic(uri: str, obj: Any) -> None:
     write_bytes_atomic(uri, json.dumps(obj, indent=2, default=_json_default).encode())
 
 
+def remove(uri: str) -> None:
+    """Delete a file; one that is already gone is fine (a sweep that raced another)."""
+    fs, path = fs_and_path(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def makedirs(uri: str) -> None:
     if is_remote(uri):
         return  # object stores have no directories

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.common import storage
-from pipeline.encode.latent_cache import CacheWriter
+from pipeline.encode.latent_cache import ShardLedger, write_parts
 from pipeline.common.models import load_autoencoder, text_encoder_identity
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.data.sources import discover_shards
@@ -36,6 +36,9 @@ class EncodeOptions:
     precision: str = "auto"              # the encoders' arithmetic: auto = bf16 weights on a GPU, fp32 on a CPU
     compile: str = "auto"                # torch.compile the autoencoder: auto = on a GPU
     decode_batch_size: int = 64
+    write_batch_size: int = 1024         # encoded rows per write task (a part holds one shard's rows of a batch)
+    num_writers: int = 0                 # write tasks at once; 0 = as many as Ray Data schedules
+    compact_seconds: float = 30.0        # how often the manifest is rewritten from the commit records
     max_shards: int = 0                  # 0 = all pending shards
     object_store_mb: int = 512
     num_cpus: int = 0                    # embedded Ray only; 0 = all
@@ -73,19 +76,25 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
                                                                                opts.store_text_embeddings),
               "resolution": res, "latent_shape": latent_shape, "layout": shard_set.layout,
               "preprocess": opts.preprocess.to_dict()}
-    writer = CacheWriter(opts.output, header)
-    todo = [s for s in shard_set.shards if s not in writer.completed]
+    ledger = ShardLedger(opts.output, header, opts.compact_seconds)
+    todo = [s for s in shard_set.shards if s not in ledger.completed]
     already = len(shard_set.shards) - len(todo)
     if opts.max_shards:
         todo = todo[: opts.max_shards]
     log(f"[encode] {len(shard_set.shards)} {shard_set.layout} shards at {opts.input}: {already} already done, "
         f"{len(todo)} to encode -> {opts.output}  (latent {latent_shape}, autoencoder "
         f"{ae.identity['config_hash']}/{ae.identity['weights_sha256']})")
-    writer.start(todo)
+    swept = ledger.start(todo)
+    if swept:
+        log(f"[encode] removed {swept} file(s) of an interrupted run that no commit names")
     t0 = time.time()
-    kept = write_encoded(encoded_records(opts, todo, shard_set.layout, log), writer, len(todo), log) if todo else 0
-    writer.write_manifest()
-    m = writer.manifest
+    try:
+        kept = write_encoded(write_stage(encoded_records(opts, todo, shard_set.layout, log), opts, latent_shape[0],
+                                         ledger.run), ledger, len(todo), log) if todo else 0
+    finally:
+        ledger.write_manifest()  # the commits so far, compacted, whatever happened
+    ledger.sweep()  # parts of write tasks that Ray Data retried: written, but no commit names them
+    m = ledger.manifest
     summary = {"output": opts.output, "shards_total": len(shard_set.shards),
                "shards_done": len(m["completed_shards"]), "shards_failed": m["failed_shards"],
                "encoded_this_run": len(todo), "images_per_s": round(kept / max(1e-9, time.time() - t0), 2),
@@ -120,13 +129,21 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log):
                                    tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile))
 
 
-def write_encoded(ds, writer: CacheWriter, total: int, log) -> int:
-    """Drain the chain into the cache, one line per finished shard (counts by reason, img/s, ETA); the images kept."""
+def write_stage(ds, opts: EncodeOptions, channels: int, run: str):
+    """The write stage: encoded rows become parquet parts on the workers; only per-shard summaries go on."""
+    return ds.map_batches(write_parts, batch_size=opts.write_batch_size, batch_format="numpy", num_cpus=0.25,
+                          concurrency=opts.num_writers or None,
+                          fn_kwargs={"output": opts.output, "channels": channels, "run": run})
+
+
+def write_encoded(summaries, ledger: ShardLedger, total: int, log) -> int:
+    """Commit each shard as its summaries add up, one line per finished shard (counts by reason, img/s, ETA);
+    returns the images kept."""
     t0, kept, n_done = time.time(), 0, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for uri in writer.add_batch(batch):
+    for batch in summaries.iter_batches(batch_size=None, batch_format="numpy"):
+        for uri in ledger.add(batch):
             n_done += 1
-            sh = writer.manifest["shards"][uri]
+            sh = ledger.manifest["shards"][uri]
             kept += sh["kept"]
             rate = kept / max(1e-9, time.time() - t0)
             eta = (time.time() - t0) / n_done * (total - n_done)
@@ -134,8 +151,8 @@ def write_encoded(ds, writer: CacheWriter, total: int, log) -> int:
             status = f"ERROR {sh['error']}" if sh.get("error") else "ok"
             log(f"[encode] shard {n_done}/{total} {uri.rsplit('/', 1)[-1]}: kept {sh['kept']}, "
                 f"skipped {sum(sh['skipped'].values())} ({skipped}) {status} | {rate:.1f} img/s, ETA {_fmt_eta(eta)}")
-    if writer.pending:  # should not happen: every shard ends with its counted marker row
-        raise EncodeFailed(f"rows of shards {sorted(writer.pending)} never completed")
+    if ledger.pending:  # should not happen: every shard ends with its counted marker row
+        raise EncodeFailed(f"rows of shards {sorted(ledger.pending)} never completed")
     return kept
 
 

@@ -1,19 +1,27 @@
-"""The latent cache: one parquet part per source shard + `manifest.json`.
+"""The latent cache: parquet parts written by Ray workers, one commit record per finished shard, a manifest.
 
 A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*h*w), input_ids /
 attention_mask, optionally text_emb (fp16, L*d), original size, crop offsets, label, meta (JSON).
-The manifest names the autoencoder and text encoder (config hash + weights hash), the latent shape,
-per-channel latent statistics, counts read / kept / skipped by reason, and which source shards are done.
-Parts and manifest are written atomically; a part is named after its source shard, so a rerun that redoes
-a shard replaces its part and rows are never duplicated.
+
+Who writes what (format version 2):
+- `parts/<run>-<shard>-<id>.parquet`: a write task's rows of one source shard (a shard spans several parts).
+  Written by the Ray Data write stage where the rows are (`write_parts`); the driver never holds a latent.
+- `commits/<shard>-<hash>-<id>.json`: written by the driver when a shard's rows have all been written: its
+  counts by skip reason, latent statistics, error and part files. One small file per shard: O(1) per commit.
+- `manifest.json`: the identities (autoencoder, text encoder: config hash + weights hash), latent shape and the
+  compacted commit records, rewritten every `compact_seconds` and at the end. Readers and resume take the
+  manifest plus the commit records it does not hold yet (`read_manifest`).
+Every file is written atomically under a fresh name, so a killed run leaves only whole files; parts that no
+commit names (a killed run's, a retried task's) are swept by the next run, and a redone shard's commit replaces
+the old one, so rows are never duplicated.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import time
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -23,29 +31,63 @@ import pyarrow.parquet as pq
 from pipeline.common import storage
 
 MANIFEST = "manifest.json"
-VERSION = 1
+VERSION = 2
+# the encoder's bookkeeping columns: routed by the driver's ledger, never stored in a part
+ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext")
 
 
 class CacheMismatch(ValueError):
     """The output already holds a cache made with another autoencoder / text encoder / shape."""
 
 
-def part_name(shard_uri: str) -> str:
+def _shard_base(shard_uri: str) -> str:
     base = shard_uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return f"parts/{base}-{hashlib.sha1(shard_uri.encode()).hexdigest()[:8]}.parquet"
+    return f"{base}-{hashlib.sha1(shard_uri.encode()).hexdigest()[:8]}"
+
+
+def commit_name(shard_uri: str) -> str:
+    return f"commits/{_shard_base(shard_uri)}-{uuid.uuid4().hex[:8]}.json"
+
+
+def _list(uri: str) -> list[str]:
+    """Names in a cache folder ([] when it does not exist yet)."""
+    fs, path = storage.fs_and_path(uri)
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def pending_commits(cache_uri: str, manifest: dict) -> list[dict]:
+    """Commit records the manifest does not hold yet (a run killed between compactions), oldest first."""
+    known = {sh.get("commit") for sh in manifest.get("shards", {}).values()}
+    names = [n for n in _list(storage.join(cache_uri, "commits")) if n.endswith(".json") and
+             f"commits/{n}" not in known]
+    recs = [storage.read_json(storage.join(cache_uri, "commits", n)) for n in names]
+    return sorted((r for r in recs if r), key=lambda r: r["finished"])
 
 
 def read_manifest(cache_uri: str) -> dict:
+    """The manifest with the commit records it does not hold yet folded in (what readers and resume see)."""
     m = storage.read_json(storage.join(cache_uri, MANIFEST))
     if m is None:
         raise FileNotFoundError(f"no {MANIFEST} at {cache_uri!r}: is it a latent cache written by "
                                 f"jobs/encode_latents.py?")
+    pending = pending_commits(cache_uri, m)
+    if pending:
+        for rec in pending:
+            m["shards"][rec["uri"]] = rec["entry"]
+        summarise(m)
     return m
+
+
+def shard_files(entry: dict) -> list[str]:
+    return entry.get("files") or ([entry["file"]] if entry.get("file") else [])  # version 1: one part per shard
 
 
 def part_files(cache_uri: str, manifest: dict | None = None) -> list[str]:
     m = manifest or read_manifest(cache_uri)
-    return [storage.join(cache_uri, s["file"]) for _, s in sorted(m["shards"].items()) if s.get("file")]
+    return [storage.join(cache_uri, f) for _, s in sorted(m["shards"].items()) for f in shard_files(s)]
 
 
 def decoded_bytes(files: list[str], columns: list[str], rows: int) -> int:
@@ -89,15 +131,98 @@ def totals(manifest: dict) -> dict:
     return out
 
 
-class CacheWriter:
-    """Collects encoded rows per source shard; writes a shard's part when all its rows have arrived."""
+SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "stats")
 
-    def __init__(self, output: str, header: dict):
+
+def _table(batch: dict, rows: np.ndarray) -> pa.Table:
+    """The parquet table of `rows` of an encoder output batch, column by column (no per-row dicts)."""
+    col = {k: v[rows] for k, v in batch.items() if k not in ROUTING}
+    cols = {"key": pa.array([str(k) for k in col["key"]]), "caption": pa.array([str(c) for c in col["caption"]]),
+            "latent_mean": _fsl(col["latent_mean"], pa.float16()), "latent_std": _fsl(col["latent_std"], pa.float16())}
+    if "input_ids" in col:
+        cols["input_ids"] = _fsl(col["input_ids"], pa.int32())
+        cols["attention_mask"] = _fsl(col["attention_mask"], pa.int8())
+    if "text_emb" in col:
+        cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
+    for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
+        cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
+    labels = []
+    for meta in col["meta"]:
+        lab = json.loads(meta).get("label") if meta else None
+        labels.append(int(lab) if isinstance(lab, (int, float)) and lab == lab else None)
+    cols["label"] = pa.array(labels, pa.int32())
+    cols["meta"] = pa.array([str(m or "") for m in col["meta"]])
+    return pa.table(cols)
+
+
+def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
+    """Ray Data map_batches (numpy), on the workers: an encoder output batch's good rows written as one parquet
+    part per source shard (atomic, rows by key), returned as one small summary row per shard (counts by skip
+    reason, latent sums, the part's name): what the driver commits."""
+    shard = np.asarray(batch["shard"], np.int64)
+    keys = np.array([str(k) for k in batch["key"]], dtype=object)
+    skip = np.array([str(k) for k in batch["skip"]], dtype=object)
+    out = {k: [] for k in SUMMARY}
+    for s in np.unique(shard):
+        idx = np.flatnonzero(shard == s)
+        real = idx[keys[idx] != ""]  # the marker row of an empty or unreadable shard is no record
+        good = real[skip[real] == ""]
+        totals_ = np.asarray(batch["shard_total"])[idx]
+        marker = idx[totals_ >= 0]
+        file, stats = "", {}
+        if len(good):
+            good = good[np.argsort(keys[good], kind="stable")]
+            buf = io.BytesIO()
+            pq.write_table(_table(batch, good), buf, compression="zstd")
+            file = f"parts/{run}-{s:07d}-{uuid.uuid4().hex[:8]}.parquet"
+            storage.write_bytes_atomic(storage.join(output, file), buf.getvalue())
+            mean = np.asarray(batch["latent_mean"])[good].astype(np.float64).reshape(len(good), channels, -1)
+            std = np.asarray(batch["latent_std"])[good].astype(np.float64).reshape(len(good), channels, -1)
+            stats = {"sum": mean.sum(axis=(0, 2)).tolist(),
+                     "sumsq": (mean ** 2 + std ** 2).sum(axis=(0, 2)).tolist(),  # E[z^2], z ~ q(z|x)
+                     "n": int(mean.shape[0] * mean.shape[2])}
+        out["shard"].append(int(s))
+        out["got"].append(len(idx))
+        out["total"].append(int(totals_[totals_ >= 0][0]) if len(marker) else -1)
+        out["error"].append(str(batch["shard_error"][marker[0]]) if len(marker) else "")
+        out["read"].append(len(real))
+        out["kept"].append(len(good))
+        out["skipped"].append(json.dumps(Counter(skip[real][skip[real] != ""].tolist())))
+        out["file"].append(file)
+        out["stats"].append(json.dumps(stats))
+    return {k: np.array(v, dtype=object if k in ("error", "skipped", "file", "stats") else np.int64)
+            for k, v in out.items()}
+
+
+def _add_stats(a: dict, b: dict) -> dict:
+    if not a:
+        return b
+    if not b:
+        return a
+    return {"sum": (np.array(a["sum"]) + b["sum"]).tolist(), "sumsq": (np.array(a["sumsq"]) + b["sumsq"]).tolist(),
+            "n": a["n"] + b["n"]}
+
+
+def summarise(m: dict) -> None:
+    """The manifest's derived fields (done and failed shards, totals, counts), from its shard entries."""
+    m["completed_shards"] = sorted(u for u, s in m["shards"].items() if not s.get("error"))
+    m["failed_shards"] = {u: s["error"] for u, s in sorted(m["shards"].items()) if s.get("error")}
+    m["totals"] = totals(m)
+    m["counts"] = {k: m["totals"][k] for k in ("read", "kept", "skipped_total")}
+    m["skipped"] = m["totals"]["skipped"]
+
+
+class ShardLedger:
+    """The driver's side of the cache: checks the header, adds up the write stage's per-shard summaries, commits
+    each shard when all its rows are counted (one small record), and compacts the manifest now and then."""
+
+    def __init__(self, output: str, header: dict, compact_seconds: float = 30.0):
         self.output = output
-        self.manifest = storage.read_json(storage.join(output, MANIFEST))
-        if self.manifest is None:
+        self.compact_seconds = compact_seconds
+        if storage.read_json(storage.join(output, MANIFEST)) is None:
             self.manifest = {"version": VERSION, **header, "shards": {}, "created": time.time()}
         else:
+            self.manifest = read_manifest(output)
             for key in ("autoencoder", "text_encoder", "latent_shape", "resolution"):
                 old, new = self.manifest.get(key), header.get(key)
                 if key == "autoencoder":
@@ -108,102 +233,73 @@ class CacheWriter:
                         f"{output} already holds a latent cache with {key}={old} but this run has {key}={new}; "
                         f"write to a new --output (latents of different encoders must not be mixed)")
             self.manifest.update({k: v for k, v in header.items() if k not in self.manifest})
+            self.manifest["version"] = VERSION
+        self.run = uuid.uuid4().hex[:8]  # names this run's parts: never the same as a killed run's
         self.shard_uris: dict[int, str] = {}
         self.pending: dict[int, dict] = {}
+        self.last_compact = time.time()
 
     @property
     def completed(self) -> set[str]:
         return {u for u, s in self.manifest["shards"].items() if not s.get("error")}
 
-    def start(self, shard_uris: list[str]) -> None:
+    def start(self, shard_uris: list[str]) -> int:
+        """Take the shards to encode; sweep temp files and parts no commit names (a killed run's). Returns how many
+        files were swept."""
         self.shard_uris = dict(enumerate(shard_uris))
-        parts = storage.join(self.output, "parts")
-        if not storage.is_remote(parts) and os.path.isdir(parts):  # temp files of a killed run
-            for name in os.listdir(parts):
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.unlink(os.path.join(parts, name))
         self.manifest["sources"] = sorted(set(self.manifest.get("sources", [])) | set(shard_uris))
+        self.write_manifest()
+        return self.sweep()
 
-    def _pending(self, shard: int) -> dict:
-        return self.pending.setdefault(shard, {"rows": [], "got": 0, "total": None, "error": None,
-                                               "skipped": Counter(), "read": 0})
+    def sweep(self) -> int:
+        entries = self.manifest["shards"].values()
+        named = {f for s in entries for f in shard_files(s)} | {s.get("commit") for s in entries}
+        stale = [f"{d}/{n}" for d in ("parts", "commits") for n in _list(storage.join(self.output, d))
+                 if f"{d}/{n}" not in named]
+        for name in stale:
+            storage.remove(storage.join(self.output, name))
+        return len(stale)
 
-    def add_batch(self, batch: dict) -> list[str]:
-        """Route a batch of encoder output; returns the shard URIs completed by it."""
-        n = len(batch["shard"])
-        touched = set()
-        for i in range(n):
-            p = self._pending(int(batch["shard"][i]))
-            p["got"] += 1
-            touched.add(int(batch["shard"][i]))
-            if batch["shard_total"][i] >= 0:
-                p["total"] = int(batch["shard_total"][i])
-                p["error"] = str(batch["shard_error"][i]) or None
-            if not batch["key"][i]:  # the marker row of a shard that yielded no record
-                continue
-            p["read"] += 1
-            if batch["skip"][i]:
-                p["skipped"][batch["skip"][i]] += 1
-            else:
-                p["rows"].append({k: batch[k][i] for k in batch if k not in ("skip", "shard_total", "shard_error",
-                                                                            "shard", "ext")})
+    def add(self, summary: dict) -> list[str]:
+        """Fold a batch of write-stage summaries in; returns the shard URIs that it completed (now committed)."""
         done = []
-        for s in touched:
-            p = self.pending[s]
+        for i in range(len(summary["shard"])):
+            s = int(summary["shard"][i])
+            p = self.pending.setdefault(s, {"got": 0, "total": None, "error": None, "read": 0, "kept": 0,
+                                            "skipped": Counter(), "files": [], "stats": {}})
+            p["got"] += int(summary["got"][i])
+            if summary["total"][i] >= 0:
+                p["total"], p["error"] = int(summary["total"][i]), str(summary["error"][i]) or None
+            p["read"] += int(summary["read"][i])
+            p["kept"] += int(summary["kept"][i])
+            p["skipped"].update(json.loads(summary["skipped"][i]))
+            if summary["file"][i]:
+                p["files"].append(str(summary["file"][i]))
+            p["stats"] = _add_stats(p["stats"], json.loads(summary["stats"][i]))
             if p["total"] is not None and p["got"] == p["total"]:
-                done.append(self._finish(s, self.pending.pop(s)))
+                done.append(self.commit(s, self.pending.pop(s)))
+        if done and time.time() - self.last_compact > self.compact_seconds:
+            self.write_manifest()
         return done
 
-    def _finish(self, shard: int, p: dict) -> str:
+    def commit(self, shard: int, p: dict) -> str:
         uri = self.shard_uris[shard]
-        rows = sorted(p["rows"], key=lambda r: str(r["key"]))
-        entry = {"read": p["read"], "kept": len(rows), "skipped": dict(p["skipped"]), "error": p["error"],
-                 "finished": time.time()}
-        if rows:
-            table = self._table(rows)
-            buf = io.BytesIO()
-            pq.write_table(table, buf, compression="zstd")
-            entry["file"] = part_name(uri)
-            storage.write_bytes_atomic(storage.join(self.output, entry["file"]), buf.getvalue())
-            c = self.manifest["latent_shape"][0]
-            mean = np.stack([r["latent_mean"] for r in rows]).astype(np.float64).reshape(len(rows), c, -1)
-            std = np.stack([r["latent_std"] for r in rows]).astype(np.float64).reshape(len(rows), c, -1)
-            entry["stats"] = {"sum": mean.sum(axis=(0, 2)).tolist(),
-                              "sumsq": (mean ** 2 + std ** 2).sum(axis=(0, 2)).tolist(),  # E[z^2], z ~ q(z|x)
-                              "n": int(mean.shape[0] * mean.shape[2])}
+        entry = {"read": p["read"], "kept": p["kept"], "skipped": dict(sorted(p["skipped"].items())),
+                 "error": p["error"], "files": sorted(p["files"]), "commit": commit_name(uri), "finished": time.time()}
+        if p["stats"]:
+            entry["stats"] = p["stats"]
+        storage.write_json_atomic(storage.join(self.output, entry["commit"]), {"uri": uri, "entry": entry,
+                                                                              "finished": entry["finished"]})
+        old = self.manifest["shards"].get(uri)
         self.manifest["shards"][uri] = entry
-        self.write_manifest()
+        if old:  # a redone shard (it failed before): its old parts and commit record go, after the new commit
+            for f in [*shard_files(old), old.get("commit")]:
+                if f and f not in entry["files"]:
+                    storage.remove(storage.join(self.output, f))
         return uri
 
-    def _table(self, rows: list[dict]) -> pa.Table:
-        cols = {"key": pa.array([str(r["key"]) for r in rows]),
-                "caption": pa.array([str(r["caption"]) for r in rows]),
-                "latent_mean": _fsl(np.stack([r["latent_mean"] for r in rows]), pa.float16()),
-                "latent_std": _fsl(np.stack([r["latent_std"] for r in rows]), pa.float16())}
-        if "input_ids" in rows[0]:
-            cols["input_ids"] = _fsl(np.stack([r["input_ids"] for r in rows]), pa.int32())
-            cols["attention_mask"] = _fsl(np.stack([r["attention_mask"] for r in rows]), pa.int8())
-        if "text_emb" in rows[0]:
-            cols["text_emb"] = _fsl(np.stack([r["text_emb"] for r in rows]), pa.float16())
-        for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
-            cols[c] = pa.array([int(r[c]) for r in rows], pa.int32())
-        labels = []
-        for r in rows:
-            meta = r.get("meta")
-            lab = None
-            if meta:
-                lab = json.loads(meta).get("label")
-            labels.append(int(lab) if isinstance(lab, (int, float)) and lab == lab else None)
-        cols["label"] = pa.array(labels, pa.int32())
-        cols["meta"] = pa.array([str(r.get("meta") or "") for r in rows])
-        return pa.table(cols)
-
     def write_manifest(self) -> None:
-        m = self.manifest
-        m["updated"] = time.time()
-        m["completed_shards"] = sorted(u for u, s in m["shards"].items() if not s.get("error"))
-        m["failed_shards"] = {u: s["error"] for u, s in sorted(m["shards"].items()) if s.get("error")}
-        m["totals"] = totals(m)
-        m["counts"] = {k: m["totals"][k] for k in ("read", "kept", "skipped_total")}
-        m["skipped"] = m["totals"]["skipped"]
-        storage.write_json_atomic(storage.join(self.output, MANIFEST), m)
+        self.manifest["updated"] = time.time()
+        summarise(self.manifest)
+        storage.write_json_atomic(storage.join(self.output, MANIFEST), self.manifest)
+        self.last_compact = time.time()

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def opts(inp, out, ae, **kw):
     pre = kw.pop("preprocess", PreprocessConfig(resolution=16))
     return EncodeOptions(input=str(inp), output=str(out), autoencoder=ae, preprocess=pre, batch_size=32,
-                         max_length=16, **kw)
+                         write_batch_size=32, max_length=16, **kw)
 
 
 def read_cache(out):
@@ -131,7 +131,9 @@ def test_s3_input_and_output(ray_local, s3_server, fmnist_shards, tmp_path):
     m = json.loads(fs.cat("ldm-test/latents/manifest.json"))
     assert m["counts"]["kept"] == s["kept"] > 100 and m["text_encoder"]["source"] == "s3://ldm-test/minilm"
     assert m["text_encoder"]["dim"] == 384 and m["text_encoder"]["embeddings"] is True
-    assert all(fs.exists(f"ldm-test/latents/{sh['file']}") for sh in m["shards"].values())
+    files = [f for sh in m["shards"].values() for f in sh["files"]]
+    assert files and all(fs.exists(f"ldm-test/latents/{f}") for f in files)
+    assert len(fs.ls("ldm-test/latents/commits")) == 3  # one commit record per shard
 
 
 def test_mlflow_summary(ray_local, fmnist_shards, tmp_path):
@@ -146,7 +148,8 @@ def test_mlflow_summary(ray_local, fmnist_shards, tmp_path):
 
 def _encode_cmd(inp, out):
     return [sys.executable, str(ROOT / "jobs" / "encode_latents.py"), "--input", str(inp), "--output", str(out),
-            "--autoencoder", "random:demo", "--resolution", "32", "--batch-size", "16", "--max-length", "8"]
+            "--autoencoder", "random:demo", "--resolution", "32", "--batch-size", "16", "--max-length", "8",
+            "--write-batch-size", "16"]
 
 
 def test_kill_and_resume_equals_uninterrupted(ray_local, tmp_path):
@@ -158,16 +161,16 @@ def test_kill_and_resume_equals_uninterrupted(ray_local, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     proc = subprocess.Popen(_encode_cmd(tmp_path / "in", tmp_path / "part"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    manifest = tmp_path / "part" / "manifest.json"
     t0 = time.time()
-    while time.time() - t0 < 300:
-        if manifest.exists() and len(json.loads(manifest.read_text())["completed_shards"]) >= 2:
+    while time.time() - t0 < 300:  # shards are committed one record each; the manifest is compacted later
+        commits = tmp_path / "part" / "commits"
+        if commits.exists() and len([c for c in commits.iterdir() if c.suffix == ".json"]) >= 2:
             break
         assert proc.poll() is None, "the job ended before it could be interrupted"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = json.loads(manifest.read_text())["completed_shards"]
+    done_at_kill = read_manifest(str(tmp_path / "part"))["completed_shards"]  # manifest + commit records
     assert 2 <= len(done_at_kill) < 8, done_at_kill
     visible = sorted(p.name for p in (tmp_path / "part" / "parts").iterdir() if not p.name.startswith("."))
     assert len(visible) >= len(done_at_kill)  # only whole files under final names
@@ -179,7 +182,11 @@ def test_kill_and_resume_equals_uninterrupted(ray_local, tmp_path):
     mp, _, keys_part = read_cache(tmp_path / "part")
     assert sorted(keys_part) == sorted(keys_full) and len(keys_part) == len(set(keys_part)) == 480
     assert mp["counts"] == mf["counts"] and mp["completed_shards"] == mf["completed_shards"]
-    assert not [p for p in (tmp_path / "part" / "parts").iterdir() if p.name.startswith(".")]  # stale temp files swept
+    assert mp["totals"]["latent_channel_std"] == pytest.approx(mf["totals"]["latent_channel_std"], rel=1e-6)
+    # the killed run's unfinished parts and temp files are swept: every file left is one a commit names
+    named = {f for sh in mp["shards"].values() for f in [*sh["files"], sh["commit"]]}
+    left = {f"{d}/{p.name}" for d in ("parts", "commits") for p in (tmp_path / "part" / d).iterdir()}
+    assert left == named, left ^ named
 
 
 def test_decompression_bomb_counts_as_too_large(monkeypatch):
