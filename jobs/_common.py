@@ -78,6 +78,9 @@ def add_run_args(p, cls, what: str) -> dict:
     s = p.add_argument_group("distribution (Ray Train)")
     s.add_argument("--num-workers", type=int, default=dv["num_workers"],
                    help="Ray Train workers (one per GPU on a GPU cluster)")
+    s.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   default=dv["placement_strategy"], help="how the workers are placed over the cluster's nodes: "
+                   "PACK fills a node first, SPREAD puts them on different nodes where it can")
     s.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     s.add_argument("--cpus-per-worker", type=float, default=dv["cpus_per_worker"],
                    help="CPUs reserved per worker (0 = auto; leaves some for Ray Data)")

@@ -12,6 +12,12 @@ PRECISIONS = ("auto", "fp32", "autocast", "bf16")
 COMPILE = ("auto", "on", "off")
 
 
+def _node_id() -> str:
+    """The Ray node this runs on ("" outside Ray)."""
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class LatentEncoder:
     """precision: fp32; autocast (fp32 weights, bf16 matmuls/convs); bf16 (bf16 weights and activations, norm
     statistics accumulated in fp32); auto = bf16 on a GPU, fp32 on a CPU.
@@ -48,6 +54,7 @@ class LatentEncoder:
             self.text = FrozenHFTextEncoder(text_encoder, max_length).to(self.device)
             self.tokenizer = self.text.tokenizer
         self.max_length = max_length
+        self.node = _node_id()
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -55,6 +62,7 @@ class LatentEncoder:
         good = np.array([not s for s in batch["skip"]], dtype=bool)
         r = self.resolution
         out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["encoder_node"] = np.full(n, self.node, dtype=object)  # where the work ran, for the job's summary
         mean = std = None
         if good.any():
             px = np.stack([np.frombuffer(b, np.uint8).reshape(r, r, 3) for b in batch["pixels"][good]])

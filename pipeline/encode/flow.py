@@ -98,7 +98,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     summary = {"output": opts.output, "shards_total": len(shard_set.shards),
                "shards_done": len(m["completed_shards"]), "shards_failed": m["failed_shards"],
                "encoded_this_run": len(todo), "images_per_s": round(kept / max(1e-9, time.time() - t0), 2),
-               "seconds": round(time.time() - t0, 1), **m["totals"]}
+               "seconds": round(time.time() - t0, 1), **m["totals"],
+               "nodes": {role: sorted(ids) for role, ids in ledger.nodes.items()}}
     log(format_summary(summary))
     if opts.mlflow_uri:
         log_to_mlflow(opts, summary, m)
@@ -165,6 +166,10 @@ def format_summary(s: dict) -> str:
     if "scale_factor" in s:
         lines.append(f" latent std    {s['latent_std']}  (scale_factor {s['scale_factor']})")
     lines.append(f" this run      {s['encoded_this_run']} shards, {s['images_per_s']} img/s, {s['seconds']} s")
+    if s.get("nodes", {}).get("encoder"):
+        enc, wri = s["nodes"]["encoder"], s["nodes"]["writer"]
+        lines.append(f" ray nodes     encoders on {len(enc)}, writers on {len(wri)}: "
+                     + ", ".join(sorted({n[:12] for n in enc + wri})))
     for uri, err in s["shards_failed"].items():
         lines.append(f" FAILED shard  {err}")
     lines.append("=" * 64)

@@ -33,7 +33,7 @@ from pipeline.common import storage
 MANIFEST = "manifest.json"
 VERSION = 2
 # the encoder's bookkeeping columns: routed by the driver's ledger, never stored in a part
-ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext")
+ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node")
 
 
 class CacheMismatch(ValueError):
@@ -131,7 +131,7 @@ def totals(manifest: dict) -> dict:
     return out
 
 
-SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "stats")
+SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "stats", "nodes")
 
 
 def _table(batch: dict, rows: np.ndarray) -> pa.Table:
@@ -159,6 +159,8 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
     """Ray Data map_batches (numpy), on the workers: an encoder output batch's good rows written as one parquet
     part per source shard (atomic, rows by key), returned as one small summary row per shard (counts by skip
     reason, latent sums, the part's name): what the driver commits."""
+    import ray
+    writer = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     shard = np.asarray(batch["shard"], np.int64)
     keys = np.array([str(k) for k in batch["key"]], dtype=object)
     skip = np.array([str(k) for k in batch["skip"]], dtype=object)
@@ -190,7 +192,9 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
         out["skipped"].append(json.dumps(Counter(skip[real][skip[real] != ""].tolist())))
         out["file"].append(file)
         out["stats"].append(json.dumps(stats))
-    return {k: np.array(v, dtype=object if k in ("error", "skipped", "file", "stats") else np.int64)
+        encoders = sorted(set(str(x) for x in batch["encoder_node"][idx])) if "encoder_node" in batch else []
+        out["nodes"].append(json.dumps({"encoder": encoders, "writer": [writer] if writer else []}))
+    return {k: np.array(v, dtype=object if k in ("error", "skipped", "file", "stats", "nodes") else np.int64)
             for k, v in out.items()}
 
 
@@ -238,6 +242,7 @@ class ShardLedger:
         self.shard_uris: dict[int, str] = {}
         self.pending: dict[int, dict] = {}
         self.last_compact = time.time()
+        self.nodes: dict[str, set] = {"encoder": set(), "writer": set()}  # the Ray nodes that did this run's work
 
     @property
     def completed(self) -> set[str]:
@@ -276,6 +281,8 @@ class ShardLedger:
             if summary["file"][i]:
                 p["files"].append(str(summary["file"][i]))
             p["stats"] = _add_stats(p["stats"], json.loads(summary["stats"][i]))
+            for role, ids in json.loads(summary["nodes"][i]).items():
+                self.nodes[role].update(n for n in ids if n)
             if p["total"] is not None and p["got"] == p["total"]:
                 done.append(self.commit(s, self.pending.pop(s)))
         if done and time.time() - self.last_compact > self.compact_seconds:

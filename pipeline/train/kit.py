@@ -136,6 +136,7 @@ def fit(loop, job, opts: RunOptions, plan: RunPlan, res: Resources, datasets: di
     trainer = TorchTrainer(
         loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu,
+                                     placement_strategy=opts.placement_strategy,
                                      resources_per_worker={"CPU": res.cpus, **({"GPU": 1} if opts.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints),
@@ -188,6 +189,17 @@ class Worker:
 
     def say(self, msg: str) -> None:
         self.log(f"[{self.tag}] {msg}")
+
+    def nodes(self) -> list[str]:
+        """The Ray node of every rank (a collective: every rank calls it once the process group is up)."""
+        import ray
+        import torch.distributed as dist
+        mine = ray.get_runtime_context().get_node_id()
+        if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
+            return [mine]
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return every
 
 
 def _quiet_train_reports() -> None:

@@ -284,6 +284,8 @@ class Trainee:
         torch.manual_seed(o.seed)  # same initial weights on every rank
         model = LatentDiffusion(job.cfg)
         conditioner = Conditioner.build(model, job.text_encoder, w.device)
+        if o.compile:  # in place: the UNet's state_dict keys stay as they are for checkpoints and the export
+            model.unet.compile()
         engine, _, _, lr_sched = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(o, job.precision, w.world), dist_init_required=False,
@@ -317,8 +319,9 @@ def train_loop_per_worker(config: dict) -> None:
     if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank), w):
         w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
               f"batch {state['batch_in_epoch']} of it)")
+    nodes = w.nodes()
     w.say(f"rank 0 of {w.world}: device {w.device}, {torch.get_num_threads()} torch threads, conditioning "
-          f"{t.conditioner.mode}")
+          f"{t.conditioner.mode}; ranks on {len(set(nodes))} Ray node(s): {' '.join(n[:12] for n in nodes)}")
     if state["step"] >= o.max_steps:
         w.say(f"already at step {state['step']} >= --max-steps {o.max_steps}; nothing to train")
 

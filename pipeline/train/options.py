@@ -54,6 +54,7 @@ class RunOptions:
     config_yaml: str = ""
     overrides: tuple[str, ...] = ()
     num_workers: int = 1
+    placement_strategy: str = "PACK"     # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray Train workers over nodes)
     max_steps: int = 1000
     batch_size: int = 32                 # per worker, per micro-step
     lr: float = 1e-4
@@ -89,6 +90,7 @@ class TrainOptions(RunOptions):
     zero_stage: int = 2
     precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU
     offload: bool = False
+    compile: bool = False                # torch.compile the UNet (a bf16 step 1.19x on an H200)
     deepspeed_config: str = ""
     grad_accum: int = 1
     weight_decay: float = 0.0

@@ -88,6 +88,18 @@ def test_loss_falls_on_a_fixed_cache(tiny_cache, tmp_path):
     assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:5]), (loss[:5], loss[-10:])
 
 
+def test_compiled_unet_trains_under_deepspeed_and_exports_plain_weights(tiny_cache, tmp_path):
+    """--compile: the UNet compiled in place trains under ZeRO-2 and the export loads into an uncompiled UNet."""
+    from ldm.config import apply_overrides, get_preset
+    from ldm.unet import UNetModel
+    s = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=3, compile=True, checkpoint_every=3,
+                        sample_every=0, name="compiled"))
+    assert s["step"] == 3 and np.isfinite(s["loss"])
+    comps, config, _ = load_components(s["export"])
+    assert not [k for k in comps["unet"] if "_orig_mod" in k]
+    UNetModel(apply_overrides(get_preset("tiny"), TINY_TEXT).unet).load_state_dict(comps["unet"], strict=True)
+
+
 def test_resume_to_2n_matches_uninterrupted(tiny_cache, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     common = dict(max_failures=0, sample_every=0, checkpoint_every=10, mlflow_uri=uri, lr=1e-3)
