@@ -129,10 +129,10 @@ def unet_step_fn(preset: str, mode: set[str], batch: int, latent: int, dev: torc
         else:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return step, model, (cfg, z0, context, y, sched, g)
+    return step, model
 
 
-def unet_flops(preset: str, batch: int, latent: int, dev: torch.device) -> float:
+def unet_flops(preset: str, latent: int, dev: torch.device) -> float:
     """Model FLOPs of one sample's forward + backward, counted on the eager model."""
     from torch.utils.flop_counter import FlopCounterMode
     from ldm.config import get_preset
@@ -201,11 +201,11 @@ def main() -> None:
         from ldm.config import get_preset
         cfg = get_preset(a.preset)
         latent = a.latent or cfg.autoencoder.resolution // cfg.autoencoder.downsample_factor
-        flops = unet_flops(a.preset, a.unet_batch, latent, dev)
+        flops = unet_flops(a.preset, latent, dev)
         print(f"unet preset={a.preset} latent={cfg.unet.in_channels}x{latent}x{latent} batch={a.unet_batch} "
               f"model_gflops_per_sample_fwd_bwd={flops / 1e9:.1f}", flush=True)
         for mode in modes:
-            step, model, _ = unet_step_fn(a.preset, mode, a.unet_batch, latent, dev)
+            step, model = unet_step_fn(a.preset, mode, a.unet_batch, latent, dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

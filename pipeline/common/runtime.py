@@ -96,3 +96,9 @@ def training_stream_context():
         yield
     finally:
         ctx.enable_progress_bars, ctx.use_datasource_v2 = old
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): for summaries of where the work ran."""
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

@@ -6,16 +6,11 @@ import numpy as np
 import torch
 
 from ldm.autoencoder import encode_latent
+from pipeline.common.runtime import node_id
 
 
 PRECISIONS = ("auto", "fp32", "autocast", "bf16")
 COMPILE = ("auto", "on", "off")
-
-
-def _node_id() -> str:
-    """The Ray node this runs on ("" outside Ray)."""
-    import ray
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 class LatentEncoder:
@@ -54,7 +49,7 @@ class LatentEncoder:
             self.text = FrozenHFTextEncoder(text_encoder, max_length).to(self.device)
             self.tokenizer = self.text.tokenizer
         self.max_length = max_length
-        self.node = _node_id()
+        self.node = node_id()
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.common import storage
+from pipeline.common.runtime import node_id
 
 MANIFEST = "manifest.json"
 VERSION = 2
@@ -64,7 +65,7 @@ def pending_commits(cache_uri: str, manifest: dict) -> list[dict]:
     names = [n for n in _list(storage.join(cache_uri, "commits")) if n.endswith(".json") and
              f"commits/{n}" not in known]
     recs = [storage.read_json(storage.join(cache_uri, "commits", n)) for n in names]
-    return sorted((r for r in recs if r), key=lambda r: r["finished"])
+    return sorted((r for r in recs if r), key=lambda r: r["entry"]["finished"])
 
 
 def read_manifest(cache_uri: str) -> dict:
@@ -159,8 +160,7 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
     """Ray Data map_batches (numpy), on the workers: an encoder output batch's good rows written as one parquet
     part per source shard (atomic, rows by key), returned as one small summary row per shard (counts by skip
     reason, latent sums, the part's name): what the driver commits."""
-    import ray
-    writer = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    writer = node_id()
     shard = np.asarray(batch["shard"], np.int64)
     keys = np.array([str(k) for k in batch["key"]], dtype=object)
     skip = np.array([str(k) for k in batch["skip"]], dtype=object)
@@ -169,8 +169,7 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
         idx = np.flatnonzero(shard == s)
         real = idx[keys[idx] != ""]  # the marker row of an empty or unreadable shard is no record
         good = real[skip[real] == ""]
-        totals_ = np.asarray(batch["shard_total"])[idx]
-        marker = idx[totals_ >= 0]
+        marker = idx[np.asarray(batch["shard_total"])[idx] >= 0]  # the row that carries the shard's total
         file, stats = "", {}
         if len(good):
             good = good[np.argsort(keys[good], kind="stable")]
@@ -185,7 +184,7 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
                      "n": int(mean.shape[0] * mean.shape[2])}
         out["shard"].append(int(s))
         out["got"].append(len(idx))
-        out["total"].append(int(totals_[totals_ >= 0][0]) if len(marker) else -1)
+        out["total"].append(int(batch["shard_total"][marker[0]]) if len(marker) else -1)
         out["error"].append(str(batch["shard_error"][marker[0]]) if len(marker) else "")
         out["read"].append(len(real))
         out["kept"].append(len(good))
@@ -223,10 +222,11 @@ class ShardLedger:
     def __init__(self, output: str, header: dict, compact_seconds: float = 30.0):
         self.output = output
         self.compact_seconds = compact_seconds
-        if storage.read_json(storage.join(output, MANIFEST)) is None:
+        try:
+            self.manifest = read_manifest(output)
+        except FileNotFoundError:  # a new cache
             self.manifest = {"version": VERSION, **header, "shards": {}, "created": time.time()}
         else:
-            self.manifest = read_manifest(output)
             for key in ("autoencoder", "text_encoder", "latent_shape", "resolution"):
                 old, new = self.manifest.get(key), header.get(key)
                 if key == "autoencoder":
@@ -295,8 +295,7 @@ class ShardLedger:
                  "error": p["error"], "files": sorted(p["files"]), "commit": commit_name(uri), "finished": time.time()}
         if p["stats"]:
             entry["stats"] = p["stats"]
-        storage.write_json_atomic(storage.join(self.output, entry["commit"]), {"uri": uri, "entry": entry,
-                                                                              "finished": entry["finished"]})
+        storage.write_json_atomic(storage.join(self.output, entry["commit"]), {"uri": uri, "entry": entry})
         old = self.manifest["shards"].get(uri)
         self.manifest["shards"][uri] = entry
         if old:  # a redone shard (it failed before): its old parts and commit record go, after the new commit

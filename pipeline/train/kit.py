@@ -192,9 +192,10 @@ class Worker:
 
     def nodes(self) -> list[str]:
         """The Ray node of every rank (a collective: every rank calls it once the process group is up)."""
-        import ray
         import torch.distributed as dist
-        mine = ray.get_runtime_context().get_node_id()
+
+        from pipeline.common.runtime import node_id
+        mine = node_id()
         if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
             return [mine]
         every = [None] * self.world
