@@ -256,7 +256,7 @@ def deepspeed_step(ldm_step_loss, cfg, B: int):
     torch.manual_seed(0)
     model = LatentDiffusion(cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=deepspeed_config(o, "fp32", 1), dist_init_required=False)
+                                      config=deepspeed_config(o, "fp32", 1, cuda=False), dist_init_required=False)
     ema = EMA(full_state(engine, o.zero_stage), 0.999)
 
     def step(batch):

@@ -8,6 +8,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# no "Loading weights" bar each time a Ray worker loads the frozen text encoder (read at huggingface_hub's import;
+# workers inherit it, or get it forwarded as an HF_ setting on a cluster)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Ray Data's console at WARNING (its INFO progress log would bury the jobs' own lines; it still reaches the session's
 # ray-data.log). Set before anything imports ray; embedded Ray workers inherit it. A user's own config wins.
 os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(ROOT / "pipeline" / "common" / "ray_data_logging.yaml"))

@@ -93,6 +93,23 @@ def test_deepspeed_presets():
         load_deepspeed_preset(4)
 
 
+def test_deepspeed_config_contiguous_gradients_follow_the_device(tmp_path):
+    """ZeRO-2/3's contiguous gradient buffer is a GPU allocator aid that costs a CPU step: on for CUDA, off for
+    CPU, and a --deepspeed-config that names it wins either way."""
+    from pipeline.train.ldm_loop import deepspeed_config
+    from pipeline.train.options import TrainOptions
+    for stage in (2, 3):
+        o = TrainOptions(latents="-", zero_stage=stage)
+        assert deepspeed_config(o, "fp32", 1, cuda=False)["zero_optimization"]["contiguous_gradients"] is False
+        assert deepspeed_config(o, "bf16", 8, cuda=True)["zero_optimization"]["contiguous_gradients"] is True
+        user = tmp_path / f"z{stage}.json"
+        user.write_text(json.dumps({"zero_optimization": {"contiguous_gradients": True}}))
+        o = TrainOptions(latents="-", zero_stage=stage, deepspeed_config=str(user))
+        assert deepspeed_config(o, "fp32", 1, cuda=False)["zero_optimization"]["contiguous_gradients"] is True
+    assert "contiguous_gradients" not in deepspeed_config(TrainOptions(latents="-", zero_stage=1), "fp32", 1,
+                                                          cuda=False)["zero_optimization"]
+
+
 def test_local_stack_dry_run_stays_on_loopback(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "STACK_DIR": str(tmp_path)}
     out = subprocess.run(["bash", str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True,
