@@ -1,29 +1,36 @@
 #!/usr/bin/env python
 """Run the whole paper end to end on this machine (CPU is enough): Fashion-MNIST shards with captions ->
-stage-1 autoencoder -> latent cache -> text-conditional LDM -> a sample grid for every class, judged by a
-Fashion-MNIST classifier; everything tracked in MLflow (a sqlite store under --out unless --mlflow-uri).
+stage-1 autoencoder -> latent cache -> LDM -> a sample grid for every class, judged by a Fashion-MNIST
+classifier; everything tracked in MLflow (a sqlite store under --out unless --mlflow-uri).
 
-  python jobs/demo.py            # under 15 minutes on 2 cores (measured 13m32s, 92% agreement)
-  python jobs/demo.py --quick    # a few minutes, smaller everything (poorer samples)
+  python jobs/demo.py                  # text-to-image, 10-15 minutes on 2 cores (see the README's figures)
+  python jobs/demo.py --task class     # class-conditional: the same pipeline conditioned on the labels
+  python jobs/demo.py --task uncond    # unconditional: judged by FD against the same model untrained
+  python jobs/demo.py --quick          # a few minutes, smaller everything (poorer samples)
 
-Ends by printing the stage-1 PSNR, the prompt-class agreement, the grid's path and how to open the MLflow UI.
+Ends by printing the stage-1 PSNR, the task's figures next to their baseline, the grid's path and how to open the
+MLflow UI. Tasks run under one --out share the shards and the stage-1 autoencoder.
 """
 import argparse
 
 from _common import run
 
-from pipeline.demo import DemoOptions
+from pipeline.demo import TASKS, DemoOptions
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=list(TASKS), default=DemoOptions.task,
+                   help="the LDM's conditioning: text (captions through the frozen MiniLM; judged by prompt-class "
+                   "agreement), class (the Fashion-MNIST labels; agreement with the requested class), uncond (none; "
+                   "FD against the same model untrained, and the classes the judge sees)")
     p.add_argument("--quick", action="store_true", help="the small size: fewer images and steps, a few minutes")
     p.add_argument("--size", choices=["smoke", "quick", "default"], default="",
                    help="explicit size: smoke is a ~2 minute wiring check of every stage (its samples are poor)")
     p.add_argument("--out", default="demo-out", help="where shards, runs, the cache, the grid and MLflow go")
     p.add_argument("--mlflow-uri", default="", help="track to this MLflow instead of sqlite under --out")
     p.add_argument("--cfg-scale", type=float, default=DemoOptions.cfg_scale,
-                   help="classifier-free guidance scale of the final grid")
+                   help="classifier-free guidance scale of the final grid (text and class; uncond samples unguided)")
     p.add_argument("--sample-steps", type=int, default=DemoOptions.sample_steps, help="DDIM steps of the final grid")
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded Ray (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, weights and samples")
@@ -36,7 +43,8 @@ def main(argv=None) -> int:
     a = parse(argv)
     size = a.size or ("quick" if a.quick else "default")
     run_demo(DemoOptions(out=a.out, size=size, mlflow_uri=credentials_to_env(a.mlflow_uri),
-                         num_cpus=a.num_cpus, seed=a.seed, cfg_scale=a.cfg_scale, sample_steps=a.sample_steps))
+                         num_cpus=a.num_cpus, seed=a.seed, cfg_scale=a.cfg_scale, sample_steps=a.sample_steps,
+                         task=a.task))
     return 0
 
 

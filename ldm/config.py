@@ -409,6 +409,24 @@ def _demo() -> LDMConfig:
     )
 
 
+@register_preset("demo-class")
+def _demo_class() -> LDMConfig:
+    """The CPU demo's class-conditional LDM (the paper's class-conditional setting, §4.1 / Tab. 3): the 10
+    Fashion-MNIST labels as a learned embedding added to the time embedding, an 11th index the null class of CFG."""
+    d = _demo()
+    return replace(d, name="demo-class", unet=replace(d.unet, context_dim=None, num_classes=11),
+                   conditioning=ConditioningConfig(kind="class", num_classes=10))
+
+
+@register_preset("demo-uncond")
+def _demo_uncond() -> LDMConfig:
+    """The CPU demo's unconditional LDM (the paper's CelebA-HQ / FFHQ / LSUN setting, §4.1 / Tab. 1): no
+    condition, the attention layers attend to the latent itself."""
+    d = _demo()
+    return replace(d, name="demo-uncond", unet=replace(d.unet, context_dim=None),
+                   conditioning=ConditioningConfig(kind="none"))
+
+
 @register_preset("ldm-kl-8")
 def _ldm_kl_8() -> LDMConfig:
     """The paper's LAION text-to-image LDM-KL-8 (txt2img-1p4B): 256px, f=8, BERT-tokenizer transformer."""

@@ -1,9 +1,14 @@
 """The whole paper end to end on one CPU machine (jobs/demo.py):
 
   1 make Fashion-MNIST shards with captions  2 train the stage-1 autoencoder (KL, f=4) + held-out PSNR
-  3 encode the latent cache                   4 train the text-conditional LDM (frozen MiniLM, CFG dropout)
+  3 encode the latent cache                   4 train the LDM of the task (text: frozen MiniLM, CFG dropout)
   5 train a Fashion-MNIST classifier          6 sample every class (DDIM + CFG), judge prompt-class agreement,
                                                 score FD / KID against held-out images
+
+`--task` picks the LDM's conditioning (paper §3.3, §4.1): text (the default), class (the labels), uncond (none;
+judged by FD against the same model untrained, and by which classes the judge sees in its samples). Tasks share
+the shards and the stage-1 run under one --out (a second task resumes them), and keep their own cache, LDM run,
+MLflow experiment, grid and summary.
 
 Everything runs on an embedded local Ray and a local MLflow store unless URIs are given.
 """
@@ -45,6 +50,27 @@ SIZES = {
 }
 
 
+PROMPTS = [f"a photo of {p}" for p in FASHION_PHRASES]  # row c of the grid asks for class c
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    preset: str                  # the LDM's preset (ldm/config.py), its stage 1 the demo preset's
+    title: str                   # what stage 4 trains
+    text: bool                   # the cache carries MiniLM tokens and embeddings
+    prompts: tuple               # row c of the final grid asks for class c; "" rows are unconditional
+    tag: str                     # suffix of the task's cache, LDM run, experiment, model, grid and summary
+
+
+TASKS = {
+    "text": DemoTask("demo", "text-conditional UNet on the cache, frozen MiniLM, CFG dropout 0.1 (paper §3.3)", True,
+                     tuple(PROMPTS), ""),
+    "class": DemoTask("demo-class", "class-conditional UNet on the cache, a label embedding, CFG dropout 0.1 "
+                      "(paper §4.1)", False, tuple(str(c) for c in range(10)), "-class"),
+    "uncond": DemoTask("demo-uncond", "unconditional UNet on the cache (paper §4.1)", False, ("",) * 10, "-uncond"),
+}
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     out: str = "demo-out"
@@ -54,6 +80,7 @@ class DemoOptions:
     seed: int = 0
     cfg_scale: float = 8.0               # guidance of the final grid (and of the training-time grids)
     sample_steps: int = 25
+    task: str = "text"                   # a key of TASKS
 
 
 # each stage's share of the default demo's time (fresh clone, 2 cores, 2026-11-27, 14 min 08 s with the judge
@@ -80,7 +107,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     from pipeline.common.runtime import init_ray
     from pipeline.evaluate.classifier import cached_classifier
 
-    size = SIZES[opts.size]
+    size, task = SIZES[opts.size], TASKS[opts.task]
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = opts.mlflow_uri or f"sqlite:///{out}/mlflow.db"
@@ -92,26 +119,34 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     make_shards(out, size, opts.seed, log)
     prog.stage(f"stage 1: KL autoencoder, f=4, L2 reconstruction, {size.ae_steps} steps of 16 images (paper §3.1)")
     ae = train_stage1(out, size, uri, opts.seed, log)
-    prog.stage("encode the latent cache with the trained autoencoder + MiniLM tokens")
-    enc = encode_cache(out, ae["export"], uri, log)
-    prog.stage(f"LDM: text-conditional UNet on the cache, {size.ldm_steps} steps, CFG dropout 0.1 (paper §3.3)")
-    ldm = train_ldm(out, size, uri, opts, log)
+    prog.stage("encode the latent cache with the trained autoencoder" + (" + MiniLM tokens" if task.text else ""))
+    enc = encode_cache(out, ae["export"], uri, log, task)
+    prog.stage(f"LDM: {task.title}, {size.ldm_steps} steps")
+    ldm = train_ldm(out, size, uri, opts, log, task)
     prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples; trained once per machine)")
     clf, clf_acc = cached_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
-    prog.stage(f"sample {size.samples_per_class} images for each of the 10 classes (DDIM {opts.sample_steps} steps, "
-               f"CFG {opts.cfg_scale})")
-    judged = judge_samples(ldm["export"], clf, size, opts, out)
-    judged.update(score_samples(judged.pop("images"), out, size))
+    if opts.task == "uncond":
+        prog.stage(f"sample {10 * size.samples_per_class} images (DDIM {opts.sample_steps} steps), and as many from "
+                   f"the same model untrained: FD / KID of each against held-out images")
+        judged = judge_unconditional(ldm["export"], clf, size, opts, out, task)
+    else:
+        prog.stage(f"sample {size.samples_per_class} images for each of the 10 classes (DDIM {opts.sample_steps} "
+                   f"steps, CFG {opts.cfg_scale})")
+        judged = judge_samples(ldm["export"], clf, size, opts, out, task)
+        judged.update(score_samples(judged.pop("images"), out, size))
 
-    summary = {"stage1_psnr_db": round(ae["eval"]["psnr"], 2), "prompt_class_agreement": judged["agreement"],
-               "per_class_agreement": judged["per_class"],
+    summary = {"task": opts.task, "stage1_psnr_db": round(ae["eval"]["psnr"], 2),
                "sample_fd": judged["fd"], "sample_kid": judged["kid"], "fd_name": judged["names"]["fd"],
                "fd_real_images": judged["num_real"], "classifier_test_accuracy": round(clf_acc, 4),
                "grid": judged["grid"], "mlflow_uri": uri, "ldm_export": ldm["export"], "autoencoder": ae["export"],
                "cache_rows": enc["kept"], "stage1_images": ae["eval"]["images"],
                "seconds": round(time.time() - t0, 1), "size": asdict(size)}
+    if opts.task == "uncond":
+        summary.update({k: judged[k] for k in ("untrained_fd", "untrained_kid", "class_shares")})
+    else:
+        summary.update(prompt_class_agreement=judged["agreement"], per_class_agreement=judged["per_class"])
     track_summary(uri, ldm["mlflow_run_id"], summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / f"summary{task.tag}.json").write_text(json.dumps(summary, indent=2))
     log(report(summary, out, uri))
     return summary
 
@@ -136,48 +171,76 @@ def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
         seed=seed), log)
 
 
-def encode_cache(out: Path, autoencoder: str, uri: str, log) -> dict:
+def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> dict:
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
-    return run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / "latents"),
+    return run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / f"latents{task.tag}"),
                                     autoencoder=autoencoder, preprocess=PreprocessConfig(resolution=32),
-                                    max_length=16, store_text_embeddings=True, batch_size=128, mlflow_uri=uri,
+                                    text_encoder="" if task.text else "none", max_length=16,
+                                    store_text_embeddings=task.text, batch_size=128, mlflow_uri=uri,
                                     experiment="demo-encode"), log)
 
 
-PROMPTS = [f"a photo of {p}" for p in FASHION_PHRASES]  # row c of the grid asks for class c
-
-
-def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log) -> dict:
+def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task: DemoTask) -> dict:
     from pipeline.train.ldm import run_train
     from pipeline.train.options import TrainOptions
     return run_train(TrainOptions(
-        latents=str(out / "latents"), preset="demo", num_workers=1, zero_stage=2, max_steps=size.ldm_steps,
-        batch_size=64, lr=2e-3, warmup_steps=50, lr_schedule="cosine", ema_decay=0.999,
+        latents=str(out / f"latents{task.tag}"), preset=task.preset, num_workers=1, zero_stage=2,
+        max_steps=size.ldm_steps, batch_size=64, lr=2e-3, warmup_steps=50, lr_schedule="cosine", ema_decay=0.999,
         checkpoint_every=max(200, size.ldm_steps // 3), sample_every=max(200, size.ldm_steps // 2),
-        sample_prompts=tuple(PROMPTS), sample_steps=opts.sample_steps, cfg_scale=opts.cfg_scale, log_every=50,
+        sample_prompts=task.prompts, sample_steps=opts.sample_steps, cfg_scale=opts.cfg_scale, log_every=50,
         eval_every=max(10, size.ldm_steps // 2), eval_samples=size.eval_samples,
         eval_input=str(out / "shards" / "test"),
-        storage_path=str(out / "runs"), name="ldm", mlflow_uri=uri, experiment="demo-ldm",
-        register_model="demo-ldm", seed=opts.seed), log)
+        storage_path=str(out / "runs"), name=f"ldm{task.tag}", mlflow_uri=uri, experiment=f"demo-ldm{task.tag}",
+        register_model=f"demo-ldm{task.tag}", seed=opts.seed), log)
 
 
-def judge_samples(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path) -> dict:
-    """Sample every class from its prompt; the classifier says whether each image shows the prompted class."""
+def judge_samples(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path, task: DemoTask) -> dict:
+    """Sample every class from its prompt (a caption, or the label itself); the classifier says whether each image
+    shows the class asked for."""
     import torch
 
     from pipeline.evaluate.classifier import predict
-    from pipeline.evaluate.grid import save_grid
     from pipeline.evaluate.sample import sample_images
-    images, used = sample_images(export, PROMPTS, size.samples_per_class, steps=opts.sample_steps,
+    prompts = list(task.prompts)
+    images, used = sample_images(export, prompts, size.samples_per_class, steps=opts.sample_steps,
                                  cfg_scale=opts.cfg_scale, seed=opts.seed)
-    labels = torch.tensor([PROMPTS.index(p) for p in used])
+    labels = torch.tensor([prompts.index(p) for p in used])
     pred = predict(clf, images)
-    grid = out / "samples_grid.png"
-    save_grid(images, str(grid), nrow=size.samples_per_class, upscale=3)
-    (out / "prompts.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(PROMPTS)))
-    return {"agreement": round(float((pred == labels).float().mean()), 4), "grid": str(grid), "images": images,
+    return {"agreement": round(float((pred == labels).float().mean()), 4), "images": images,
+            "grid": save_task_grid(images, out, size, task),
             "per_class": {FASHION_CLASSES[c]: float((pred[labels == c] == c).float().mean()) for c in range(10)}}
+
+
+def judge_unconditional(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path, task: DemoTask) -> dict:
+    """An unconditional model has no condition to agree with: its samples' FD / KID against held-out images next
+    to those of the same model at its initial weights (the figure training must lower), and the share of each
+    class among its samples as the judge sees them (the real data is balanced: a missing class is a lost mode)."""
+    import torch
+
+    from pipeline.evaluate.classifier import predict
+    from pipeline.evaluate.sample import LDMSampler
+    sampler = LDMSampler(export)
+    n = 10 * size.samples_per_class
+    kw = dict(steps=opts.sample_steps, cfg_scale=1.0, seeds=list(range(opts.seed, opts.seed + n)))
+    images = sampler([""] * n, **kw)
+    untrained = sampler.untrained(opts.seed)([""] * n, **kw)
+    r = score_samples(images, out, size)
+    base = score_samples(untrained, out, size)
+    counts = torch.bincount(predict(clf, images), minlength=10)
+    return {**r, "untrained_fd": base["fd"], "untrained_kid": base["kid"],
+            "grid": save_task_grid(images, out, size, task),
+            "class_shares": {FASHION_CLASSES[c]: round(float(counts[c]) / n, 4) for c in range(10)}}
+
+
+def save_task_grid(images, out: Path, size: DemoSize, task: DemoTask) -> str:
+    from pipeline.evaluate.grid import save_grid
+    grid = out / f"samples_grid{task.tag}.png"
+    save_grid(images, str(grid), nrow=size.samples_per_class, upscale=3)
+    if task.prompts[0]:  # which class each row asked for
+        rows = [p if task.text else f"label {p} ({FASHION_CLASSES[int(p)]})" for p in task.prompts]
+        (out / f"prompts{task.tag}.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(rows)))
+    return str(grid)
 
 
 def score_samples(images, out: Path, size: DemoSize) -> dict:
@@ -192,11 +255,13 @@ def track_summary(uri: str, run_id: str, s: dict) -> None:
     import mlflow
     client = mlflow.MlflowClient(uri)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[
-        mlflow.entities.Metric("demo/prompt_class_agreement", s["prompt_class_agreement"], now, 0),
-        mlflow.entities.Metric("demo/classifier_test_accuracy", s["classifier_test_accuracy"], now, 0),
-        mlflow.entities.Metric("demo/stage1_psnr", s["stage1_psnr_db"], now, 0),
-        mlflow.entities.Metric(f"demo/sample_{s['fd_name']}", s["sample_fd"], now, 0)])
+    figures = {"classifier_test_accuracy": s["classifier_test_accuracy"], "stage1_psnr": s["stage1_psnr_db"],
+               f"sample_{s['fd_name']}": s["sample_fd"]}
+    if "prompt_class_agreement" in s:
+        figures["prompt_class_agreement"] = s["prompt_class_agreement"]
+    if "untrained_fd" in s:
+        figures[f"untrained_{s['fd_name']}"] = s["untrained_fd"]
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"demo/{k}", v, now, 0) for k, v in figures.items()])
     client.log_artifact(run_id, s["grid"], "demo")
 
 
@@ -204,15 +269,26 @@ def report(s: dict, out: Path, uri: str) -> str:
     secs = int(s["seconds"])
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
           if uri.startswith("sqlite") else f"open {uri}")
-    per_class = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["per_class_agreement"].items())
+    fd = f"{s['fd_name']} {s['sample_fd']:.1f}, KID {s['sample_kid']:.4f} against {s['fd_real_images']} held-out images"
+    if s["task"] == "uncond":
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["class_shares"].items())
+        samples = (f"{fd}\n            (the same model untrained: {s['fd_name']} {s['untrained_fd']:.1f}, KID "
+                   f"{s['untrained_kid']:.4f})\n            classes the judge sees in them: {shares}")
+        grid = f"grid: {s['grid']}"
+    else:
+        per_class = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["per_class_agreement"].items())
+        asked = "prompted" if s["task"] == "text" else "requested"
+        samples = (f"agreement {100 * s['prompt_class_agreement']:.0f}% between the {asked} class and the "
+                   f"classifier\n            ({per_class}; the judge on real test images: "
+                   f"{100 * s['classifier_test_accuracy']:.1f}%, chance: 10%)\n            {fd}")
+        tag = "" if s["task"] == "text" else f"-{s['task']}"
+        grid = f"grid (one row per class, in the order of {out / f'prompts{tag}.txt'}): {s['grid']}"
     return f"""
 {'=' * 78}
- ldm-ray demo finished in {secs // 60}m{secs % 60:02d}s
+ ldm-ray demo ({s['task']}) finished in {secs // 60}m{secs % 60:02d}s
    stage-1 autoencoder: PSNR {s['stage1_psnr_db']:.1f} dB on {s['stage1_images']} held-out Fashion-MNIST images
    classifier: test accuracy {100 * s['classifier_test_accuracy']:.1f}% on the real 10k test split
-   samples: agreement {100 * s['prompt_class_agreement']:.0f}% between the prompted class and the classifier
-            ({per_class})
-            {s['fd_name']} {s['sample_fd']:.1f}, KID {s['sample_kid']:.4f} against {s['fd_real_images']} held-out images
-   grid (one row per class, in the order of {out / 'prompts.txt'}): {s['grid']}
+   samples: {samples}
+   {grid}
    MLflow: {ui}
 {'=' * 78}"""

@@ -165,6 +165,11 @@ def format_summary(s: dict) -> str:
     lines += [f"   {k:<20}{v}" for k, v in s["skipped"].items()]
     if "scale_factor" in s:
         lines.append(f" latent std    {s['latent_std']}  (scale_factor {s['scale_factor']})")
+    if s.get("labels"):
+        named = {k: v for k, v in s["labels"].items() if k != "none"}
+        lines.append(f" class labels  {len(named)} distinct on {sum(named.values())} rows"
+                     + (f" ({', '.join(f'{k}: {v}' for k, v in named.items())})" if len(named) <= 20 else "")
+                     + (f"; {s['labels']['none']} rows without one" if "none" in s["labels"] else ""))
     lines.append(f" this run      {s['encoded_this_run']} shards, {s['images_per_s']} img/s, {s['seconds']} s")
     if s.get("nodes", {}).get("encoder"):
         enc, wri = s["nodes"]["encoder"], s["nodes"]["writer"]

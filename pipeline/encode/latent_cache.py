@@ -113,6 +113,7 @@ def totals(manifest: dict) -> dict:
     skipped: Counter = Counter()
     s = q = None
     n = 0
+    labels: Counter | None = Counter()
     for sh in manifest["shards"].values():
         read += sh["read"]
         kept += sh["kept"]
@@ -121,8 +122,14 @@ def totals(manifest: dict) -> dict:
             ss, qq = np.array(sh["stats"]["sum"]), np.array(sh["stats"]["sumsq"])
             s, q = (ss, qq) if s is None else (s + ss, q + qq)
             n += sh["stats"]["n"]
+            if labels is not None and "labels" in sh["stats"]:
+                labels.update(sh["stats"]["labels"])
+            else:  # a shard encoded before label counts were kept: the cache's labels are unknown
+                labels = None
     out = {"read": read, "kept": kept, "skipped": dict(sorted(skipped.items())),
            "skipped_total": sum(skipped.values())}
+    if labels is not None:
+        out["labels"] = dict(sorted(labels.items(), key=lambda kv: (kv[0] == "none", len(kv[0]), kv[0])))
     if n:
         mean = s / n
         var = np.maximum(q / n - mean ** 2, 1e-12)
@@ -133,6 +140,15 @@ def totals(manifest: dict) -> dict:
 
 
 SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "stats", "nodes")
+
+
+def labels_of(metas) -> list[int | None]:
+    """The class label each record's metadata carries (img2dataset-style "label"), None where it has none."""
+    labels = []
+    for meta in metas:
+        lab = json.loads(meta).get("label") if meta else None
+        labels.append(int(lab) if isinstance(lab, (int, float)) and lab == lab else None)
+    return labels
 
 
 def _table(batch: dict, rows: np.ndarray) -> pa.Table:
@@ -147,11 +163,7 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
     for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
         cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
-    labels = []
-    for meta in col["meta"]:
-        lab = json.loads(meta).get("label") if meta else None
-        labels.append(int(lab) if isinstance(lab, (int, float)) and lab == lab else None)
-    cols["label"] = pa.array(labels, pa.int32())
+    cols["label"] = pa.array(labels_of(col["meta"]), pa.int32())
     cols["meta"] = pa.array([str(m or "") for m in col["meta"]])
     return pa.table(cols)
 
@@ -181,7 +193,10 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
             std = np.asarray(batch["latent_std"])[good].astype(np.float64).reshape(len(good), channels, -1)
             stats = {"sum": mean.sum(axis=(0, 2)).tolist(),
                      "sumsq": (mean ** 2 + std ** 2).sum(axis=(0, 2)).tolist(),  # E[z^2], z ~ q(z|x)
-                     "n": int(mean.shape[0] * mean.shape[2])}
+                     "n": int(mean.shape[0] * mean.shape[2]),
+                     # rows per class label ("none": no label), so a class-conditional run is checked up front
+                     "labels": dict(Counter("none" if x is None else str(x)
+                                            for x in labels_of(np.asarray(batch["meta"])[good])))}
         out["shard"].append(int(s))
         out["got"].append(len(idx))
         out["total"].append(int(batch["shard_total"][marker[0]]) if len(marker) else -1)
@@ -202,8 +217,11 @@ def _add_stats(a: dict, b: dict) -> dict:
         return b
     if not b:
         return a
-    return {"sum": (np.array(a["sum"]) + b["sum"]).tolist(), "sumsq": (np.array(a["sumsq"]) + b["sumsq"]).tolist(),
-            "n": a["n"] + b["n"]}
+    out = {"sum": (np.array(a["sum"]) + b["sum"]).tolist(), "sumsq": (np.array(a["sumsq"]) + b["sumsq"]).tolist(),
+           "n": a["n"] + b["n"]}
+    if "labels" in a or "labels" in b:
+        out["labels"] = dict(Counter(a.get("labels", {})) + Counter(b.get("labels", {})))
+    return out
 
 
 def summarise(m: dict) -> None:

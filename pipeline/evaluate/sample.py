@@ -53,6 +53,15 @@ class LDMSampler:
                                              device)
         self.alphas_cumprod = Schedule.from_config(self.net.cfg.diffusion).alphas_cumprod
 
+    def untrained(self, seed: int = 0) -> "LDMSampler":
+        """The same sampler (first stage, conditioning, schedule) with the LDM at its initial weights, drawn with
+        `seed`: the baseline whose sample FD a trained model must beat."""
+        import copy
+        other = copy.copy(self)
+        torch.manual_seed(seed)
+        other.net = LatentDiffusion(self.net.cfg).to(self.device).eval()
+        return other
+
     @property
     def mode(self) -> str:
         return self.conditioner.mode

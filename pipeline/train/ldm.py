@@ -53,6 +53,23 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
                                       f"conditioning.max_length={text.get('max_length')}")
     if manifest["counts"]["kept"] == 0:
         raise CacheConfigMismatch(f"the latent cache {cache} holds no rows")
+    if cfg.conditioning.kind == "class":
+        check_labels(manifest["totals"].get("labels"), cfg.conditioning.num_classes, cache)
+
+
+def check_labels(labels: dict | None, num_classes: int, cache: str) -> None:
+    """A class-conditional run needs a label in [0, num_classes) on every cached row (the encode job counts them
+    from the records' metadata "label"); None: a cache encoded before the counts were kept, not checked."""
+    if labels is None:
+        return
+    bad = {k: v for k, v in labels.items() if k == "none" or not 0 <= int(k) < num_classes}
+    if bad:
+        what = ", ".join(f"{v} row(s) {'without a label' if k == 'none' else f'labelled {k}'}" for k, v in bad.items())
+        raise CacheConfigMismatch(
+            f"conditioning.kind=class with conditioning.num_classes={num_classes} needs a label 0..{num_classes - 1} "
+            f"on every row, but the cache {cache} has {what}. Encode shards whose records carry an integer 'label' "
+            f"in their metadata (json), or set conditioning.num_classes (and unet.num_classes = it + 1) to cover "
+            f"the labels")
 
 
 def check_launch(opts: TrainOptions, manifest: dict) -> None:

@@ -44,3 +44,15 @@ def tiny_ae_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ae") / "tiny_ae.safetensors"
     save_components(path, {"autoencoder": model.state_dict()}, {"autoencoder": to_dict(cfg)})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(ray_local, tmp_path_factory):
+    """A real latent cache: 320 Fashion-MNIST images, random:tiny first stage, real MiniLM tokens."""
+    from pipeline.data.preprocess import PreprocessConfig
+    from pipeline.encode.flow import EncodeOptions, run_encode
+    root = tmp_path_factory.mktemp("train-cache")
+    write_shards(fashion_records("train", 320, 0, "png"), str(root / "shards"), "webdataset", 80, seed=0)
+    run_encode(EncodeOptions(input=str(root / "shards"), output=str(root / "latents"), autoencoder="random:tiny",
+                             preprocess=PreprocessConfig(resolution=16), max_length=16, batch_size=64))
+    return str(root / "latents")

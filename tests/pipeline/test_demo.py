@@ -6,18 +6,29 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_smoke_size_end_to_end(tmp_path):
-    out = tmp_path / "demo"
+def demo(out: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "demo.py"), "--size", "smoke", "--out", str(out),
-                        "--sample-steps", "5"], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "LDM_RAY_CACHE": str(tmp_path / "cache")})  # the judge is trained here
+                        "--sample-steps", "5", *args], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "LDM_RAY_CACHE": str(cache)})  # the judge is trained there
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    text = r.stdout
+    return r
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The text demo at smoke size: (its --out, the judge's cache folder, its stdout)."""
+    root = tmp_path_factory.mktemp("demo")
+    return root / "demo", root / "cache", demo(root / "demo", root / "cache").stdout
+
+
+def test_demo_smoke_size_end_to_end(smoke, tmp_path):
+    out, cache, text = smoke
     for stage in range(1, 7):
         assert f"[demo {stage}/6]" in text
     assert "PSNR" in text and "agreement" in text and "mlflow ui --backend-store-uri" in text
@@ -34,7 +45,7 @@ def test_demo_smoke_size_end_to_end(tmp_path):
     assert s["sample_fd"] > 0 and s["fd_real_images"] == 100 and "FD-EffNetLite0" in text
     fd = client.get_metric_history(ldm_run.info.run_id, "FD-EffNetLite0")  # sample quality along training
     assert sorted(m.step for m in fd) == [10, 20]
-    assert list((tmp_path / "cache").glob("fashion_cnn_e1_s0.safetensors"))  # kept for the next run
+    assert list(cache.glob("fashion_cnn_e1_s0.safetensors"))  # kept for the next run
     assert client.search_model_versions("name='demo-ldm'") and client.search_model_versions("name='demo-autoencoder'")
     # jobs/sample.py on the export: DDIM with eta, and at twice the training canvas (the UNet is convolutional)
     grid = tmp_path / "big.png"
@@ -46,3 +57,28 @@ def test_demo_smoke_size_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["ldm_export"], "--size", "60x64",
                         "--out", str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "sample size 60x64 is not a positive multiple of" in r.stderr.splitlines()[-1]
+
+
+def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
+    """--task class and --task uncond under the text demo's --out: its shards and stage 1 are reused (resumed,
+    not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure next
+    to its baseline."""
+    out, cache, _ = smoke
+    r = demo(out, cache, "--task", "class")
+    c = json.loads((out / "summary-class.json").read_text())
+    assert c["task"] == "class" and 0 <= c["prompt_class_agreement"] <= 1 and len(c["per_class_agreement"]) == 10
+    assert "between the requested class and the classifier" in r.stdout and "chance: 10%" in r.stdout
+    assert "[stage1] resumed at step 20 (" in r.stdout  # the text run's stage 1, not trained again
+    assert (out / "prompts-class.txt").read_text().splitlines()[3] == "row 3: label 3 (dress)"
+    r = demo(out, cache, "--task", "uncond")
+    u = json.loads((out / "summary-uncond.json").read_text())
+    assert u["task"] == "uncond" and u["sample_fd"] > 0 and u["untrained_fd"] > 0
+    assert abs(sum(u["class_shares"].values()) - 1) < 1e-3 and "the same model untrained: FD-EffNetLite0" in r.stdout
+    for s, tag in ((c, "-class"), (u, "-uncond")):
+        assert Path(s["grid"]).name == f"samples_grid{tag}.png" and Path(s["grid"]).exists()
+        assert (out / f"latents{tag}" / "manifest.json").exists() and f"/runs/ldm{tag}/" in s["ldm_export"]
+    client = mlflow.MlflowClient(u["mlflow_uri"])
+    for tag, figure in (("-class", "demo/prompt_class_agreement"), ("-uncond", "demo/untrained_FD-EffNetLite0")):
+        run = client.search_runs([client.get_experiment_by_name(f"demo-ldm{tag}").experiment_id])[0]
+        assert figure in run.data.metrics
+        assert client.search_model_versions(f"name='demo-ldm{tag}'")

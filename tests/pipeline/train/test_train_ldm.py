@@ -18,25 +18,12 @@ import torch
 
 from ldm.checkpoint import load_components
 from ldm.config import ConfigError
-from pipeline.encode.flow import EncodeOptions, run_encode
 from pipeline.encode.latent_cache import part_files, read_manifest
-from pipeline.data.make_shards import fashion_records, write_shards
-from pipeline.data.preprocess import PreprocessConfig
 from pipeline.train.options import TrainOptions
 from pipeline.train.ldm import CacheConfigMismatch, run_train
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_TEXT = ("conditioning.text_encoder=hf", "unet.context_dim=384")
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(ray_local, tmp_path_factory):
-    """A real latent cache: 320 Fashion-MNIST images, random:tiny first stage, real MiniLM tokens."""
-    root = tmp_path_factory.mktemp("train-cache")
-    write_shards(fashion_records("train", 320, 0, "png"), str(root / "shards"), "webdataset", 80, seed=0)
-    run_encode(EncodeOptions(input=str(root / "shards"), output=str(root / "latents"), autoencoder="random:tiny",
-                             preprocess=PreprocessConfig(resolution=16), max_length=16, batch_size=64))
-    return str(root / "latents")
 
 
 def topts(cache, tmp_path, **kw):

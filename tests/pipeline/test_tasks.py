@@ -1,0 +1,110 @@
+"""The paper's tasks beyond text-to-image through the jobs, tiny: caption-less shards with labels -> encode (no
+text encoder) -> jobs/train_ldm.py conditioned on the labels (class) or on nothing (uncond) -> jobs/sample.py
+from the export."""
+import json
+from dataclasses import replace
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import load_components
+from pipeline.data.make_shards import fashion_records, photo_records, write_shards
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.encode.flow import EncodeOptions, run_encode
+from pipeline.encode.latent_cache import read_manifest
+from pipeline.train.ldm import CacheConfigMismatch, check_labels, run_train
+from pipeline.train.options import TrainOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASS = ("conditioning.kind=class", "conditioning.num_classes=10", "unet.num_classes=11", "unet.context_dim=null")
+UNCOND = ("conditioning.kind=none", "unet.context_dim=null")
+
+
+@pytest.fixture(scope="module")
+def label_cache(ray_local, tmp_path_factory):
+    """160 Fashion-MNIST images whose records carry their label and no caption: a latent cache with no text."""
+    root = tmp_path_factory.mktemp("task-cache")
+    recs = (replace(r, caption="") for r in fashion_records("train", 160, 0, "png"))
+    write_shards(recs, str(root / "shards"), "webdataset", 80, seed=0)
+    lines = []
+    run_encode(EncodeOptions(input=str(root / "shards"), output=str(root / "latents"), autoencoder="random:tiny",
+                             text_encoder="none", preprocess=PreprocessConfig(resolution=16, min_caption_chars=0),
+                             batch_size=64), log=lines.append)
+    return str(root / "latents"), "\n".join(lines)
+
+
+def train_and_sample(cache: str, tmp_path, overrides: tuple, prompts: list[str]) -> tuple[dict, Path]:
+    s = run_train(TrainOptions(latents=cache, preset="tiny", overrides=overrides, num_workers=1, zero_stage=2,
+                               max_steps=4, batch_size=16, lr=1e-3, warmup_steps=1, checkpoint_every=4,
+                               sample_every=4, sample_steps=3, log_every=2, storage_path=str(tmp_path / "runs"),
+                               ema_decay=0.9, name="task"))
+    assert s["step"] == 4 and Path(s["export"]).exists()
+    out = tmp_path / "grid.png"
+    args = [a for p in prompts for a in ("--prompt", p)]
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *args, "--n", "2",
+                        "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = max(1, len(prompts))
+    assert f"{2 * rows} images of 16x16" in r.stdout and Image.open(out).size == (2 * 16 + 3 * 2, rows * 16 +
+                                                                                     (rows + 1) * 2)
+    return s, out
+
+
+def test_class_conditional_task_from_labels_to_samples(label_cache, tmp_path):
+    cache, log = label_cache
+    m = read_manifest(cache)
+    labels = m["totals"]["labels"]
+    assert sum(labels.values()) == m["counts"]["kept"] == 160 and set(labels) <= {str(c) for c in range(10)}
+    assert m["text_encoder"]["kind"] == "none" and "class labels  10 distinct on 160 rows" in log
+    s, _ = train_and_sample(cache, tmp_path, CLASS, ["3", "7"])
+    comps, config, _ = load_components(s["export"])
+    assert config["conditioning"]["kind"] == "class" and comps["ema_unet"]["label_emb.weight"].shape[0] == 11
+
+
+def test_unconditional_task_from_caption_less_shards_to_samples(label_cache, tmp_path):
+    cache, _ = label_cache
+    s, _ = train_and_sample(cache, tmp_path, UNCOND, [])
+    _, config, _ = load_components(s["export"])
+    assert config["conditioning"]["kind"] == "none" and config["unet"]["context_dim"] is None
+
+
+def test_text_to_image_with_the_papers_trainable_transformer(tiny_cache, tmp_path):
+    """The LDM-KL-8 recipe's tau_theta (a transformer over BERT WordPiece tokens, trained with the UNet, §3.3):
+    the tiny preset's conditioning as it is, on a cache of MiniLM's (BERT-uncased) tokens; exported and sampled."""
+    s, _ = train_and_sample(tiny_cache, tmp_path, (), ["a photo of a bag", "a photo of a dress"])
+    comps, config, _ = load_components(s["export"])
+    assert config["conditioning"]["text_encoder"] == "transformer"
+    k = "token_emb.weight"
+    assert comps["cond_stage"][k].shape[1] == config["conditioning"]["n_embed"]
+    assert not torch.equal(comps["cond_stage"][k], comps["ema_cond_stage"][k])  # trained: the raw weights moved
+
+
+def test_text_model_refused_on_a_cache_without_captions(label_cache, tmp_path):
+    cache, _ = label_cache
+    with pytest.raises(CacheConfigMismatch, match="holds no caption tokens"):
+        run_train(TrainOptions(latents=cache, preset="tiny", storage_path=str(tmp_path), batch_size=8))
+
+
+def test_class_run_refused_when_rows_lack_labels(ray_local, tmp_path):
+    """Photos carry no label: a class-conditional run names the cache, the count and the fix before any worker."""
+    def recs():
+        yield from fashion_records("train", 40, 0, "png")
+        yield from photo_records("test", 0, "jpg")
+    write_shards(recs(), str(tmp_path / "shards"), "webdataset", 40, seed=0)
+    run_encode(EncodeOptions(input=str(tmp_path / "shards"), output=str(tmp_path / "latents"),
+                             autoencoder="random:tiny", text_encoder="none", preprocess=PreprocessConfig(resolution=16),
+                             batch_size=64), log=lambda *a: None)
+    labels = read_manifest(str(tmp_path / "latents"))["totals"]["labels"]
+    assert labels["none"] > 0 and sum(v for k, v in labels.items() if k != "none") == 40
+    with pytest.raises(CacheConfigMismatch, match=rf"has {labels['none']} row\(s\) without a label\. Encode shards "
+                                                  r"whose records carry an integer 'label'"):
+        run_train(TrainOptions(latents=str(tmp_path / "latents"), preset="tiny", overrides=CLASS,
+                               storage_path=str(tmp_path / "runs"), batch_size=8))
+    with pytest.raises(CacheConfigMismatch, match=r"1 row\(s\) labelled 12"):
+        check_labels({"3": 5, "12": 1}, 10, "c")
+    check_labels(None, 10, "an old cache")  # encoded before the counts were kept: not checked
+    assert json.dumps(labels)
