@@ -51,11 +51,11 @@ def local_file(uri: str, tracking_uri: str = "") -> str:
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         path = Path(mlflow.artifacts.download_artifacts(uri.replace("mlflow-models:/", "models:/", 1)))
-        if path.is_dir():
+        if path.is_dir():  # a plain export folder, or a pyfunc model whose artifacts/ hold the LDM and its stage 1
             found = sorted(path.rglob("*.safetensors"))
             if not found:
                 raise FileNotFoundError(f"{uri} holds no .safetensors checkpoint")
-            return str(found[0])
+            return str(next((f for f in found if f.name == "model.safetensors"), found[0]))
         return str(path)
     if storage.is_remote(uri):
         from ldm.conditioning import resolve_local_dir

@@ -157,10 +157,25 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     summary = summarize(result, plan, run_id, time.time() - t0)
     if opts.mlflow_uri and run_id:
         summary["model_version"] = register_version(opts.mlflow_uri, run_id, opts.register_model or f"ldm-{cfg.name}",
-                                                    log)
+                                                    log, artifact=pyfunc_artifact(opts, run_id, summary, job, log))
     log(f"[train] done: step {summary['step']}, {summary['images_seen']} images, final loss "
         f"{summary['loss']:.4f}, {summary['seconds']} s; export {summary.get('export')}")
     return summary
+
+
+def pyfunc_artifact(opts: TrainOptions, run_id: str, summary: dict, job, log) -> str:
+    """The run's artifact folder to register: the export as an MLflow pyfunc model (`pyfunc/`), or, should that
+    fail to be written, the plain export (`model/`) with a warning."""
+    if not summary.get("export"):
+        return "model"
+    from pipeline.evaluate.pyfunc import log_pyfunc
+    try:
+        log_pyfunc(opts.mlflow_uri, run_id, summary["export"], job.autoencoder)
+        return "pyfunc"
+    except Exception as e:  # noqa: BLE001 - the trained model is safe in the checkpoint and in model/
+        log(f"[mlflow] WARNING: the pyfunc model could not be written ({type(e).__name__}: {e}); registering the "
+            f"plain export (model/) instead")
+        return "model"
 
 
 def stream_columns(cfg, cached_emb: bool) -> list[str]:

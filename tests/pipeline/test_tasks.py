@@ -83,6 +83,29 @@ def test_text_to_image_with_the_papers_trainable_transformer(tiny_cache, tmp_pat
     assert not torch.equal(comps["cond_stage"][k], comps["ema_cond_stage"][k])  # trained: the raw weights moved
 
 
+def test_ldm_on_a_vq_first_stage(label_cache, tmp_path):
+    """The paper's VQ variants (LDM-VQ-f, §3.1): the cache holds the pre-quantisation latents (std 0), the LDM
+    trains on them and the decoder quantises what the sampler returns."""
+    from dataclasses import replace as dc_replace
+
+    from ldm.autoencoder import build_autoencoder
+    from ldm.checkpoint import save_components
+    from ldm.config import get_preset, to_dict
+    torch.manual_seed(0)
+    cfg = dc_replace(get_preset("tiny").autoencoder, reg="vq")
+    ae = tmp_path / "vq.safetensors"
+    save_components(ae, {"autoencoder": build_autoencoder(cfg).state_dict()}, {"autoencoder": to_dict(cfg)})
+    shards = str(Path(label_cache[0]).parent / "shards")
+    run_encode(EncodeOptions(input=shards, output=str(tmp_path / "latents"), autoencoder=str(ae), text_encoder="none",
+                             preprocess=PreprocessConfig(resolution=16, min_caption_chars=0), batch_size=64),
+               log=lambda *a: None)
+    m = read_manifest(str(tmp_path / "latents"))
+    assert m["autoencoder"]["config"]["reg"] == "vq" and m["counts"]["kept"] == 160
+    s, _ = train_and_sample(str(tmp_path / "latents"), tmp_path, CLASS + ("autoencoder.reg=vq",), ["1"])
+    _, config, _ = load_components(s["export"])
+    assert config["autoencoder"]["reg"] == "vq"
+
+
 def test_text_model_refused_on_a_cache_without_captions(label_cache, tmp_path):
     cache, _ = label_cache
     with pytest.raises(CacheConfigMismatch, match="holds no caption tokens"):

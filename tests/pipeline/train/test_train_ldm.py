@@ -59,6 +59,18 @@ def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, s
     # ema differs from the raw weights after training
     k = "out.2.weight"
     assert not torch.equal(comps["unet"][k], comps["ema_unet"][k])
+    if stage == 2:  # the registered version is an MLflow pyfunc: load it from the registry and predict images
+        import io
+
+        import pandas as pd
+        from PIL import Image
+        model = mlflow.pyfunc.load_model(f"models:/ldm-tiny/{s['model_version']}")
+        out = model.predict(pd.DataFrame({"prompt": ["a photo of a bag", "a photo of a dress"], "seed": [3, 4]}),
+                            params={"steps": 2, "cfg_scale": 2.0})
+        assert list(out.columns) == ["prompt", "seed", "image"] and list(out["seed"]) == [3, 4]
+        assert Image.open(io.BytesIO(out["image"][0])).size == (16, 16)
+        with pytest.raises(Exception, match="prompt"):
+            model.predict(pd.DataFrame({"caption": ["x"]}))
     # the export also lies in the last Ray checkpoint
     assert Path(s["export"]).exists()
 

@@ -1,0 +1,94 @@
+"""An LDM export as an MLflow pyfunc model, so a registered model is served the usual MLflow way:
+
+    model = mlflow.pyfunc.load_model("models:/ldm-demo/3")
+    out = model.predict(pd.DataFrame({"prompt": ["a photo of a bag"], "seed": [0]}), params={"steps": 25})
+    Image.open(io.BytesIO(out["image"][0]))
+
+(`mlflow models serve`, `mlflow.pyfunc.spark_udf` and batch inference read the same model). Input: a `prompt`
+column (a caption; the class id of a class-conditional model; "" for an unconditional one) and an optional
+`seed` column (default: the row number); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per
+prompt with `prompt`, `seed` and `image` (PNG bytes, the training size).
+
+The model folder carries everything it samples with: the export (UNet, EMA UNet, trained text transformer) and
+its first stage as artifacts, and the `ldm` and `pipeline` packages as code; a frozen HF text encoder is read from
+the folder the export names (the offline MiniLM by default)."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow.pyfunc
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = {"steps": 50, "cfg_scale": 5.0, "sampler": "ddim", "eta": 0.0}
+
+
+class LDMPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipeline.evaluate.sample import LDMSampler
+        ae = context.artifacts.get("autoencoder") or context.model_config.get("autoencoder", "")
+        self.sampler = LDMSampler(context.artifacts["ldm"], autoencoder=ae)
+
+    def predict(self, context, model_input, params: dict | None = None):
+        import numpy as np
+        import pandas as pd
+        from PIL import Image
+        if "prompt" not in model_input:
+            raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
+                             f"unconditional model); it has {list(model_input.columns)}")
+        p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
+        prompts = [str(x) for x in model_input["prompt"]]
+        seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts))))
+        images = self.sampler(prompts, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
+                              sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
+        pngs = []
+        for im in images:
+            arr = ((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": pngs})
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
+        params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
+                            ParamSpec("cfg_scale", "double", PARAMS["cfg_scale"]),
+                            ParamSpec("sampler", "string", PARAMS["sampler"]), ParamSpec("eta", "double", 0.0)]))
+
+
+def log_pyfunc(uri: str, run_id: str, export: str, autoencoder: str, artifact: str = "pyfunc") -> str:
+    """Write the pyfunc model of `export` (its first stage `autoencoder`: a file or MLflow/S3 URI is copied in;
+    `random:PRESET` is recorded as such) and log it as the run's `artifact` folder. Returns that folder's URI."""
+    import mlflow
+    import safetensors
+    import torch
+    import transformers
+
+    from pipeline.common.models import local_file
+    artifacts = {"ldm": local_file(export, uri)}
+    config = {}
+    if autoencoder.startswith("random:"):
+        config["autoencoder"] = autoencoder
+    else:
+        artifacts["autoencoder"] = local_file(autoencoder, uri)
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"safetensors=={safetensors.__version__}",
+            f"transformers=={transformers.__version__}", f"mlflow=={mlflow.__version__}", "pillow", "pandas",
+            "pyyaml"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, artifact)
+        with warnings.catch_warnings():  # the signature is given; an input example would make MLflow run it
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            mlflow.pyfunc.save_model(path, python_model=LDMPyfunc(), artifacts=artifacts, model_config=config,
+                                     code_paths=[str(ROOT / "ldm"), str(ROOT / "pipeline")], signature=signature(),
+                                     pip_requirements=reqs)
+        client = mlflow.MlflowClient(uri)
+        client.log_artifacts(run_id, path, artifact)
+        return f"{client.get_run(run_id).info.artifact_uri}/{artifact}"
