@@ -225,8 +225,8 @@ def judge_unconditional(export: str, clf, size: DemoSize, opts: DemoOptions, out
     kw = dict(steps=opts.sample_steps, cfg_scale=1.0, seeds=list(range(opts.seed, opts.seed + n)))
     images = sampler([""] * n, **kw)
     untrained = sampler.untrained(opts.seed)([""] * n, **kw)
-    r = score_samples(images, out, size)
-    base = score_samples(untrained, out, size)
+    scores = held_out_scores(out, size)  # the held-out set read and the feature net loaded once for both
+    r, base = scores.score(quantised(images)), scores.score(quantised(untrained))
     counts = torch.bincount(predict(clf, images), minlength=10)
     return {**r, "untrained_fd": base["fd"], "untrained_kid": base["kid"],
             "grid": save_task_grid(images, out, size, task),
@@ -243,12 +243,23 @@ def save_task_grid(images, out: Path, size: DemoSize, task: DemoTask) -> str:
     return str(grid)
 
 
-def score_samples(images, out: Path, size: DemoSize) -> dict:
-    """FD / KID (EffNet-Lite0 features) of the judged samples against held-out real images."""
+def held_out_scores(out: Path, size: DemoSize):
+    """FD / KID (EffNet-Lite0 features) against held-out real images: a SampleScores to score samples with."""
     from pipeline.evaluate.held_out import read_held_out
-    from pipeline.evaluate.scores import SampleScores, from_uint8, load_feature_net, to_uint8
+    from pipeline.evaluate.scores import SampleScores, load_feature_net
     held = read_held_out(str(out / "shards" / "test"), 32, min(500, size.test_images))
-    return SampleScores(load_feature_net(), held.images).score(from_uint8(to_uint8(images)))
+    return SampleScores(load_feature_net(), held.images)
+
+
+def quantised(images):
+    """Samples as an image file would hold them (8 bits), the way the held-out images were read."""
+    from pipeline.evaluate.scores import from_uint8, to_uint8
+    return from_uint8(to_uint8(images))
+
+
+def score_samples(images, out: Path, size: DemoSize) -> dict:
+    """FD / KID of the judged samples against held-out real images."""
+    return held_out_scores(out, size).score(quantised(images))
 
 
 def track_summary(uri: str, run_id: str, s: dict) -> None:
@@ -281,8 +292,8 @@ def report(s: dict, out: Path, uri: str) -> str:
         samples = (f"agreement {100 * s['prompt_class_agreement']:.0f}% between the {asked} class and the "
                    f"classifier\n            ({per_class}; the judge on real test images: "
                    f"{100 * s['classifier_test_accuracy']:.1f}%, chance: 10%)\n            {fd}")
-        tag = "" if s["task"] == "text" else f"-{s['task']}"
-        grid = f"grid (one row per class, in the order of {out / f'prompts{tag}.txt'}): {s['grid']}"
+        prompts = out / f"prompts{TASKS[s['task']].tag}.txt"
+        grid = f"grid (one row per class, in the order of {prompts}): {s['grid']}"
     return f"""
 {'=' * 78}
  ldm-ray demo ({s['task']}) finished in {secs // 60}m{secs % 60:02d}s

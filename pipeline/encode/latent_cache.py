@@ -186,7 +186,8 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
         if len(good):
             good = good[np.argsort(keys[good], kind="stable")]
             buf = io.BytesIO()
-            pq.write_table(_table(batch, good), buf, compression="zstd")
+            table = _table(batch, good)
+            pq.write_table(table, buf, compression="zstd")
             file = f"parts/{run}-{s:07d}-{uuid.uuid4().hex[:8]}.parquet"
             storage.write_bytes_atomic(storage.join(output, file), buf.getvalue())
             mean = np.asarray(batch["latent_mean"])[good].astype(np.float64).reshape(len(good), channels, -1)
@@ -195,8 +196,7 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
                      "sumsq": (mean ** 2 + std ** 2).sum(axis=(0, 2)).tolist(),  # E[z^2], z ~ q(z|x)
                      "n": int(mean.shape[0] * mean.shape[2]),
                      # rows per class label ("none": no label), so a class-conditional run is checked up front
-                     "labels": dict(Counter("none" if x is None else str(x)
-                                            for x in labels_of(np.asarray(batch["meta"])[good])))}
+                     "labels": dict(Counter("none" if x is None else str(x) for x in table["label"].to_pylist()))}
         out["shard"].append(int(s))
         out["got"].append(len(idx))
         out["total"].append(int(batch["shard_total"][marker[0]]) if len(marker) else -1)

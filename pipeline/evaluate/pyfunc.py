@@ -33,9 +33,10 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         self.sampler = LDMSampler(context.artifacts["ldm"], autoencoder=ae)
 
     def predict(self, context, model_input, params: dict | None = None):
-        import numpy as np
         import pandas as pd
         from PIL import Image
+
+        from pipeline.evaluate.scores import to_uint8
         if "prompt" not in model_input:
             raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
                              f"unconditional model); it has {list(model_input.columns)}")
@@ -45,10 +46,9 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         images = self.sampler(prompts, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
                               sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
         pngs = []
-        for im in images:
-            arr = ((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        for arr in to_uint8(images):
             buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+            Image.fromarray(arr).save(buf, format="PNG")
             pngs.append(buf.getvalue())
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": pngs})
 
@@ -64,9 +64,9 @@ def signature():
                             ParamSpec("sampler", "string", PARAMS["sampler"]), ParamSpec("eta", "double", 0.0)]))
 
 
-def log_pyfunc(uri: str, run_id: str, export: str, autoencoder: str, artifact: str = "pyfunc") -> str:
+def log_pyfunc(uri: str, run_id: str, export: str, autoencoder: str, artifact: str = "pyfunc") -> None:
     """Write the pyfunc model of `export` (its first stage `autoencoder`: a file or MLflow/S3 URI is copied in;
-    `random:PRESET` is recorded as such) and log it as the run's `artifact` folder. Returns that folder's URI."""
+    `random:PRESET` is recorded as such) and log it as the run's `artifact` folder."""
     import mlflow
     import safetensors
     import torch
@@ -89,6 +89,4 @@ def log_pyfunc(uri: str, run_id: str, export: str, autoencoder: str, artifact: s
             mlflow.pyfunc.save_model(path, python_model=LDMPyfunc(), artifacts=artifacts, model_config=config,
                                      code_paths=[str(ROOT / "ldm"), str(ROOT / "pipeline")], signature=signature(),
                                      pip_requirements=reqs)
-        client = mlflow.MlflowClient(uri)
-        client.log_artifacts(run_id, path, artifact)
-        return f"{client.get_run(run_id).info.artifact_uri}/{artifact}"
+        mlflow.MlflowClient(uri).log_artifacts(run_id, path, artifact)
