@@ -11,6 +11,8 @@ Modes (joined with '+'):
              the fused AdamW updates, as DeepSpeed does)
   cl         channels_last memory format (convolutions read NHWC; cuDNN's fast path for bf16)
   compile    torch.compile (inductor) of the whole model: GroupNorm + SiLU + residual adds fused
+  flash      (UNet) scaled_dot_product_attention held to the FlashAttention-2 backend (torch picks cuDNN's first)
+  nb         cuDNN's algorithm search off (torch.backends.cudnn.benchmark = False; the jobs turn it on on a GPU)
 
 Model FLOPs are counted once per sample by torch.utils.flop_counter on the eager forward + backward (matmuls,
 convolutions and attention, as MFU counts them; no recomputation), and divided by the step time and the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,6 +86,50 @@ def timed(fn, dev: torch.device, warmup: int, steps: int) -> float:
     return best
 
 
+def profile(fn, dev: torch.device, steps: int, label: str, out: Path | None) -> None:
+    """Where a call's device time goes: torch.profiler over `steps` calls; prints the device-busy share of the wall
+    time and the kernels that take most of it, grouped (attention, cuDNN's layout transposes, convolution, matmul,
+    fused Triton, optimizer, copy, other); the full table goes to `out` when given."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sync(dev)
+    with torch_profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(dev)
+        wall = time.perf_counter() - t0
+    if dev.type != "cuda":
+        return
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    groups = {  # first match wins: cuDNN's attention and layout kernels carry "cudnn" in their names too
+        "attention": ("sdpa", "flash", "fmha", "attention", "efficient"),
+        "layout": ("nchwtonhwc", "nhwctonchw"),  # cuDNN transposing NCHW tensors for its NHWC kernels
+        "conv": ("conv", "cudnn", "xmma", "implicit", "wgrad", "dgrad", "fprop"),
+        "matmul": ("gemm", "cutlass", "nvjet", "cublas", "sm90_"),
+        "triton": ("triton",), "optimizer": ("adam", "multi_tensor", "foreach"),
+        "copy": ("memcpy", "copy", "memset")}
+    per: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        g = next((k for k, words in groups.items() if any(w in name for w in words)), "other")
+        per[g] = per.get(g, 0.0) + e.self_device_time_total / 1e6
+    shares = " ".join(f"{k}={v / busy:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+    print(f"profile {label} device_busy_of_wall={busy / wall:.3f} ms_per_call={wall / steps * 1e3:.1f} "
+          f"kernel_ms_per_call={busy / steps * 1e3:.1f} {shares}", flush=True)
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    for e in top:
+        print(f"  {e.self_device_time_total / 1e3 / steps:8.2f} ms/call x{e.count // steps:<4d} {e.key[:110]}",
+              flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=80, max_name_column_width=140)
+        (out / f"profile_{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}.txt").write_text(table)
+
+
 def unet_step_fn(preset: str, mode: set[str], batch: int, latent: int, dev: torch.device):
     """One train step of the preset's UNet in `mode`; returns (step(), model)."""
     from ldm.config import get_preset
@@ -90,6 +137,7 @@ def unet_step_fn(preset: str, mode: set[str], batch: int, latent: int, dev: torc
     from ldm.unet import UNetModel
 
     cfg = get_preset(preset)
+    torch.backends.cudnn.benchmark = "nb" not in mode
     torch.manual_seed(0)
     model = UNetModel(cfg.unet).to(dev)
     bf16 = "bf16" in mode
@@ -113,9 +161,11 @@ def unet_step_fn(preset: str, mode: set[str], batch: int, latent: int, dev: torc
     y = torch.randint(0, cfg.unet.num_classes, (batch,), device=dev) if cfg.unet.num_classes else None
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled="autocast" in mode)
     params = list(model.parameters())
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])) if "flash" in mode else contextlib.nullcontext
 
     def step():
-        with amp:
+        with amp, backend():
             loss = diffusion_loss(lambda x, t: net(x, t, context=context, y=y), z0, cfg.diffusion, sched,
                                   generator=g).float().mean()
         loss.backward()
@@ -153,18 +203,21 @@ def unet_flops(preset: str, latent: int, dev: torch.device) -> float:
 
 
 def encoder_fn(preset: str, mode: set[str], batch: int, res: int):
-    """The encode job's encoder callable on one batch of uint8 pixels, in `mode`; returns (call(), images)."""
+    """The encode job's encoder callable on one batch of uint8 pixels, in `mode`; returns (call(), device_only()):
+    the whole callable (bytes in, fp16 numpy out) and its model alone on pixels already on the device."""
     from pipeline.encode.encoder import LatentEncoder
 
     with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warning, once per mode
         enc = LatentEncoder(f"random:{preset}", "", "none", 77, False, res, threads=torch.get_num_threads(),
                             precision="bf16" if "bf16" in mode else ("autocast" if "autocast" in mode else "fp32"),
-                            compile="on" if "compile" in mode else "off", channels_last="cl" in mode)
+                            compile="on" if "compile" in mode else "off", channels_last="cl" in mode,
+                            cudnn_benchmark="nb" not in mode)
     rng = np.random.default_rng(0)
     px = rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8)
     b = {"key": np.array([f"k{i}" for i in range(batch)]), "skip": np.array([""] * batch),
          "pixels": np.array([p.tobytes() for p in px], dtype=object), "caption": np.array(["a"] * batch)}
-    return lambda: enc(b)["latent_mean"]
+    x = enc.pixels_to_device(b["pixels"])
+    return (lambda: enc(b)["latent_mean"]), (lambda: enc.encode(x))
 
 
 def main() -> None:
@@ -182,6 +235,10 @@ def main() -> None:
                     help="comma-separated modes, each a '+'-joined subset of autocast, bf16, cl, compile")
     ap.add_argument("--steps", type=int, default=10, help="timed calls per mode (best of two runs)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation happens here)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after timing a mode, profile this many calls (torch.profiler): device-busy share and the "
+                         "kernels that take the time (0 = off)")
+    ap.add_argument("--profile-dir", type=Path, default=None, help="write each profile's full kernel table here")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="dense bf16 peak of the device in TFLOP/s (default: the vendor's figure for known GPUs)")
     a = ap.parse_args()
@@ -217,21 +274,27 @@ def main() -> None:
             print(f"unet mode={'+'.join(sorted(mode))} samples_per_s={a.unet_batch / sec:.1f} "
                   f"model_tflops={tflops:.1f}{mfu} of_matmul_peak={tflops / measured:.3f}{mem} "
                   f"bench_wall_s={wall:.0f}", flush=True)
+            if a.profile:
+                profile(step, dev, a.profile, f"unet_{'+'.join(sorted(mode))}_b{a.unet_batch}", a.profile_dir)
             del step, model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     if a.encoder_preset:
         # the same random weights and pixels in every mode: fp32 gives the reference latents
-        ref = encoder_fn(a.encoder_preset, {"fp32"}, a.encoder_batch, a.encoder_resolution)().astype(np.float32)
+        ref = encoder_fn(a.encoder_preset, {"fp32"}, a.encoder_batch, a.encoder_resolution)[0]().astype(np.float32)
         for mode in modes:
-            call = encoder_fn(a.encoder_preset, mode, a.encoder_batch, a.encoder_resolution)
+            call, device_only = encoder_fn(a.encoder_preset, mode, a.encoder_batch, a.encoder_resolution)
             t0 = time.perf_counter()
             sec = timed(call, dev, a.warmup, a.steps)
+            dev_sec = timed(device_only, dev, 1, a.steps)
             err = np.linalg.norm(call().astype(np.float32) - ref) / np.linalg.norm(ref)
             print(f"encoder preset={a.encoder_preset} res={a.encoder_resolution} batch={a.encoder_batch} "
                   f"mode={'+'.join(sorted(mode))} images_per_s={a.encoder_batch / sec:.0f} "
+                  f"model_alone_images_per_s={a.encoder_batch / dev_sec:.0f} "
                   f"latent_rel_err_vs_fp32={err:.2e} bench_wall_s={time.perf_counter() - t0:.0f}", flush=True)
-            del call
+            if a.profile:
+                profile(call, dev, a.profile, f"encoder_{'+'.join(sorted(mode))}_b{a.encoder_batch}", a.profile_dir)
+            del call, device_only
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 

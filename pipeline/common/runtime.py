@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import re
 
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "LDM_")
@@ -99,6 +100,7 @@ def training_stream_context():
 
 
 def node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray): for summaries of where the work ran."""
-    import ray
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    """The Ray node this process runs on ("" outside Ray): for summaries of where the work ran. A process that Ray
+    runs has imported it; elsewhere (a benchmark on a machine without Ray) there is no node to name."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""

@@ -182,6 +182,8 @@ class Worker:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         use_gpu = opts.use_gpu and torch.cuda.is_available()
         device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        if use_gpu:  # every step has one shape: cuDNN times its convolution algorithms once and keeps the best
+            torch.backends.cudnn.benchmark = True
         torch.set_num_threads(max(1, run.threads))
         _quiet_train_reports()
         tracker = Tracker(opts.mlflow_uri, run.mlflow_run_id) if rank == 0 else Tracker("", "")
