@@ -63,6 +63,9 @@ def parse(argv=None):
                     "without a caption (caption-less data for unconditional or label-conditioned models)")
     pp.add_argument("--max-caption-chars", type=int, default=1000, help="drop captions longer than this")
     pp.add_argument("--seed", type=int, default=0, help="seed of random crops")
+    pp.add_argument("--lowres-factor", type=int, default=0,
+                    help="also cache each crop bicubic-downscaled by this factor (the 'lowres' column: the condition "
+                         "of a super-resolution LDM, e.g. 4 with an f=4 autoencoder); 0 = none")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
     pre = PreprocessConfig(resolution=a.resolution, crop=a.crop, min_size=a.min_size, max_pixels=a.max_pixels,
                            max_aspect=a.max_aspect, max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
-                           min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed)
+                           min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
+                           lowres_factor=a.lowres_factor)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

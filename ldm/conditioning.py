@@ -13,7 +13,9 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import ConditioningConfig
@@ -134,6 +136,11 @@ def build_text_encoder(cfg: ConditioningConfig, context_dim: int | None = None) 
     raise ValueError(f"conditioning.text_encoder must be 'hf' or 'transformer', got {cfg.text_encoder!r}")
 
 
+# the noise augmentation of a low-res condition (SD's x4 upscaler: "linear" betas 1e-4..0.02 over 1000 steps)
+LOWRES_ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4 ** 0.5, 0.02 ** 0.5, 1000, dtype=torch.float64) ** 2,
+                                      0).float()
+
+
 def drop_mask(batch: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Which samples lose their condition this step (classifier-free guidance training, p ~ 0.1)."""
     dev = generator.device if generator is not None else device
@@ -151,21 +158,23 @@ class Conditioner:
       frozen     a frozen HF text encoder: context = tau(y) (or the embeddings cached with the latents)
       trainable  the paper's transformer inside LatentDiffusion (token ids in, trained jointly, eq. 3)
       class      a class label y; index num_classes is the null class
+      lowres     a low-res image concatenated to z_t (§4.4), noise-augmented, its noise level as y
       none       unconditional
     """
 
     def __init__(self, cfg: ConditioningConfig, text: FrozenHFTextEncoder | None = None, tokenize=None,
-                 device="cpu"):
+                 device="cpu", downsample_factor: int = 1):
         self.cfg, self.text, self.tokenize, self.device = cfg, text, tokenize, torch.device(device)
+        self.f = downsample_factor  # the first stage's f: a low-res image is resized to the latent's size
         if cfg.kind == "text":
             self.mode = "trainable" if cfg.text_encoder == "transformer" else "frozen"
         else:
-            self.mode = cfg.kind  # "class" | "none"
+            self.mode = cfg.kind  # "class" | "none" | "lowres"
         if self.mode == "frozen" and text is None:
             raise ValueError("a frozen-text-encoder conditioning needs its FrozenHFTextEncoder")
         if self.mode == "trainable" and tokenize is None:
             raise ValueError("the trainable transformer conditioning needs the model's tokenizer")
-        self.null = self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
+        self.null = {} if self.mode == "lowres" else self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
 
     @classmethod
     def build(cls, model: nn.Module, text_encoder_path: str = "", device="cpu") -> "Conditioner":
@@ -176,7 +185,7 @@ class Conditioner:
         if cfg.kind == "text" and cfg.text_encoder == "hf":
             text = FrozenHFTextEncoder(text_encoder_path or cfg.text_encoder_path, cfg.max_length).to(device)
         tokenize = model.cond_stage.tokenize if getattr(model, "cond_stage", None) is not None else None
-        return cls(cfg, text, tokenize, device)
+        return cls(cfg, text, tokenize, device, model.cfg.autoencoder.downsample_factor)
 
     def _encode(self, prompts: list) -> dict:
         dev = self.device
@@ -188,17 +197,48 @@ class Conditioner:
             return {"input_ids": ids.to(dev), "mask": mask.to(dev)}
         if self.mode == "class":
             return {"y": torch.tensor([int(p) for p in prompts], device=dev)}
+        if self.mode == "lowres":
+            images = torch.stack([torch.as_tensor(np.asarray(p, dtype=np.uint8)) for p in prompts])
+            level = torch.full((len(prompts),), self.cfg.lowres_noise_sample, device=dev)
+            return self.lowres(images.to(dev), level, torch.Generator(device=dev).manual_seed(0))
         return {}
 
-    def prompts(self, prompts: list) -> tuple[dict, dict]:
-        """(cond, uncond) for sampling: captions (text) or class indices (class); ({}, {}) if unconditional."""
+    def prompts(self, prompts: list) -> tuple[dict, dict | None]:
+        """(cond, uncond) for sampling: captions (text), class indices (class) or low-res HxWx3 uint8 images
+        (lowres); ({}, {}) if unconditional. A low-res condition has no null (uncond None: no guidance)."""
         cond = self._encode(prompts)
+        if self.mode == "lowres":
+            return cond, None
         return cond, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.null.items()}
 
-    def batch(self, batch: dict, drop: torch.Tensor) -> dict:
+    def lowres(self, images: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None) -> dict:
+        """uint8 (B, h, w, 3) low-res images -> the concat condition at the latent's size (h k/f, w k/f), noised to
+        `level` of the augmentation schedule (SD x4 upscaler), with the level as the UNet's class y."""
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        size = tuple(v * self.cfg.lowres_factor // self.f for v in x.shape[-2:])
+        if size != tuple(x.shape[-2:]):  # the spatial rescaler: the condition meets z_t at its own size
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        if not self.cfg.lowres_noise_max:
+            return {"concat": x}
+        abar = LOWRES_ALPHAS_CUMPROD.to(x.device)[level.to(x.device).long()].view(-1, 1, 1, 1)
+        dev = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=dev).to(x.device)
+        return {"concat": abar.sqrt() * x + (1 - abar).sqrt() * noise, "y": level.to(x.device).long()}
+
+    def batch(self, batch: dict, drop: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """A training batch's condition, with the samples in `drop` set to the null condition (CFG training).
-        Reads the cache's columns: text_emb (cached embeddings) or input_ids + attention_mask, or label."""
+        Reads the cache's columns: text_emb (cached embeddings) or input_ids + attention_mask, label, or lowres
+        (with `generator` drawing its noise-augmentation level and noise)."""
         dev, n = self.device, drop.shape[0]
+        if self.mode == "lowres":  # the cache's lowres column: (B, s*s*3) uint8
+            s = int(round((batch["lowres"].shape[1] // 3) ** 0.5))
+            images = batch["lowres"].to(dev).view(n, s, s, 3)
+            top = self.cfg.lowres_noise_max
+            g = generator
+            level = torch.randint(0, top + 1, (n,), generator=g, device=g.device if g is not None else dev).to(dev)
+            cond = self.lowres(images, level, generator)
+            cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
+            return cond
         if self.mode == "class":
             return {"y": apply_drop(batch["label"].to(dev).long(), self.null["y"], drop)}
         if self.mode == "none":

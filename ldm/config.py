@@ -105,7 +105,7 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class ConditioningConfig:
     """tau_theta(y) (paper §3.3): what conditions the UNet and how it is dropped for CFG."""
-    kind: str = "text"                   # "text" | "class" | "none"
+    kind: str = "text"                   # "text" | "class" | "none" | "lowres" (super-resolution, §4.4)
     text_encoder: str = "hf"             # "hf" (frozen, from a local/s3 path) | "transformer" (trained, paper)
     text_encoder_path: str = ""          # "" = the offline all-MiniLM-L6-v2 when installed
     max_length: int = 77
@@ -117,6 +117,13 @@ class ConditioningConfig:
     num_classes: int = 0                 # kind="class"
     concat_channels: int = 0             # dense conditions concatenated to z_t (SR, inpainting, semantic)
     cond_drop_prob: float = 0.1          # classifier-free guidance dropout, applied at train time
+    # kind="lowres": the image downscaled by lowres_factor (the cache's 'lowres' column), resized to the latent's
+    # size and concatenated to z_t (§4.4). Noise augmentation as in SD's x4 upscaler: the condition is noised to a
+    # level in [0, lowres_noise_max] of a 1000-step DDPM schedule, the level given to the UNet as its class y
+    # (unet.num_classes = lowres_noise_max + 1); sampling uses lowres_noise_sample.
+    lowres_factor: int = 4
+    lowres_noise_max: int = 0            # 0 = no augmentation
+    lowres_noise_sample: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,21 @@ class LDMConfig:
             raise ConfigError("diffusion.zero_terminal_snr=true needs diffusion.parameterization=v (or x0): at SNR 0 "
                               "the last step's noise prediction says nothing about x0 and sampling gives NaN "
                               "(Lin et al. 2024, §3.2)")
+        if cond.kind == "lowres":
+            if cond.concat_channels != ae.in_channels:
+                raise ConfigError(f"conditioning.kind='lowres' concatenates the {ae.in_channels}-channel low-res "
+                                  f"image: set conditioning.concat_channels={ae.in_channels} (and unet.in_channels="
+                                  f"{ae.embed_dim + ae.in_channels})")
+            if ae.resolution % cond.lowres_factor:
+                raise ConfigError(f"conditioning.lowres_factor={cond.lowres_factor} must divide autoencoder.resolution="
+                                  f"{ae.resolution}")
+            want = cond.lowres_noise_max + 1 if cond.lowres_noise_max else None
+            if un.num_classes != want:
+                raise ConfigError(f"conditioning.lowres_noise_max={cond.lowres_noise_max} gives the UNet the noise "
+                                  f"level as its class: set unet.num_classes={'null' if want is None else want}")
+            if not 0 <= cond.lowres_noise_sample <= cond.lowres_noise_max:
+                raise ConfigError(f"conditioning.lowres_noise_sample={cond.lowres_noise_sample} must be in "
+                                  f"[0, lowres_noise_max={cond.lowres_noise_max}]")
         if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
             raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
                               "(the extra class is the null label for classifier-free guidance)")
@@ -200,10 +222,13 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
     "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
     "diffusion.offset_noise": _nonneg,
-    "conditioning.kind": _one_of("text", "class", "none"), "conditioning.text_encoder": _one_of("hf", "transformer"),
+    "conditioning.kind": _one_of("text", "class", "none", "lowres"),
+    "conditioning.text_encoder": _one_of("hf", "transformer"),
     "conditioning.max_length": _pos, "conditioning.n_embed": _pos, "conditioning.n_layer": _pos,
     "conditioning.n_head": _pos, "conditioning.vocab_size": _pos, "conditioning.num_classes": _nonneg,
     "conditioning.concat_channels": _nonneg, "conditioning.cond_drop_prob": _prob,
+    "conditioning.lowres_factor": _pos, "conditioning.lowres_noise_max": (lambda v: 0 <= v < 1000, "in [0, 1000)"),
+    "conditioning.lowres_noise_sample": _nonneg,
     "scale_factor": _nonneg,
 }
 
@@ -425,6 +450,18 @@ def _demo_uncond() -> LDMConfig:
     d = _demo()
     return replace(d, name="demo-uncond", unet=replace(d.unet, context_dim=None),
                    conditioning=ConditioningConfig(kind="none"))
+
+
+@register_preset("demo-sr")
+def _demo_sr() -> LDMConfig:
+    """The CPU demo's x4 super-resolution LDM (paper §4.4, SR3's setting): the 8x8 bicubic-downscaled image is
+    concatenated to the 8x8x4 latent of the 32x32 image (f = 4 = the downscaling factor, so no resizing), with SD
+    x4-upscaler-style noise augmentation of the condition (levels 0..350, sampled at 20)."""
+    d = _demo()
+    return replace(d, name="demo-sr",
+                   unet=replace(d.unet, in_channels=7, context_dim=None, num_classes=351),
+                   conditioning=ConditioningConfig(kind="lowres", concat_channels=3, lowres_factor=4,
+                                                   lowres_noise_max=350, lowres_noise_sample=20, cond_drop_prob=0.0))
 
 
 @register_preset("ldm-kl-8")

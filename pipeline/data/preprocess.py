@@ -37,6 +37,7 @@ class PreprocessConfig:
     min_caption_chars: int = 1
     max_caption_chars: int = 1000
     seed: int = 0
+    lowres_factor: int = 0               # also keep the crop bicubic-downscaled by this (super-resolution); 0 = no
 
     @property
     def effective_min_size(self) -> int:
@@ -154,10 +155,18 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
     return arr, top, left
 
 
+def downscale(arr: np.ndarray, factor: int) -> np.ndarray:
+    """The super-resolution input (paper §4.4, SR3's setting): bicubic, antialiased downscaling by `factor`."""
+    h, w = arr.shape[:2]
+    return np.asarray(Image.fromarray(arr).resize((w // factor, h // factor), Image.BICUBIC), dtype=np.uint8)
+
+
 def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
-    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets."""
+    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, and with
+    lowres_factor the crop downscaled (lowres, uint8 bytes)."""
     n = len(batch["key"])
     pixels = np.empty(n, dtype=object)
+    lowres = np.full(n, b"", dtype=object)
     orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
     skip = np.array(batch["skip"], dtype=object)
@@ -174,6 +183,10 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
         orig_w[i], orig_h[i] = im.size
         arr, crop_top[i], crop_left[i] = resize_crop(im, cfg, str(batch["key"][i]))
         pixels[i] = arr.tobytes()
+        if cfg.lowres_factor:
+            lowres[i] = downscale(arr, cfg.lowres_factor).tobytes()
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left)
+    if cfg.lowres_factor:
+        out["lowres"] = lowres
     return out

@@ -71,6 +71,9 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     res, f = opts.preprocess.resolution, ae.cfg.downsample_factor
     if res % f:
         raise ValueError(f"--resolution {res} is not a multiple of the autoencoder's downsampling factor f={f}")
+    k = opts.preprocess.lowres_factor
+    if k < 0 or (k and res % k):
+        raise ValueError(f"--lowres-factor {k} must divide --resolution {res} (e.g. 4: a {res // 4}px low-res copy)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]
     header = {"autoencoder": ae.identity, "text_encoder": text_encoder_identity(opts.text_encoder, opts.max_length,
                                                                                opts.store_text_embeddings),

@@ -1,7 +1,8 @@
 """The latent cache: parquet parts written by Ray workers, one commit record per finished shard, a manifest.
 
 A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*h*w), input_ids /
-attention_mask, optionally text_emb (fp16, L*d), original size, crop offsets, label, meta (JSON).
+attention_mask, optionally text_emb (fp16, L*d) and lowres (uint8, (r/k)*(r/k)*3), original size, crop offsets,
+label, meta (JSON).
 
 Who writes what (format version 2):
 - `parts/<run>-<shard>-<id>.parquet`: a write task's rows of one source shard (a shard spans several parts).
@@ -161,6 +162,8 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["attention_mask"] = _fsl(col["attention_mask"], pa.int8())
     if "text_emb" in col:
         cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
+    if "lowres" in col and len(col["lowres"]):  # the super-resolution condition: uint8 (r/k)x(r/k)x3 per row
+        cols["lowres"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["lowres"]]), pa.uint8())
     for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
         cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
     cols["label"] = pa.array(labels_of(col["meta"]), pa.int32())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.data.preprocess import PreprocessConfig, preprocess_batch
+from pipeline.data.preprocess import PreprocessConfig, downscale, preprocess_batch
 from pipeline.data.sources import discover_shards, read_shard
 
 
@@ -20,8 +20,12 @@ class HeldOut:
     labels: tuple[int, ...] | None  # every record's "label" metadata, or None if any lacks one
     fashion_mnist: bool           # every record came from Fashion-MNIST (the in-project classifier can judge)
 
-    def prompts(self, mode: str) -> list:
-        """The conditioning of each held-out image for a model conditioned by `mode` (ldm Conditioner)."""
+    def prompts(self, mode: str, lowres_factor: int = 4) -> list:
+        """The conditioning of each held-out image for a model conditioned by `mode` (ldm Conditioner): its caption,
+        label, nothing, or (lowres) the image downscaled by `lowres_factor` as the encode job caches it."""
+        if mode == "lowres":
+            pixels = ((self.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            return [downscale(p, lowres_factor) for p in pixels]
         if mode == "class":
             if self.labels is None:
                 raise ValueError("a class-conditional model needs held-out shards whose records carry a 'label'")

@@ -6,8 +6,9 @@
 
 (`mlflow models serve`, `mlflow.pyfunc.spark_udf` and batch inference read the same model). Input: a `prompt`
 column (a caption; the class id of a class-conditional model; "" for an unconditional one) and an optional
-`seed` column (default: the row number); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per
-prompt with `prompt`, `seed` and `image` (PNG bytes, the training size).
+`seed` column (default: the row number); a super-resolution model reads low-res PNG/JPEG bytes from an `image`
+column instead of the prompt (use cfg_scale 1); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per
+prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the low-res size x the factor for SR).
 
 The model folder carries everything it samples with: the export (UNet, EMA UNet, trained text transformer) and
 its first stage as artifacts, and the `ldm` and `pipeline` packages as code; a frozen HF text encoder is read from
@@ -37,13 +38,21 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         from PIL import Image
 
         from pipeline.evaluate.scores import to_uint8
-        if "prompt" not in model_input:
+        import numpy as np
+        lowres = self.sampler.mode == "lowres"
+        if lowres and "image" not in model_input:
+            raise ValueError(f"a super-resolution model needs an 'image' column of low-res PNG/JPEG bytes; the input "
+                             f"has {list(model_input.columns)}")
+        if not lowres and "prompt" not in model_input:
             raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
                              f"unconditional model); it has {list(model_input.columns)}")
         p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
-        prompts = [str(x) for x in model_input["prompt"]]
-        seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts))))
-        images = self.sampler(prompts, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
+        n = len(model_input)
+        prompts = [str(x) for x in model_input["prompt"]] if "prompt" in model_input else [""] * n
+        seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(n)))
+        conds = ([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.uint8) for b in model_input["image"]]
+                 if lowres else prompts)
+        images = self.sampler(conds, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
                               sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
         pngs = []
         for arr in to_uint8(images):
@@ -57,7 +66,8 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+        inputs=Schema([ColSpec("string", "prompt", required=False), ColSpec("long", "seed", required=False),
+                       ColSpec("binary", "image", required=False)]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
                             ParamSpec("cfg_scale", "double", PARAMS["cfg_scale"]),

@@ -3,8 +3,10 @@ export, its first stage and its text encoder, then ldm.sampling.generate (z_T ~ 
 DDPM with classifier-free guidance -> D(z))."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import torch
 
 from ldm.checkpoint import load_components
@@ -62,6 +64,14 @@ class LDMSampler:
         other.net = LatentDiffusion(self.net.cfg).to(self.device).eval()
         return other
 
+    def set_noise_level(self, level: int) -> None:
+        """A super-resolution model's noise-augmentation level of the low-res condition at sampling."""
+        cfg = self.conditioner.cfg
+        if self.mode != "lowres" or not 0 <= level <= cfg.lowres_noise_max:
+            raise ValueError(f"noise level {level}: only a super-resolution model trained with noise augmentation "
+                             f"takes one, in [0, {cfg.lowres_noise_max}] (this model: {self.mode} conditioning)")
+        self.conditioner.cfg = dataclasses.replace(cfg, lowres_noise_sample=level)
+
     @property
     def mode(self) -> str:
         return self.conditioner.mode
@@ -83,6 +93,17 @@ class LDMSampler:
     def __call__(self, prompts: list, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
                  sampler: str = "ddim", seeds: list[int] | None = None, eta: float = 0.0,
                  size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.mode == "lowres":  # the output is the low-res images' size times the factor (any size: §4.3.2)
+            sizes = {tuple(np.asarray(p).shape) for p in prompts}
+            if len(sizes) != 1 or len(next(iter(sizes))) != 3 or next(iter(sizes))[2] != 3:
+                raise ValueError(f"a super-resolution model takes low-res RGB images of one size (h, w, 3); got "
+                                 f"shapes {sorted(sizes)}")
+            h, w, _ = next(iter(sizes))
+            k = self.conditioner.cfg.lowres_factor
+            if size is not None and size != (h * k, w * k):
+                raise ValueError(f"--size {size[0]}x{size[1]} does not match the low-res images: {h}x{w} x{k} is "
+                                 f"{h * k}x{w * k}")
+            size = None if (h * k, w * k) == (self.resolution, self.resolution) else (h * k, w * k)
         return generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
                         self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
@@ -91,8 +112,14 @@ class LDMSampler:
 
 def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
                   steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
-                  device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list]:
+                  device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None,
+                  noise_level: int | None = None) -> tuple[torch.Tensor, list]:
+    """Images for each prompt (a caption, a class id or a low-res image), n_per_prompt each; noise_level overrides a
+    super-resolution model's lowres_noise_sample."""
     full = [p for p in prompts for _ in range(n_per_prompt)]
-    images = LDMSampler(export, autoencoder, text_encoder, device)(full, steps=steps, cfg_scale=cfg_scale, seed=seed,
+    sampler_ = LDMSampler(export, autoencoder, text_encoder, device)
+    if noise_level is not None:
+        sampler_.set_noise_level(noise_level)
+    images = sampler_(full, steps=steps, cfg_scale=cfg_scale, seed=seed,
                                                                   sampler=sampler, eta=eta, size=size)
     return images, full

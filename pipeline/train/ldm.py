@@ -55,6 +55,14 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
         raise CacheConfigMismatch(f"the latent cache {cache} holds no rows")
     if cfg.conditioning.kind == "class":
         check_labels(manifest["totals"].get("labels"), cfg.conditioning.num_classes, cache)
+    if cfg.conditioning.kind == "lowres":
+        k = manifest.get("preprocess", {}).get("lowres_factor", 0)
+        if k != cfg.conditioning.lowres_factor:
+            raise CacheConfigMismatch(
+                f"conditioning.kind=lowres with conditioning.lowres_factor={cfg.conditioning.lowres_factor} needs a "
+                f"cache of low-res copies downscaled by that factor, but the cache {cache} was encoded "
+                + (f"with --lowres-factor {k}" if k else "without low-res copies")
+                + f": re-encode into a new --output with --lowres-factor {cfg.conditioning.lowres_factor}")
 
 
 def check_labels(labels: dict | None, num_classes: int, cache: str) -> None:
@@ -112,6 +120,23 @@ def default_prompts(files: list[str], n: int = 8) -> list[str]:
     return seen
 
 
+def default_lowres(files: list[str], n: int = 8) -> list:
+    """The first `n` cached low-res images (h, w, 3 uint8): a super-resolution model's sample-grid conditions."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    out: list = []
+    for f in files:
+        for row in pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["lowres"])["lowres"].to_pylist():
+            a = np.asarray(row, np.uint8)
+            s = int(round((a.size // 3) ** 0.5))
+            out.append(a.reshape(s, s, 3))
+            if len(out) >= n:
+                return out
+    return out
+
+
 def run_train(opts: TrainOptions, log=print) -> dict:
     from pipeline.common.runtime import training_stream_context
     from pipeline.train import kit
@@ -125,9 +150,10 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     files = part_files(opts.latents, manifest)
     text_id = manifest.get("text_encoder", {})
     cached_emb = bool(text_id.get("embeddings")) and cfg.conditioning.text_encoder == "hf"
+    kind = cfg.conditioning.kind
     prompts = tuple(opts.sample_prompts) or tuple(
-        [str(i) for i in range(cfg.conditioning.num_classes)] if cfg.conditioning.kind == "class"
-        else default_prompts(files))
+        [str(i) for i in range(cfg.conditioning.num_classes)] if kind == "class"
+        else default_lowres(files) if kind == "lowres" else default_prompts(files))
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
@@ -185,6 +211,8 @@ def stream_columns(cfg, cached_emb: bool) -> list[str]:
         columns += ["input_ids", "attention_mask"] + (["text_emb"] if cached_emb else [])
     if cfg.conditioning.kind == "class":
         columns.append("label")
+    if cfg.conditioning.kind == "lowres":
+        columns.append("lowres")
     return columns
 
 

@@ -48,7 +48,7 @@ class LDMJob:
     precision: str                       # fp32 | bf16
     latent_shape: tuple[int, int, int]
     latent_scale: LatentScale
-    sample_prompts: tuple[str, ...]
+    sample_prompts: tuple  # captions, class ids, or low-res images (h, w, 3 uint8)
     autoencoder: str                     # first stage for the sample grids
     autoencoder_identity: dict           # the cache's, stored in the export
     text_encoder: str                    # frozen text encoder folder ("" = the offline MiniLM)
@@ -184,7 +184,8 @@ def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
     d = tempfile.mkdtemp()
     path = save_grid(images, os.path.join(d, f"step_{step:07d}.png"), nrow=min(8, len(images)))
     with open(os.path.join(d, "prompts.txt"), "w") as f:
-        f.write("\n".join(job.sample_prompts))
+        f.write("\n".join(p if isinstance(p, str) else f"low-res image {i} ({p.shape[0]}x{p.shape[1]})"
+                          for i, p in enumerate(job.sample_prompts)))
     w.tracker.artifact(path, "samples")
     w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
     w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, cfg {job.opts.cfg_scale})")
@@ -200,7 +201,7 @@ class SampleEval:
         o = make.job.opts
         self.make = make
         held = read_held_out(o.eval_input, make.decoder().cfg.resolution, o.eval_samples)
-        self.prompts = held.prompts(make.conditioner.mode)
+        self.prompts = held.prompts(make.conditioner.mode, make.conditioner.cfg.lowres_factor)
         self.scores = SampleScores(load_feature_net(), held.images)
 
     def __call__(self, ema: EMA, step: int) -> dict:
@@ -253,7 +254,7 @@ def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedul
     z0 = job.latent_scale.to_diffusion(posterior.sample(gen))
     drop = drop_mask(z0.shape[0], job.cfg.conditioning.cond_drop_prob, gen, device)
     return diffusion_loss(engine, z0, job.cfg.diffusion, schedule, generator=gen,
-                          **conditioner.batch(batch, drop)).mean(), z0.shape[0]
+                          **conditioner.batch(batch, drop, gen)).mean(), z0.shape[0]
 
 
 def log_step(w: Worker, progress: Progress, state: dict, loss: float, engine, lr: float, every: int) -> None:

@@ -93,3 +93,25 @@ def test_cfg_dropout():
     cond, null = torch.ones(4, 3, 2), torch.zeros(1, 3, 2)
     out = apply_drop(cond, null, torch.tensor([True, False, True, False]))
     assert out[0].abs().sum() == 0 and torch.equal(out[1], cond[1])
+
+
+def test_lowres_condition_meets_the_latent_noised_to_its_level():
+    """SR (§4.4): a 4x4 low-res image becomes an 8x8 concat condition on an f=2 model (the spatial rescaler),
+    noised by SD's x4-upscaler augmentation, with the level as y; level 0 is nearly clean (noise std 0.01); sampling is seeded."""
+    import numpy as np
+    cfg = ConditioningConfig(kind="lowres", concat_channels=3, lowres_factor=4, lowres_noise_max=350,
+                             lowres_noise_sample=20, cond_drop_prob=0.0)
+    c = Conditioner(cfg, downsample_factor=2)
+    images = torch.randint(0, 256, (3, 4, 4, 3), dtype=torch.uint8)
+    clean = c.lowres(images, torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float() / 127.5 - 1, size=(8, 8),
+                                          mode="bicubic", align_corners=False)
+    assert clean["concat"].shape == (3, 3, 8, 8) and (clean["concat"] - ref).abs().max() < 0.05
+    noisy = c.lowres(images, torch.full((3,), 350), torch.Generator().manual_seed(0))["concat"]
+    assert (noisy - ref).std() > 0.3 and noisy.shape == ref.shape
+    g = torch.Generator().manual_seed(1)
+    batch = c.batch({"lowres": images.reshape(3, -1)}, torch.tensor([False, True, False]), g)
+    assert batch["y"].min() >= 0 and batch["y"].max() <= 350 and batch["concat"][1].abs().sum() == 0  # dropped
+    cond, uncond = c.prompts([np.asarray(im) for im in images])
+    again, _ = c.prompts([np.asarray(im) for im in images])
+    assert uncond is None and cond["y"].tolist() == [20] * 3 and torch.equal(cond["concat"], again["concat"])

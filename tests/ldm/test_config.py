@@ -61,6 +61,19 @@ def test_validate_names_the_contradiction():
     assert load_config("tiny", overrides=["diffusion.zero_terminal_snr=true", "diffusion.parameterization=v"])
 
 
+def test_lowres_conditioning_names_each_contradiction():
+    sr = get_preset("demo-sr")
+    assert sr.validate() and sr.unet.in_channels == 7 and sr.conditioning.lowres_factor == 4
+    with pytest.raises(ConfigError, match="set conditioning.concat_channels=3"):
+        apply_overrides(sr, ["conditioning.concat_channels=0", "unet.in_channels=4"]).validate()
+    with pytest.raises(ConfigError, match="set unet.num_classes=null"):
+        apply_overrides(sr, ["conditioning.lowres_noise_max=0", "conditioning.lowres_noise_sample=0"]).validate()
+    with pytest.raises(ConfigError, match="lowres_noise_sample=400 must be in"):
+        apply_overrides(sr, ["conditioning.lowres_noise_sample=400"]).validate()
+    with pytest.raises(ConfigError, match="lowres_factor=3 must divide autoencoder.resolution=32"):
+        apply_overrides(sr, ["conditioning.lowres_factor=3"]).validate()
+
+
 def test_config_is_frozen():
     cfg = get_preset("tiny")
     with pytest.raises(Exception):

@@ -22,33 +22,41 @@ from pipeline.train.options import TrainOptions
 ROOT = Path(__file__).resolve().parents[2]
 CLASS = ("conditioning.kind=class", "conditioning.num_classes=10", "unet.num_classes=11", "unet.context_dim=null")
 UNCOND = ("conditioning.kind=none", "unet.context_dim=null")
+# x4 super-resolution on the tiny f=2 first stage: the 4x4 low-res image is resized to the 8x8 latent (the spatial
+# rescaler) and noise-augmented, its level the UNet's class
+SR = ("conditioning.kind=lowres", "conditioning.concat_channels=3", "unet.in_channels=7", "unet.context_dim=null",
+      "conditioning.lowres_factor=4", "conditioning.lowres_noise_max=350", "unet.num_classes=351",
+      "conditioning.lowres_noise_sample=20", "conditioning.cond_drop_prob=0")
 
 
 @pytest.fixture(scope="module")
 def label_cache(ray_local, tmp_path_factory):
-    """160 Fashion-MNIST images whose records carry their label and no caption: a latent cache with no text."""
+    """160 Fashion-MNIST images whose records carry their label and no caption: a latent cache with no text, with
+    4x4 low-res copies (x4 super-resolution's condition; the other tasks ignore the column)."""
     root = tmp_path_factory.mktemp("task-cache")
     recs = (replace(r, caption="") for r in fashion_records("train", 160, 0, "png"))
     write_shards(recs, str(root / "shards"), "webdataset", 80, seed=0)
     lines = []
     run_encode(EncodeOptions(input=str(root / "shards"), output=str(root / "latents"), autoencoder="random:tiny",
-                             text_encoder="none", preprocess=PreprocessConfig(resolution=16, min_caption_chars=0),
+                             text_encoder="none", preprocess=PreprocessConfig(resolution=16, min_caption_chars=0,
+                                                                              lowres_factor=4),
                              batch_size=64), log=lines.append)
     return str(root / "latents"), "\n".join(lines)
 
 
-def train_and_sample(cache: str, tmp_path, overrides: tuple, prompts: list[str]) -> tuple[dict, Path]:
+def train_and_sample(cache: str, tmp_path, overrides: tuple, prompts: list[str],
+                     sample_args: tuple = ()) -> tuple[dict, Path]:
     s = run_train(TrainOptions(latents=cache, preset="tiny", overrides=overrides, num_workers=1, zero_stage=2,
                                max_steps=4, batch_size=16, lr=1e-3, warmup_steps=1, checkpoint_every=4,
                                sample_every=4, sample_steps=3, log_every=2, storage_path=str(tmp_path / "runs"),
                                ema_decay=0.9, name="task"))
     assert s["step"] == 4 and Path(s["export"]).exists()
     out = tmp_path / "grid.png"
-    args = [a for p in prompts for a in ("--prompt", p)]
+    args = [a for p in prompts for a in ("--prompt", p)] + list(sample_args)
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *args, "--n", "2",
                         "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = max(1, len(prompts))
+    rows = max(1, len(prompts), sample_args.count("--lowres"))
     assert f"{2 * rows} images of 16x16" in r.stdout and Image.open(out).size == (2 * 16 + 3 * 2, rows * 16 +
                                                                                      (rows + 1) * 2)
     return s, out
@@ -70,6 +78,55 @@ def test_unconditional_task_from_caption_less_shards_to_samples(label_cache, tmp
     s, _ = train_and_sample(cache, tmp_path, UNCOND, [])
     _, config, _ = load_components(s["export"])
     assert config["conditioning"]["kind"] == "none" and config["unet"]["context_dim"] is None
+
+
+def test_super_resolution_task_from_lowres_copies_to_samples(label_cache, tmp_path):
+    """x4 SR (§4.4): the encode job caches each crop's bicubic 4x4 copy, the LDM trains on it concatenated to z_t,
+    and jobs/sample.py upsamples low-res image files (16x16 out of 4x4)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.data.preprocess import downscale
+    cache, _ = label_cache
+    m = read_manifest(cache)
+    assert m["preprocess"]["lowres_factor"] == 4
+    part = pq.read_table(sorted(Path(cache, "parts").glob("*.parquet"))[0], columns=["lowres"])
+    low = np.asarray(part["lowres"].to_pylist(), np.uint8)
+    assert low.shape[1] == 4 * 4 * 3 and low.std() > 0
+    assert downscale(np.full((16, 16, 3), 200, np.uint8), 4).shape == (4, 4, 3)
+    files = []
+    for i, v in enumerate((40, 220)):
+        files += ["--lowres", str(tmp_path / f"low{i}.png")]
+        Image.fromarray(np.full((4, 4, 3), v, np.uint8)).save(files[-1])
+    s, _ = train_and_sample(cache, tmp_path, SR, [], tuple(files) + ("--cfg-scale", "1", "--noise-level", "0"))
+    comps, config, _ = load_components(s["export"])
+    assert config["conditioning"]["kind"] == "lowres" and comps["ema_unet"]["input_blocks.0.0.weight"].shape[1] == 7
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], "--lowres",
+                        files[1], "--noise-level", "400", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "noise level 400" in r.stderr
+    # the pyfunc flavour of the registered model takes the low-res images as PNG bytes
+    import io
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipeline.evaluate.pyfunc import LDMPyfunc
+    model = LDMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"ldm": s["export"]}, model_config={}))
+    png = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(png, format="PNG")
+    out = model.predict(None, pd.DataFrame({"image": [png.getvalue()] * 2, "seed": [0, 1]}),
+                        {"steps": 2, "cfg_scale": 1.0})
+    assert [Image.open(io.BytesIO(b)).size for b in out["image"]] == [(16, 16)] * 2
+    with pytest.raises(ValueError, match="needs an 'image' column"):
+        model.predict(None, pd.DataFrame({"prompt": ["x"]}))
+
+
+def test_super_resolution_refused_on_a_cache_without_lowres_copies(tiny_cache, tmp_path):
+    with pytest.raises(CacheConfigMismatch, match="was encoded without low-res copies: re-encode into a new "
+                                                  "--output with --lowres-factor 4"):
+        run_train(TrainOptions(latents=tiny_cache, preset="tiny", overrides=SR, storage_path=str(tmp_path),
+                               batch_size=8))
 
 
 def test_text_to_image_with_the_papers_trainable_transformer(tiny_cache, tmp_path):
