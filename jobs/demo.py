@@ -6,6 +6,7 @@ classifier; everything tracked in MLflow (a sqlite store under --out unless --ml
   python jobs/demo.py                  # text-to-image, 10-15 minutes on 2 cores (see the README's figures)
   python jobs/demo.py --task class     # class-conditional: the same pipeline conditioned on the labels
   python jobs/demo.py --task uncond    # unconditional: judged by FD against the same model untrained
+  python jobs/demo.py --task sr        # x4 super-resolution: FD, PSNR, SSIM against bicubic upsampling
   python jobs/demo.py --quick          # a few minutes, smaller everything (poorer samples)
 
 Ends by printing the stage-1 PSNR, the task's figures next to their baseline, the grid's path and how to open the
@@ -23,7 +24,8 @@ def parse(argv=None):
     p.add_argument("--task", choices=list(TASKS), default=DemoOptions.task,
                    help="the LDM's conditioning: text (captions through the frozen MiniLM; judged by prompt-class "
                    "agreement), class (the Fashion-MNIST labels; agreement with the requested class), uncond (none; "
-                   "FD against the same model untrained, and the classes the judge sees)")
+                   "FD against the same model untrained, and the classes the judge sees), sr (x4 super-resolution "
+                   "from 8x8 bicubic copies; FD, PSNR and SSIM against bicubic upsampling)")
     p.add_argument("--quick", action="store_true", help="the small size: fewer images and steps, a few minutes")
     p.add_argument("--size", choices=["smoke", "quick", "default"], default="",
                    help="explicit size: smoke is a ~2 minute wiring check of every stage (its samples are poor)")

@@ -198,7 +198,7 @@ class Conditioner:
         if self.mode == "class":
             return {"y": torch.tensor([int(p) for p in prompts], device=dev)}
         if self.mode == "lowres":
-            images = torch.stack([torch.as_tensor(np.asarray(p, dtype=np.uint8)) for p in prompts])
+            images = torch.from_numpy(np.stack([np.asarray(p, dtype=np.uint8) for p in prompts]))
             level = torch.full((len(prompts),), self.cfg.lowres_noise_sample, device=dev)
             return self.lowres(images.to(dev), level, torch.Generator(device=dev).manual_seed(0))
         return {}

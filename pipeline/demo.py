@@ -5,8 +5,9 @@
   5 train a Fashion-MNIST classifier          6 sample every class (DDIM + CFG), judge prompt-class agreement,
                                                 score FD / KID against held-out images
 
-`--task` picks the LDM's conditioning (paper §3.3, §4.1): text (the default), class (the labels), uncond (none;
-judged by FD against the same model untrained, and by which classes the judge sees in its samples). Tasks share
+`--task` picks the LDM's conditioning (paper §3.3, §4.1, §4.4): text (the default), class (the labels), uncond (none;
+judged by FD against the same model untrained, and by which classes the judge sees in its samples), sr (x4
+super-resolution from the 8x8 bicubic copy; judged by FD, PSNR and SSIM against bicubic upsampling). Tasks share
 the shards and the stage-1 run under one --out (a second task resumes them), and keep their own cache, LDM run,
 MLflow experiment, grid and summary.
 
@@ -60,6 +61,7 @@ class DemoTask:
     text: bool                   # the cache carries MiniLM tokens and embeddings
     prompts: tuple               # row c of the final grid asks for class c; "" rows are unconditional
     tag: str                     # suffix of the task's cache, LDM run, experiment, model, grid and summary
+    lowres_factor: int = 0       # the cache keeps each image downscaled by this (super-resolution's condition)
 
 
 TASKS = {
@@ -68,6 +70,8 @@ TASKS = {
     "class": DemoTask("demo-class", "class-conditional UNet on the cache, a label embedding, CFG dropout 0.1 "
                       "(paper §4.1)", False, tuple(str(c) for c in range(10)), "-class"),
     "uncond": DemoTask("demo-uncond", "unconditional UNet on the cache (paper §4.1)", False, ("",) * 10, "-uncond"),
+    "sr": DemoTask("demo-sr", "x4 super-resolution UNet: the 8x8 bicubic copy concatenated to z_t, noise-augmented "
+                   "(paper §4.4)", False, (), "-sr", lowres_factor=4),
 }
 
 
@@ -125,7 +129,11 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     ldm = train_ldm(out, size, uri, opts, log, task)
     prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples; trained once per machine)")
     clf, clf_acc = cached_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
-    if opts.task == "uncond":
+    if opts.task == "sr":
+        prog.stage(f"upsample {10 * size.samples_per_class} held-out 8x8 images x4 (DDIM {opts.sample_steps} steps), "
+                   f"and by bicubic interpolation: FD, PSNR and SSIM of each against the real 32x32 images")
+        judged = judge_super_resolution(ldm["export"], size, opts, out, task)
+    elif opts.task == "uncond":
         prog.stage(f"sample {10 * size.samples_per_class} images (DDIM {opts.sample_steps} steps), and as many from "
                    f"the same model untrained: FD / KID of each against held-out images")
         judged = judge_unconditional(ldm["export"], clf, size, opts, out, task)
@@ -143,6 +151,9 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
                "seconds": round(time.time() - t0, 1), "size": asdict(size)}
     if opts.task == "uncond":
         summary.update({k: judged[k] for k in ("untrained_fd", "untrained_kid", "class_shares")})
+    elif opts.task == "sr":
+        summary.update({k: judged[k] for k in ("psnr_db", "ssim", "bicubic_fd", "bicubic_kid", "bicubic_psnr_db",
+                                               "bicubic_ssim", "noise_level")})
     else:
         summary.update(prompt_class_agreement=judged["agreement"], per_class_agreement=judged["per_class"])
     track_summary(uri, ldm["mlflow_run_id"], summary)
@@ -175,7 +186,8 @@ def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> 
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
     return run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / f"latents{task.tag}"),
-                                    autoencoder=autoencoder, preprocess=PreprocessConfig(resolution=32),
+                                    autoencoder=autoencoder,
+                                    preprocess=PreprocessConfig(resolution=32, lowres_factor=task.lowres_factor),
                                     text_encoder="" if task.text else "none", max_length=16,
                                     store_text_embeddings=task.text, batch_size=128, mlflow_uri=uri,
                                     experiment="demo-encode"), log)
@@ -233,6 +245,45 @@ def judge_unconditional(export: str, clf, size: DemoSize, opts: DemoOptions, out
             "class_shares": {FASHION_CLASSES[c]: round(float(counts[c]) / n, 4) for c in range(10)}}
 
 
+def judge_super_resolution(export: str, size: DemoSize, opts: DemoOptions, out: Path, task: DemoTask) -> dict:
+    """x4 SR of held-out images from their 8x8 bicubic copies (as the encode job makes them), against bicubic
+    upsampling of the same copies: FD / KID against the held-out set, and PSNR / SSIM against each original (the
+    paper's Tab. 5 figures; a diffusion upsampler trades PSNR for realism)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ldm.metrics import psnr, ssim
+    from pipeline.evaluate.grid import save_grid
+    from pipeline.evaluate.held_out import read_held_out
+    from pipeline.evaluate.sample import LDMSampler
+    from pipeline.evaluate.scores import SampleScores, from_uint8, load_feature_net
+    n = 10 * size.samples_per_class
+    held = read_held_out(str(out / "shards" / "test"), 32, max(n, min(500, size.test_images)))
+    truth = held.images[:n]
+    low = held.prompts("lowres", task.lowres_factor)[:n]
+    sampler = LDMSampler(export)
+    seeds = list(range(opts.seed, opts.seed + n))
+    images = quantised(sampler(low, steps=opts.sample_steps, cfg_scale=1.0, seeds=seeds))
+
+    def upsampled(resample) -> torch.Tensor:
+        return from_uint8(np.stack([np.asarray(Image.fromarray(lo).resize((32, 32), resample)) for lo in low]))
+    bicubic = upsampled(Image.BICUBIC)
+    scores = SampleScores(load_feature_net(), held.images)
+    r, base = scores.score(images), scores.score(bicubic)
+    k = min(8, n)  # the grid: a row per image with its input (nearest-neighbour), bicubic, the LDM, the original
+    rows = torch.stack([upsampled(Image.NEAREST)[:k], bicubic[:k], images[:k], truth[:k]], 1).flatten(0, 1)
+    grid = out / f"samples_grid{task.tag}.png"
+    save_grid(rows, str(grid), nrow=4, upscale=3)
+    (out / f"prompts{task.tag}.txt").write_text("each row: the 8x8 input (nearest), bicubic x4, the LDM x4, the real "
+                                                "32x32 image\n")
+    return {**r, "grid": str(grid), "noise_level": sampler.conditioner.cfg.lowres_noise_sample,
+            "psnr_db": round(float(psnr(images, truth).mean()), 2), "ssim": round(float(ssim(images, truth).mean()), 4),
+            "bicubic_fd": base["fd"], "bicubic_kid": base["kid"],
+            "bicubic_psnr_db": round(float(psnr(bicubic, truth).mean()), 2),
+            "bicubic_ssim": round(float(ssim(bicubic, truth).mean()), 4)}
+
+
 def save_task_grid(images, out: Path, size: DemoSize, task: DemoTask) -> str:
     from pipeline.evaluate.grid import save_grid
     grid = out / f"samples_grid{task.tag}.png"
@@ -272,6 +323,9 @@ def track_summary(uri: str, run_id: str, s: dict) -> None:
         figures["prompt_class_agreement"] = s["prompt_class_agreement"]
     if "untrained_fd" in s:
         figures[f"untrained_{s['fd_name']}"] = s["untrained_fd"]
+    if "bicubic_fd" in s:
+        figures.update({f"bicubic_{s['fd_name']}": s["bicubic_fd"], "sr_psnr": s["psnr_db"], "sr_ssim": s["ssim"],
+                        "bicubic_psnr": s["bicubic_psnr_db"], "bicubic_ssim": s["bicubic_ssim"]})
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"demo/{k}", v, now, 0) for k, v in figures.items()])
     client.log_artifact(run_id, s["grid"], "demo")
 
@@ -281,7 +335,12 @@ def report(s: dict, out: Path, uri: str) -> str:
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
           if uri.startswith("sqlite") else f"open {uri}")
     fd = f"{s['fd_name']} {s['sample_fd']:.1f}, KID {s['sample_kid']:.4f} against {s['fd_real_images']} held-out images"
-    if s["task"] == "uncond":
+    if s["task"] == "sr":
+        samples = (f"x4 from 8x8 (noise level {s['noise_level']}): {fd}; PSNR {s['psnr_db']:.2f} dB, SSIM "
+                   f"{s['ssim']:.3f}\n            bicubic x4: {s['fd_name']} {s['bicubic_fd']:.1f}, KID "
+                   f"{s['bicubic_kid']:.4f}; PSNR {s['bicubic_psnr_db']:.2f} dB, SSIM {s['bicubic_ssim']:.3f}")
+        grid = f"grid (input, bicubic, LDM, real per row): {s['grid']}"
+    elif s["task"] == "uncond":
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["class_shares"].items())
         samples = (f"{fd}\n            (the same model untrained: {s['fd_name']} {s['untrained_fd']:.1f}, KID "
                    f"{s['untrained_kid']:.4f})\n            classes the judge sees in them: {shares}")

@@ -97,7 +97,8 @@ def test_cfg_dropout():
 
 def test_lowres_condition_meets_the_latent_noised_to_its_level():
     """SR (§4.4): a 4x4 low-res image becomes an 8x8 concat condition on an f=2 model (the spatial rescaler),
-    noised by SD's x4-upscaler augmentation, with the level as y; level 0 is nearly clean (noise std 0.01); sampling is seeded."""
+    noised by SD's x4-upscaler augmentation, with the level as y; level 0 is nearly clean (noise std 0.01);
+    sampling is seeded."""
     import numpy as np
     cfg = ConditioningConfig(kind="lowres", concat_channels=3, lowres_factor=4, lowres_noise_max=350,
                              lowres_noise_sample=20, cond_drop_prob=0.0)
