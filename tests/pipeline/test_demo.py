@@ -9,6 +9,8 @@ import mlflow
 import pytest
 from PIL import Image
 
+from pipeline.encode.latent_cache import read_manifest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,7 +62,7 @@ def test_demo_smoke_size_end_to_end(smoke, tmp_path):
 
 
 def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
-    """--task class and --task uncond under the text demo's --out: its shards and stage 1 are reused (resumed,
+    """--task class, uncond and sr under the text demo's --out: its shards and stage 1 are reused (resumed,
     not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure next
     to its baseline."""
     out, cache, _ = smoke
@@ -74,11 +76,17 @@ def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
     u = json.loads((out / "summary-uncond.json").read_text())
     assert u["task"] == "uncond" and u["sample_fd"] > 0 and u["untrained_fd"] > 0
     assert abs(sum(u["class_shares"].values()) - 1) < 1e-3 and "the same model untrained: FD-EffNetLite0" in r.stdout
-    for s, tag in ((c, "-class"), (u, "-uncond")):
+    r = demo(out, cache, "--task", "sr")
+    sr = json.loads((out / "summary-sr.json").read_text())
+    assert sr["task"] == "sr" and sr["sample_fd"] > 0 and sr["bicubic_fd"] > 0 and sr["bicubic_psnr_db"] > 10
+    assert 0 <= sr["ssim"] <= 1 and 0 <= sr["class_kept"] <= 1 and "bicubic x4: FD-EffNetLite0" in r.stdout
+    assert read_manifest(str(out / "latents-sr"))["preprocess"]["lowres_factor"] == 4
+    for s, tag in ((c, "-class"), (u, "-uncond"), (sr, "-sr")):
         assert Path(s["grid"]).name == f"samples_grid{tag}.png" and Path(s["grid"]).exists()
         assert (out / f"latents{tag}" / "manifest.json").exists() and f"/runs/ldm{tag}/" in s["ldm_export"]
     client = mlflow.MlflowClient(u["mlflow_uri"])
-    for tag, figure in (("-class", "demo/prompt_class_agreement"), ("-uncond", "demo/untrained_FD-EffNetLite0")):
+    for tag, figure in (("-class", "demo/prompt_class_agreement"), ("-uncond", "demo/untrained_FD-EffNetLite0"),
+                        ("-sr", "demo/bicubic_FD-EffNetLite0")):
         run = client.search_runs([client.get_experiment_by_name(f"demo-ldm{tag}").experiment_id])[0]
         assert figure in run.data.metrics
         assert client.search_model_versions(f"name='demo-ldm{tag}'")
