@@ -188,7 +188,8 @@ def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
                           for i, p in enumerate(job.sample_prompts)))
     w.tracker.artifact(path, "samples")
     w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-    w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, cfg {job.opts.cfg_scale})")
+    guidance = "no guidance" if make.conditioner.mode == "lowres" else f"cfg {job.opts.cfg_scale}"
+    w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, {guidance})")
 
 
 class SampleEval:
