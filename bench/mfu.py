@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--encoder-resolution", type=int, default=256, help="image side fed to the encoder")
     ap.add_argument("--encoder-batch", type=int, default=128, help="images per encoder call (--encode-batch-size)")
     ap.add_argument("--modes", default="autocast,bf16,bf16+cl,bf16+cl+compile",
-                    help="comma-separated modes, each a '+'-joined subset of autocast, bf16, cl, compile")
+                    help="comma-separated modes, each a '+'-joined subset of autocast, bf16, cl, compile, flash, nb")
     ap.add_argument("--steps", type=int, default=10, help="timed calls per mode (best of two runs)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation happens here)")
     ap.add_argument("--profile", type=int, default=0,

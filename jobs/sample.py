@@ -48,13 +48,13 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def read_rgb(path: str):
-    """An image file as an (h, w, 3) uint8 array; a clear error naming the file when it is not one."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+def read_lowres(path: str):
+    """A --lowres file as an (h, w, 3) uint8 array; a clear error naming the file when it is not an image."""
+    from PIL import UnidentifiedImageError
+
+    from pipeline.evaluate.sample import read_rgb
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return read_rgb(path)
     except (OSError, UnidentifiedImageError) as e:
         raise SystemExit(f"[sample] --lowres {path}: not a readable image ({e}); give a PNG or JPEG file") from None
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a.lowres and a.prompt:
         raise SystemExit("[sample] give --lowres images or --prompt texts/labels, not both")
-    prompts = [read_rgb(f) for f in a.lowres] if a.lowres else (a.prompt or [""])
+    prompts = [read_lowres(f) for f in a.lowres] if a.lowres else (a.prompt or [""])
     images, used = sample_images(local_file(a.model), prompts, a.n, a.autoencoder, a.text_encoder, a.steps,
                                  a.cfg_scale, a.seed, a.sampler, eta=a.eta, size=a.size,
                                  noise_level=None if a.noise_level < 0 else a.noise_level)

@@ -141,6 +141,12 @@ LOWRES_ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4 ** 0.5, 0.02 ** 0.
                                       0).float()
 
 
+def square_images(rows: torch.Tensor) -> torch.Tensor:
+    """Flat (B, s*s*3) RGB rows, as the cache stores low-res images, as (B, s, s, 3)."""
+    s = int(round((rows.shape[1] // 3) ** 0.5))
+    return rows.view(rows.shape[0], s, s, 3)
+
+
 def drop_mask(batch: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Which samples lose their condition this step (classifier-free guidance training, p ~ 0.1)."""
     dev = generator.device if generator is not None else device
@@ -231,12 +237,9 @@ class Conditioner:
         (with `generator` drawing its noise-augmentation level and noise)."""
         dev, n = self.device, drop.shape[0]
         if self.mode == "lowres":  # the cache's lowres column: (B, s*s*3) uint8
-            s = int(round((batch["lowres"].shape[1] // 3) ** 0.5))
-            images = batch["lowres"].to(dev).view(n, s, s, 3)
-            top = self.cfg.lowres_noise_max
-            g = generator
-            level = torch.randint(0, top + 1, (n,), generator=g, device=g.device if g is not None else dev).to(dev)
-            cond = self.lowres(images, level, generator)
+            draw_on = generator.device if generator is not None else dev
+            level = torch.randint(0, self.cfg.lowres_noise_max + 1, (n,), generator=generator, device=draw_on)
+            cond = self.lowres(square_images(batch["lowres"].to(dev)), level.to(dev), generator)
             cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
             return cond
         if self.mode == "class":

@@ -265,11 +265,10 @@ def judge_super_resolution(export: str, clf, size: DemoSize, opts: DemoOptions, 
     from ldm.metrics import psnr, ssim
     from pipeline.evaluate.classifier import predict
     from pipeline.evaluate.grid import save_grid
-    from pipeline.evaluate.held_out import read_held_out
     from pipeline.evaluate.sample import LDMSampler
-    from pipeline.evaluate.scores import SampleScores, from_uint8, load_feature_net
-    n = 10 * size.samples_per_class
-    held = read_held_out(str(out / "shards" / "test"), 32, max(n, min(500, size.test_images)))
+    from pipeline.evaluate.scores import from_uint8
+    held = read_demo_held_out(out, size)  # also the FD reference set
+    n = min(10 * size.samples_per_class, len(held.images))
     truth = held.images[:n]
     low = held.prompts("lowres", task.lowres_factor)[:n]
     sampler = LDMSampler(export)
@@ -279,7 +278,7 @@ def judge_super_resolution(export: str, clf, size: DemoSize, opts: DemoOptions, 
     def upsampled(resample) -> torch.Tensor:
         return from_uint8(np.stack([np.asarray(Image.fromarray(lo).resize((32, 32), resample)) for lo in low]))
     bicubic = upsampled(Image.BICUBIC)
-    scores = SampleScores(load_feature_net(), held.images)
+    scores = held_out_scores(out, size, held)
     r, base = scores.score(images), scores.score(bicubic)
     k = min(8, n)  # the grid: a row per image with its input (nearest-neighbour), bicubic, the LDM, the original
     rows = torch.stack([upsampled(Image.NEAREST)[:k], bicubic[:k], images[:k], truth[:k]], 1).flatten(0, 1)
@@ -307,12 +306,16 @@ def save_task_grid(images, out: Path, size: DemoSize, task: DemoTask) -> str:
     return str(grid)
 
 
-def held_out_scores(out: Path, size: DemoSize):
-    """FD / KID (EffNet-Lite0 features) against held-out real images: a SampleScores to score samples with."""
+def read_demo_held_out(out: Path, size: DemoSize):
+    """The held-out test images every task's FD / KID is measured against (up to 500)."""
     from pipeline.evaluate.held_out import read_held_out
+    return read_held_out(str(out / "shards" / "test"), 32, min(500, size.test_images))
+
+
+def held_out_scores(out: Path, size: DemoSize, held=None):
+    """FD / KID (EffNet-Lite0 features) against held-out real images (`held`, else read): a SampleScores."""
     from pipeline.evaluate.scores import SampleScores, load_feature_net
-    held = read_held_out(str(out / "shards" / "test"), 32, min(500, size.test_images))
-    return SampleScores(load_feature_net(), held.images)
+    return SampleScores(load_feature_net(), (held if held is not None else read_demo_held_out(out, size)).images)
 
 
 def quantised(images):

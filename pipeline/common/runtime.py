@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import re
+import sys
 
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "LDM_")
 SECRET = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|_KEY|SESSION", re.I)

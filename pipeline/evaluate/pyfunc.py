@@ -37,8 +37,8 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         from PIL import Image
 
+        from pipeline.evaluate.sample import read_rgb
         from pipeline.evaluate.scores import to_uint8
-        import numpy as np
         lowres = self.sampler.mode == "lowres"
         if lowres and "image" not in model_input:
             raise ValueError(f"a super-resolution model needs an 'image' column of low-res PNG/JPEG bytes; the input "
@@ -50,8 +50,7 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         n = len(model_input)
         prompts = [str(x) for x in model_input["prompt"]] if "prompt" in model_input else [""] * n
         seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(n)))
-        conds = ([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.uint8) for b in model_input["image"]]
-                 if lowres else prompts)
+        conds = [read_rgb(bytes(b)) for b in model_input["image"]] if lowres else prompts
         images = self.sampler(conds, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
                               sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
         pngs = []

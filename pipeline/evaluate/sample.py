@@ -36,6 +36,15 @@ def load_ldm(export: str, use_ema: bool = True, device="cpu") -> tuple[LatentDif
     return net.to(device).eval(), info
 
 
+def read_rgb(src) -> np.ndarray:
+    """An image file (a path or its bytes) as an (h, w, 3) uint8 array: a super-resolution model's low-res input."""
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 class LDMSampler:
     """An export loaded once (UNet, its first stage, its text encoder): call it with prompts to get images."""
 
@@ -95,10 +104,11 @@ class LDMSampler:
                  size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.mode == "lowres":  # the output is the low-res images' size times the factor (any size: §4.3.2)
             sizes = {tuple(np.asarray(p).shape) for p in prompts}
-            if len(sizes) != 1 or len(next(iter(sizes))) != 3 or next(iter(sizes))[2] != 3:
+            shape = next(iter(sizes))
+            if len(sizes) != 1 or len(shape) != 3 or shape[2] != 3:
                 raise ValueError(f"a super-resolution model takes low-res RGB images of one size (h, w, 3); got "
                                  f"shapes {sorted(sizes)}")
-            h, w, _ = next(iter(sizes))
+            h, w, _ = shape
             k = self.conditioner.cfg.lowres_factor
             if size is not None and size != (h * k, w * k):
                 raise ValueError(f"--size {size[0]}x{size[1]} does not match the low-res images: {h}x{w} x{k} is "
@@ -117,9 +127,8 @@ def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder
     """Images for each prompt (a caption, a class id or a low-res image), n_per_prompt each; noise_level overrides a
     super-resolution model's lowres_noise_sample."""
     full = [p for p in prompts for _ in range(n_per_prompt)]
-    sampler_ = LDMSampler(export, autoencoder, text_encoder, device)
+    model = LDMSampler(export, autoencoder, text_encoder, device)
     if noise_level is not None:
-        sampler_.set_noise_level(noise_level)
-    images = sampler_(full, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                                                  sampler=sampler, eta=eta, size=size)
+        model.set_noise_level(noise_level)
+    images = model(full, steps=steps, cfg_scale=cfg_scale, seed=seed, sampler=sampler, eta=eta, size=size)
     return images, full

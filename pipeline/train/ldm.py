@@ -126,14 +126,15 @@ def default_lowres(files: list[str], n: int = 8) -> list:
 
     import numpy as np
     import pyarrow.parquet as pq
+    import torch
+
+    from ldm.conditioning import square_images
     out: list = []
     for f in files:
-        for row in pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["lowres"])["lowres"].to_pylist():
-            a = np.asarray(row, np.uint8)
-            s = int(round((a.size // 3) ** 0.5))
-            out.append(a.reshape(s, s, 3))
-            if len(out) >= n:
-                return out
+        rows = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["lowres"])["lowres"].to_pylist()
+        out += list(square_images(torch.from_numpy(np.asarray(rows[:n - len(out)], np.uint8))).numpy())
+        if len(out) >= n:
+            break
     return out
 
 
