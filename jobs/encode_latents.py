@@ -66,6 +66,11 @@ def parse(argv=None):
     pp.add_argument("--lowres-factor", type=int, default=0,
                     help="also cache each crop bicubic-downscaled by this factor (the 'lowres' column: the condition "
                          "of a super-resolution LDM, e.g. 4 with an f=4 autoencoder); 0 = none")
+    pp.add_argument("--inpaint-variants", type=int, default=0, metavar="K",
+                    help="also cache K inpainting conditions per crop (paper §4.5): K LaMa-style stroke/box masks "
+                         "drawn from the key and --seed, each masked image's latent and the hole at the latent's size "
+                         "(columns inpaint_latent, inpaint_mask). Costs K more encoder passes per image and K masked "
+                         "latents per row; training then draws one variant per row and step. 0 = none")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
                            max_aspect=a.max_aspect, max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
                            min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
-                           lowres_factor=a.lowres_factor)
+                           lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

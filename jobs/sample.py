@@ -5,6 +5,7 @@ DDIM, DPM-Solver++(2M) or DDPM with classifier-free guidance, decoded by the fir
   python jobs/sample.py --model runs/ldm-demo-.../checkpoint_.../export/model.safetensors \\
       --prompt "a photo of a sneaker" --prompt "a photo of a dress" --n 4 --out samples.png
   python jobs/sample.py --model runs/ldm-demo-sr-.../export/model.safetensors --lowres small.png --n 4 --cfg-scale 1
+  python jobs/sample.py --model runs/ldm-demo-inpaint-.../export/model.safetensors --image photo.png --mask hole.png
 """
 import argparse
 
@@ -20,6 +21,12 @@ def parse(argv=None):
     p.add_argument("--lowres", action="append", default=[], metavar="IMAGE",
                    help="a low-res image file (PNG/JPEG, repeatable) for a super-resolution model: the output is "
                         "its size times the model's lowres_factor")
+    p.add_argument("--image", action="append", default=[], metavar="IMAGE",
+                   help="an image to inpaint (PNG/JPEG, repeatable, each with its --mask) for an inpainting model; "
+                        "the known pixels come back as given")
+    p.add_argument("--mask", action="append", default=[], metavar="MASK",
+                   help="the hole of the --image at the same position: a grayscale or RGB image of its size, white "
+                        "(> 127) = to be generated")
     p.add_argument("--noise-level", type=int, default=-1,
                    help="super-resolution: the low-res condition's noise-augmentation level at sampling "
                         "(0 = clean .. conditioning.lowres_noise_max; -1 = the model's lowres_noise_sample)")
@@ -48,15 +55,39 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def read_lowres(path: str):
-    """A --lowres file as an (h, w, 3) uint8 array; a clear error naming the file when it is not an image."""
+def read_file(path: str, flag: str, reader=None):
+    """A --lowres/--image file as an (h, w, 3) uint8 array (a --mask as (h, w) bool); a clear error naming the file
+    when it is not an image."""
     from PIL import UnidentifiedImageError
 
     from pipeline.evaluate.sample import read_rgb
     try:
-        return read_rgb(path)
+        return (reader or read_rgb)(path)
     except (OSError, UnidentifiedImageError) as e:
-        raise SystemExit(f"[sample] --lowres {path}: not a readable image ({e}); give a PNG or JPEG file") from None
+        raise SystemExit(f"[sample] {flag} {path}: not a readable image ({e}); give a PNG or JPEG file") from None
+
+
+def conditions(a) -> tuple[list, str]:
+    """What to sample from, from the flags: (prompts, what they are)."""
+    from pipeline.evaluate.sample import read_mask
+    given = [f for f, v in (("--prompt", a.prompt), ("--lowres", a.lowres), ("--image", a.image)) if v]
+    if len(given) > 1:
+        raise SystemExit(f"[sample] give one kind of condition, not {' and '.join(given)}")
+    if len(a.image) != len(a.mask):
+        raise SystemExit(f"[sample] {len(a.image)} --image but {len(a.mask)} --mask: give one --mask per --image")
+    if a.image:
+        pairs = []
+        for img, msk in zip(a.image, a.mask):
+            pair = {"image": read_file(img, "--image"), "mask": read_file(msk, "--mask", read_mask)}
+            if pair["mask"].shape != pair["image"].shape[:2]:
+                raise SystemExit(f"[sample] --mask {msk} is {pair['mask'].shape[0]}x{pair['mask'].shape[1]} but "
+                                 f"--image {img} is {pair['image'].shape[0]}x{pair['image'].shape[1]}: give a mask "
+                                 f"of the image's size")
+            pairs.append(pair)
+        return pairs, "images to inpaint"
+    if a.lowres:
+        return [read_file(f, "--lowres") for f in a.lowres], "low-res images"
+    return a.prompt or [""], "prompts"
 
 
 def main(argv=None) -> int:
@@ -64,14 +95,11 @@ def main(argv=None) -> int:
     from pipeline.common.models import local_file
     from pipeline.evaluate.sample import sample_images
     a = parse(argv)
-    if a.lowres and a.prompt:
-        raise SystemExit("[sample] give --lowres images or --prompt texts/labels, not both")
-    prompts = [read_lowres(f) for f in a.lowres] if a.lowres else (a.prompt or [""])
+    prompts, what = conditions(a)
     images, used = sample_images(local_file(a.model), prompts, a.n, a.autoencoder, a.text_encoder, a.steps,
                                  a.cfg_scale, a.seed, a.sampler, eta=a.eta, size=a.size,
                                  noise_level=None if a.noise_level < 0 else a.noise_level)
     save_grid(images, a.out, nrow=a.n, upscale=a.upscale)
-    what = "low-res images" if a.lowres else "prompts"
     print(f"[sample] {len(used)} images of {images.shape[-2]}x{images.shape[-1]} ({len(prompts)} {what} x {a.n}) "
           f"-> {a.out}")
     return 0

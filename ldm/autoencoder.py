@@ -265,9 +265,17 @@ def encode_latent(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return z, torch.zeros_like(z)
 
 
+def pixel_encoder(model: nn.Module):
+    """uint8 (B, H, W, 3) pixels -> the latent's posterior mean: how the encode job turns an image into z."""
+    def encode(px: torch.Tensor) -> torch.Tensor:
+        x = px.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return encode_latent(model, x.to(next(model.parameters()).device))[0]
+    return encode
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 __all__ = ["AutoencoderKL", "VQModel", "DiagonalGaussian", "VectorQuantizer", "build_autoencoder",
-           "encode_latent", "Encoder", "Decoder", "num_params"]
+           "encode_latent", "pixel_encoder", "Encoder", "Decoder", "num_params"]

@@ -165,25 +165,33 @@ class Conditioner:
       trainable  the paper's transformer inside LatentDiffusion (token ids in, trained jointly, eq. 3)
       class      a class label y; index num_classes is the null class
       lowres     a low-res image concatenated to z_t (§4.4), noise-augmented, its noise level as y
+      inpaint    a masked image's latent and its hole concatenated to z_t (§4.5)
       none       unconditional
+    Inpainting needs the latent scale of the run (the masked image's latent is scaled as z is, §4.3.2) and, to take
+    images and masks at sampling, the first stage's `encode` (uint8 NHWC pixels -> posterior mean).
     """
 
     def __init__(self, cfg: ConditioningConfig, text: FrozenHFTextEncoder | None = None, tokenize=None,
-                 device="cpu", downsample_factor: int = 1):
+                 device="cpu", downsample_factor: int = 1, latent_scale=None, encode=None):
         self.cfg, self.text, self.tokenize, self.device = cfg, text, tokenize, torch.device(device)
         self.f = downsample_factor  # the first stage's f: a low-res image is resized to the latent's size
+        self.latent_scale, self.encode = latent_scale, encode
+        if cfg.kind == "inpaint" and latent_scale is None:
+            raise ValueError("an inpainting conditioning needs the run's latent scale")
         if cfg.kind == "text":
             self.mode = "trainable" if cfg.text_encoder == "transformer" else "frozen"
         else:
-            self.mode = cfg.kind  # "class" | "none" | "lowres"
+            self.mode = cfg.kind  # "class" | "none" | "lowres" | "inpaint"
         if self.mode == "frozen" and text is None:
             raise ValueError("a frozen-text-encoder conditioning needs its FrozenHFTextEncoder")
         if self.mode == "trainable" and tokenize is None:
             raise ValueError("the trainable transformer conditioning needs the model's tokenizer")
-        self.null = {} if self.mode == "lowres" else self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
+        dense = self.mode in ("lowres", "inpaint")  # an image condition: no null, no guidance
+        self.null = {} if dense else self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
 
     @classmethod
-    def build(cls, model: nn.Module, text_encoder_path: str = "", device="cpu") -> "Conditioner":
+    def build(cls, model: nn.Module, text_encoder_path: str = "", device="cpu", latent_scale=None,
+              encode=None) -> "Conditioner":
         """For a LatentDiffusion `model`: loads the frozen text encoder (a local folder, "" = the offline MiniLM)
         when the config asks for one."""
         cfg = model.cfg.conditioning
@@ -191,7 +199,7 @@ class Conditioner:
         if cfg.kind == "text" and cfg.text_encoder == "hf":
             text = FrozenHFTextEncoder(text_encoder_path or cfg.text_encoder_path, cfg.max_length).to(device)
         tokenize = model.cond_stage.tokenize if getattr(model, "cond_stage", None) is not None else None
-        return cls(cfg, text, tokenize, device, model.cfg.autoencoder.downsample_factor)
+        return cls(cfg, text, tokenize, device, model.cfg.autoencoder.downsample_factor, latent_scale, encode)
 
     def _encode(self, prompts: list) -> dict:
         dev = self.device
@@ -207,13 +215,16 @@ class Conditioner:
             images = torch.from_numpy(np.stack([np.asarray(p, dtype=np.uint8) for p in prompts]))
             level = torch.full((len(prompts),), self.cfg.lowres_noise_sample, device=dev)
             return self.lowres(images.to(dev), level, torch.Generator(device=dev).manual_seed(0))
+        if self.mode == "inpaint":
+            return self.inpaint_prompts(prompts)
         return {}
 
     def prompts(self, prompts: list) -> tuple[dict, dict | None]:
         """(cond, uncond) for sampling: captions (text), class indices (class) or low-res HxWx3 uint8 images
-        (lowres); ({}, {}) if unconditional. A low-res condition has no null (uncond None: no guidance)."""
+        (lowres), {"image", "mask"} or cached {"latent", "hole"} dicts (inpaint); ({}, {}) if unconditional. A
+        low-res image or a masked image has no null (uncond None: no guidance)."""
         cond = self._encode(prompts)
-        if self.mode == "lowres":
+        if self.mode in ("lowres", "inpaint"):
             return cond, None
         return cond, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.null.items()}
 
@@ -231,15 +242,48 @@ class Conditioner:
         noise = torch.randn(x.shape, generator=generator, device=dev).to(x.device)
         return {"concat": abar.sqrt() * x + (1 - abar).sqrt() * noise, "y": level.to(x.device).long()}
 
+    def inpaint(self, latent: torch.Tensor, hole: torch.Tensor) -> dict:
+        """The masked image's latent (B,C,h,w, the first stage's scale) and its hole (B,1,h,w) -> the concat condition,
+        the latent rescaled as z is (§4.3.2)."""
+        return {"concat": torch.cat([self.latent_scale.to_diffusion(latent.float()), hole.float()], 1)}
+
+    def inpaint_prompts(self, prompts: list) -> dict:
+        """Sampling's inpainting conditions: {"image": (H,W,3) uint8, "mask": (H,W) bool, True = hole} encoded by
+        the first stage (x * (1 - m), as the encode job caches it), or a cached {"latent": (C,h,w), "hole": (h,w)}."""
+        from ldm.masks import latent_mask, mask_out
+        dev = self.device
+        if all("latent" in p for p in prompts):
+            latent = torch.stack([torch.as_tensor(np.asarray(p["latent"], np.float32)) for p in prompts])
+            hole = torch.stack([torch.as_tensor(np.asarray(p["hole"], np.float32)) for p in prompts])[:, None]
+            return self.inpaint(latent.to(dev), hole.to(dev))
+        if self.encode is None:
+            raise ValueError("inpainting from images and masks needs the first stage's encoder (Conditioner encode=)")
+        images = torch.from_numpy(np.stack([np.asarray(p["image"], np.uint8) for p in prompts]))
+        masks = torch.from_numpy(np.stack([np.asarray(p["mask"], bool) for p in prompts]))
+        latent = self.encode(mask_out(images, masks).to(dev))
+        return self.inpaint(latent, latent_mask(masks[:, None], self.f).to(dev))
+
     def batch(self, batch: dict, drop: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """A training batch's condition, with the samples in `drop` set to the null condition (CFG training).
-        Reads the cache's columns: text_emb (cached embeddings) or input_ids + attention_mask, label, or lowres
-        (with `generator` drawing its noise-augmentation level and noise)."""
+        Reads the cache's columns: text_emb (cached embeddings) or input_ids + attention_mask, label, lowres
+        (with `generator` drawing its noise-augmentation level and noise), or inpaint_latent + inpaint_mask (with
+        `generator` drawing the variant)."""
         dev, n = self.device, drop.shape[0]
         if self.mode == "lowres":  # the cache's lowres column: (B, s*s*3) uint8
             draw_on = generator.device if generator is not None else dev
             level = torch.randint(0, self.cfg.lowres_noise_max + 1, (n,), generator=generator, device=draw_on)
             cond = self.lowres(square_images(batch["lowres"].to(dev)), level.to(dev), generator)
+            cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
+            return cond
+        if self.mode == "inpaint":  # the cache's K variants per row: one drawn per row and step
+            lat, holes = batch["inpaint_latent"].to(dev), batch["inpaint_mask"].to(dev)
+            c = lat.shape[1] // holes.shape[1]           # K*C*h*w / K*h*w
+            hw = batch["latent_mean"].shape[1] // c      # C*h*w / C
+            k, side = holes.shape[1] // hw, int(round(hw ** 0.5))
+            draw_on = generator.device if generator is not None else dev
+            pick = torch.randint(0, k, (n,), generator=generator, device=draw_on).to(dev)
+            rows = torch.arange(n, device=dev)
+            cond = self.inpaint(lat.view(n, k, c, side, side)[rows, pick], holes.view(n, k, 1, side, side)[rows, pick])
             cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
             return cond
         if self.mode == "class":

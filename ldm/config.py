@@ -105,7 +105,8 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class ConditioningConfig:
     """tau_theta(y) (paper §3.3): what conditions the UNet and how it is dropped for CFG."""
-    kind: str = "text"                   # "text" | "class" | "none" | "lowres" (super-resolution, §4.4)
+    kind: str = "text"                   # "text" | "class" | "none" | "lowres" (super-resolution, §4.4) |
+    #                                      "inpaint" (§4.5: a masked image's latent and its hole, concatenated)
     text_encoder: str = "hf"             # "hf" (frozen, from a local/s3 path) | "transformer" (trained, paper)
     text_encoder_path: str = ""          # "" = the offline all-MiniLM-L6-v2 when installed
     max_length: int = 77
@@ -178,6 +179,14 @@ class LDMConfig:
             if not 0 <= cond.lowres_noise_sample <= cond.lowres_noise_max:
                 raise ConfigError(f"conditioning.lowres_noise_sample={cond.lowres_noise_sample} must be in "
                                   f"[0, lowres_noise_max={cond.lowres_noise_max}]")
+        if cond.kind == "inpaint":
+            if cond.concat_channels != ae.embed_dim + 1:
+                raise ConfigError(f"conditioning.kind='inpaint' concatenates the masked image's {ae.embed_dim}-channel "
+                                  f"latent and the 1-channel hole: set conditioning.concat_channels={ae.embed_dim + 1} "
+                                  f"(and unet.in_channels={2 * ae.embed_dim + 1})")
+            if un.num_classes is not None or un.context_dim is not None:
+                raise ConfigError("conditioning.kind='inpaint' has no class or text: set unet.num_classes=null and "
+                                  "unet.context_dim=null")
         if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
             raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
                               "(the extra class is the null label for classifier-free guidance)")
@@ -222,7 +231,7 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
     "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
     "diffusion.offset_noise": _nonneg,
-    "conditioning.kind": _one_of("text", "class", "none", "lowres"),
+    "conditioning.kind": _one_of("text", "class", "none", "lowres", "inpaint"),
     "conditioning.text_encoder": _one_of("hf", "transformer"),
     "conditioning.max_length": _pos, "conditioning.n_embed": _pos, "conditioning.n_layer": _pos,
     "conditioning.n_head": _pos, "conditioning.vocab_size": _pos, "conditioning.num_classes": _nonneg,
@@ -462,6 +471,15 @@ def _demo_sr() -> LDMConfig:
                    unet=replace(d.unet, in_channels=7, context_dim=None, num_classes=351),
                    conditioning=ConditioningConfig(kind="lowres", concat_channels=3, lowres_factor=4,
                                                    lowres_noise_max=350, lowres_noise_sample=20, cond_drop_prob=0.0))
+
+
+@register_preset("demo-inpaint")
+def _demo_inpaint() -> LDMConfig:
+    """The CPU demo's inpainting LDM (paper §4.5, SD-inpainting's input): the masked image's 8x8x4 latent and its
+    8x8 hole concatenated to z_t (4 + 4 + 1 = 9 input channels)."""
+    d = _demo()
+    return replace(d, name="demo-inpaint", unet=replace(d.unet, in_channels=9, context_dim=None),
+                   conditioning=ConditioningConfig(kind="inpaint", concat_channels=5, cond_drop_prob=0.0))
 
 
 @register_preset("ldm-kl-8")

@@ -38,6 +38,7 @@ class PreprocessConfig:
     max_caption_chars: int = 1000
     seed: int = 0
     lowres_factor: int = 0               # also keep the crop bicubic-downscaled by this (super-resolution); 0 = no
+    inpaint_variants: int = 0            # also draw this many inpainting masks per crop (seeded by key); 0 = none
 
     @property
     def effective_min_size(self) -> int:
@@ -161,12 +162,22 @@ def downscale(arr: np.ndarray, factor: int) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((w // factor, h // factor), Image.BICUBIC), dtype=np.uint8)
 
 
+def inpaint_masks(key: str, cfg: PreprocessConfig) -> np.ndarray:
+    """The record's inpainting masks, (inpaint_variants, r, r) bool: LaMa-style strokes and boxes (paper §4.5), drawn
+    from a generator seeded by the key, so a rerun draws the same ones."""
+    from ldm.masks import random_mask
+    rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:mask:{key}".encode()).hexdigest()[:12], 16))
+    r = cfg.resolution
+    return np.stack([random_mask(r, r, rng) for _ in range(cfg.inpaint_variants)])
+
+
 def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
-    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, and with
-    lowres_factor the crop downscaled (lowres, uint8 bytes)."""
+    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, with
+    lowres_factor the crop downscaled (lowres, uint8 bytes), with inpaint_variants its masks (masks, uint8 bytes)."""
     n = len(batch["key"])
     pixels = np.empty(n, dtype=object)
     lowres = np.full(n, b"", dtype=object)
+    masks = np.full(n, b"", dtype=object)
     orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
     skip = np.array(batch["skip"], dtype=object)
@@ -185,8 +196,12 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
         pixels[i] = arr.tobytes()
         if cfg.lowres_factor:
             lowres[i] = downscale(arr, cfg.lowres_factor).tobytes()
+        if cfg.inpaint_variants:
+            masks[i] = inpaint_masks(str(batch["key"][i]), cfg).astype(np.uint8).tobytes()
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left)
     if cfg.lowres_factor:
         out["lowres"] = lowres
+    if cfg.inpaint_variants:
+        out["masks"] = masks
     return out

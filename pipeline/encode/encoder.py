@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ldm.autoencoder import encode_latent
+from ldm.masks import latent_mask, mask_out
 from pipeline.common.runtime import node_id
 
 
@@ -62,12 +63,17 @@ class LatentEncoder:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         good = np.array([not s for s in batch["skip"]], dtype=bool)
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "masks")}
         out["encoder_node"] = np.full(n, self.node, dtype=object)  # where the work ran, for the job's summary
         mean = std = None
         if good.any():
-            m, s = self.encode(self.pixels_to_device(batch["pixels"][good]))
+            px = self.pixels_to_device(batch["pixels"][good])
+            m, s = self.encode(px)
             mean, std = m.float().flatten(1).cpu().numpy(), s.float().flatten(1).cpu().numpy()
+            if "masks" in batch:
+                out.update(self.encode_masked(px, batch["masks"][good], good, m.shape[1:]))
+        elif "masks" in batch:  # no good row: the columns still exist (as latent_mean's below)
+            out.update(inpaint_latent=np.zeros((n, 1), np.float16), inpaint_mask=np.zeros((n, 1), np.uint8))
         d = mean.shape[1] if mean is not None else 1
         out["latent_mean"] = np.zeros((n, d), np.float16)
         out["latent_std"] = np.zeros((n, d), np.float16)
@@ -81,6 +87,20 @@ class LatentEncoder:
             out["attention_mask"] = mask.numpy().astype(np.int8)
             if self.store_text_embeddings:
                 out["text_emb"] = self.embed(ids, mask).reshape(n, -1).astype(np.float16)
+        return out
+
+    def encode_masked(self, px: torch.Tensor, masks: np.ndarray, good: np.ndarray, latent: tuple) -> dict:
+        """Inpainting's condition (paper §4.5), cached as K variants per image: each mask's masked image encoded by
+        the first stage (the posterior mean, fp16, flat K*C*h*w) and the hole at the latent's size (uint8, K*h*w)."""
+        n, (r, k) = len(good), (self.resolution, len(masks[0]) // self.resolution ** 2)
+        hole = torch.from_numpy(np.stack([np.frombuffer(b, np.uint8) for b in masks]).reshape(-1, 1, r, r))
+        images = px.repeat_interleave(k, 0)  # (b*k, r, r, 3): each image once per mask
+        m, _ = self.encode(mask_out(images, hole[:, 0].bool()))
+        c, h, w = latent
+        out = {"inpaint_latent": np.zeros((n, k * c * h * w), np.float16),
+               "inpaint_mask": np.zeros((n, k * h * w), np.uint8)}
+        out["inpaint_latent"][good] = m.float().reshape(-1, k * c * h * w).cpu().numpy().astype(np.float16)
+        out["inpaint_mask"][good] = latent_mask(hole, r // h).reshape(-1, k * h * w).numpy().astype(np.uint8)
         return out
 
     def pixels_to_device(self, pixels: np.ndarray) -> torch.Tensor:

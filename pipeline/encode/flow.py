@@ -74,6 +74,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     k = opts.preprocess.lowres_factor
     if k < 0 or (k and res % k):
         raise ValueError(f"--lowres-factor {k} must divide --resolution {res} (e.g. 4: a {res // 4}px low-res copy)")
+    if opts.preprocess.inpaint_variants < 0:
+        raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]
     header = {"autoencoder": ae.identity, "text_encoder": text_encoder_identity(opts.text_encoder, opts.max_length,
                                                                                opts.store_text_embeddings),

@@ -1,8 +1,9 @@
 """The latent cache: parquet parts written by Ray workers, one commit record per finished shard, a manifest.
 
 A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*h*w), input_ids /
-attention_mask, optionally text_emb (fp16, L*d) and lowres (uint8, (r/k)*(r/k)*3), original size, crop offsets,
-label, meta (JSON).
+attention_mask, optionally text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
+masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), original size, crop
+offsets, label, meta (JSON).
 
 Who writes what (format version 2):
 - `parts/<run>-<shard>-<id>.parquet`: a write task's rows of one source shard (a shard spans several parts).
@@ -36,6 +37,10 @@ MANIFEST = "manifest.json"
 VERSION = 2
 # the encoder's bookkeeping columns: routed by the driver's ledger, never stored in a part
 ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node")
+
+
+# preprocess settings that add columns to every part (super-resolution's low-res copies, inpainting's variants)
+CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants")
 
 
 class CacheMismatch(ValueError):
@@ -164,6 +169,9 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
     if "lowres" in col and len(col["lowres"]):  # the super-resolution condition: uint8 (r/k)x(r/k)x3 per row
         cols["lowres"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["lowres"]]), pa.uint8())
+    if "inpaint_latent" in col:  # inpainting's K variants per row: masked images' latents, holes at latent size
+        cols["inpaint_latent"] = _fsl(col["inpaint_latent"], pa.float16())
+        cols["inpaint_mask"] = _fsl(col["inpaint_mask"], pa.uint8())
     for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
         cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
     cols["label"] = pa.array(labels_of(col["meta"]), pa.int32())
@@ -248,15 +256,19 @@ class ShardLedger:
         except FileNotFoundError:  # a new cache
             self.manifest = {"version": VERSION, **header, "shards": {}, "created": time.time()}
         else:
-            for key in ("autoencoder", "text_encoder", "latent_shape", "resolution"):
+            for key in ("autoencoder", "text_encoder", "latent_shape", "resolution", *CONDITION_COLUMNS):
                 old, new = self.manifest.get(key), header.get(key)
                 if key == "autoencoder":
                     from pipeline.common.models import first_stage_key
                     old, new = first_stage_key(old), first_stage_key(new)
+                if key in CONDITION_COLUMNS:  # the columns a part holds: every part of a cache has the same
+                    old = self.manifest.get("preprocess", {}).get(key, 0)
+                    new = header.get("preprocess", {}).get(key, 0)
                 if old != new:
                     raise CacheMismatch(
                         f"{output} already holds a latent cache with {key}={old} but this run has {key}={new}; "
-                        f"write to a new --output (latents of different encoders must not be mixed)")
+                        f"write to a new --output (latents of different encoders, or rows with and without a task's "
+                        f"condition columns, must not be mixed)")
             self.manifest.update({k: v for k, v in header.items() if k not in self.manifest})
             self.manifest["version"] = VERSION
         self.run = uuid.uuid4().hex[:8]  # names this run's parts: never the same as a killed run's

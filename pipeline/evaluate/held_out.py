@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ldm.masks import eval_masks
 from pipeline.data.preprocess import PreprocessConfig, downscale, preprocess_batch
 from pipeline.data.sources import discover_shards, read_shard
 
@@ -22,10 +23,13 @@ class HeldOut:
 
     def prompts(self, mode: str, lowres_factor: int = 4) -> list:
         """The conditioning of each held-out image for a model conditioned by `mode` (ldm Conditioner): its caption,
-        label, nothing, or (lowres) the image downscaled by `lowres_factor` as the encode job caches it."""
+        label, nothing, (lowres) the image downscaled by `lowres_factor` as the encode job caches it, or (inpaint)
+        the image with one of a fixed set of masks (`eval_masks`)."""
         if mode == "lowres":
-            pixels = ((self.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-            return [downscale(p, lowres_factor) for p in pixels]
+            return [downscale(p, lowres_factor) for p in self.pixels()]
+        if mode == "inpaint":
+            pixels = self.pixels()
+            return [{"image": p, "mask": m} for p, m in zip(pixels, eval_masks(len(pixels), *pixels.shape[1:3]))]
         if mode == "class":
             if self.labels is None:
                 raise ValueError("a class-conditional model needs held-out shards whose records carry a 'label'")
@@ -33,6 +37,10 @@ class HeldOut:
         if mode == "none":
             return [""] * len(self.captions)
         return list(self.captions)
+
+    def pixels(self) -> np.ndarray:
+        """The images as (N, H, W, 3) uint8."""
+        return ((self.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256) -> HeldOut:

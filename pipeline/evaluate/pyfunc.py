@@ -7,8 +7,10 @@
 (`mlflow models serve`, `mlflow.pyfunc.spark_udf` and batch inference read the same model). Input: a `prompt`
 column (a caption; the class id of a class-conditional model; "" for an unconditional one) and an optional
 `seed` column (default: the row number); a super-resolution model reads low-res PNG/JPEG bytes from an `image`
-column instead of the prompt (use cfg_scale 1); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per
-prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the low-res size x the factor for SR).
+column instead of the prompt (use cfg_scale 1), an inpainting model an `image` and a `mask` column (white = the
+hole); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per
+prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the low-res size x the factor for SR; the
+image's size for inpainting).
 
 The model folder carries everything it samples with: the export (UNet, EMA UNet, trained text transformer) and
 its first stage as artifacts, and the `ldm` and `pipeline` packages as code; a frozen HF text encoder is read from
@@ -37,20 +39,25 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         from PIL import Image
 
-        from pipeline.evaluate.sample import read_rgb
+        from pipeline.evaluate.sample import read_mask, read_rgb
         from pipeline.evaluate.scores import to_uint8
-        lowres = self.sampler.mode == "lowres"
-        if lowres and "image" not in model_input:
+        mode = self.sampler.mode
+        if mode == "lowres" and "image" not in model_input:
             raise ValueError(f"a super-resolution model needs an 'image' column of low-res PNG/JPEG bytes; the input "
                              f"has {list(model_input.columns)}")
-        if not lowres and "prompt" not in model_input:
+        if mode == "inpaint" and not {"image", "mask"} <= set(model_input.columns):
+            raise ValueError(f"an inpainting model needs an 'image' and a 'mask' column of PNG/JPEG bytes (white "
+                             f"in the mask = the hole); the input has {list(model_input.columns)}")
+        if mode not in ("lowres", "inpaint") and "prompt" not in model_input:
             raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
                              f"unconditional model); it has {list(model_input.columns)}")
         p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         n = len(model_input)
         prompts = [str(x) for x in model_input["prompt"]] if "prompt" in model_input else [""] * n
         seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(n)))
-        conds = [read_rgb(bytes(b)) for b in model_input["image"]] if lowres else prompts
+        conds = ([read_rgb(bytes(b)) for b in model_input["image"]] if mode == "lowres"
+                 else [{"image": read_rgb(bytes(b)), "mask": read_mask(bytes(m))}
+                       for b, m in zip(model_input["image"], model_input["mask"])] if mode == "inpaint" else prompts)
         images = self.sampler(conds, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
                               sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
         pngs = []
@@ -66,7 +73,7 @@ def signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt", required=False), ColSpec("long", "seed", required=False),
-                       ColSpec("binary", "image", required=False)]),
+                       ColSpec("binary", "image", required=False), ColSpec("binary", "mask", required=False)]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
                             ParamSpec("cfg_scale", "double", PARAMS["cfg_scale"]),

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import torch
 
+from ldm.autoencoder import pixel_encoder
 from ldm.checkpoint import load_components
 from ldm.conditioning import Conditioner
 from ldm.config import LDMConfig, from_dict
@@ -45,6 +46,15 @@ def read_rgb(src) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def read_mask(src) -> np.ndarray:
+    """A mask file (a path or its bytes) as an (h, w) bool array: white (> 127) is the hole to inpaint (SD's way)."""
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8) > 127
+
+
 class LDMSampler:
     """An export loaded once (UNet, its first stage, its text encoder): call it with prompts to get images."""
 
@@ -61,7 +71,7 @@ class LDMSampler:
         self.decode, self.resolution, self.device = ae.model.to(device).decode, ae.cfg.resolution, device
         self.f = ae.cfg.downsample_factor  # pixels per latent, the paper's f
         self.conditioner = Conditioner.build(self.net, text_encoder or text_encoder_path(self.info["text_encoder"]),
-                                             device)
+                                             device, self.info["latent_scale"], pixel_encoder(ae.model))
         self.alphas_cumprod = Schedule.from_config(self.net.cfg.diffusion).alphas_cumprod
 
     def untrained(self, seed: int = 0) -> "LDMSampler":
@@ -114,17 +124,40 @@ class LDMSampler:
                 raise ValueError(f"--size {size[0]}x{size[1]} does not match the low-res images: {h}x{w} x{k} is "
                                  f"{h * k}x{w * k}")
             size = None if (h * k, w * k) == (self.resolution, self.resolution) else (h * k, w * k)
-        return generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
-                        self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                        sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
-                        device=self.device, seeds=seeds, eta=eta)
+        if self.mode == "inpaint":
+            size = self.inpaint_size(prompts, size)
+        images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
+                          self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                          sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
+                          device=self.device, seeds=seeds, eta=eta)
+        if self.mode == "inpaint":  # the known pixels as given, the generated ones in the hole (§4.5)
+            known = torch.from_numpy(np.stack([p["image"] for p in prompts])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            hole = torch.from_numpy(np.stack([np.asarray(p["mask"], bool) for p in prompts]))[:, None].to(images.device)
+            images = torch.where(hole, images, known.to(images.device))
+        return images
+
+    def inpaint_size(self, prompts: list, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """An inpainting model's output size: its images' (one size, any multiple of the UNet's; §4.3.2)."""
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, dict) or {"image", "mask"} - set(p)]
+        if bad:
+            raise ValueError(f"an inpainting model takes {{'image': (h, w, 3) uint8, 'mask': (h, w) bool}} per sample; "
+                             f"sample(s) {bad[:5]} are not")
+        sizes = {(np.asarray(p["image"]).shape, np.asarray(p["mask"]).shape) for p in prompts}
+        (img, mask) = next(iter(sizes))
+        if len(sizes) != 1 or len(img) != 3 or img[2] != 3 or mask != img[:2]:
+            raise ValueError(f"an inpainting model takes RGB images of one size with masks of that size; got "
+                             f"(image, mask) shapes {sorted(sizes)}")
+        if size is not None and size != img[:2]:
+            raise ValueError(f"--size {size[0]}x{size[1]} does not match the images to inpaint ({img[0]}x{img[1]})")
+        return None if img[:2] == (self.resolution, self.resolution) else tuple(img[:2])
 
 
 def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
                   steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
                   device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None,
                   noise_level: int | None = None) -> tuple[torch.Tensor, list]:
-    """Images for each prompt (a caption, a class id or a low-res image), n_per_prompt each; noise_level overrides a
+    """Images for each prompt (a caption, a class id, a low-res image or an image and its mask), n_per_prompt each;
+    noise_level overrides a
     super-resolution model's lowres_noise_sample."""
     full = [p for p in prompts for _ in range(n_per_prompt)]
     model = LDMSampler(export, autoencoder, text_encoder, device)

@@ -63,6 +63,10 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
                 f"cache of low-res copies downscaled by that factor, but the cache {cache} was encoded "
                 + (f"with --lowres-factor {k}" if k else "without low-res copies")
                 + f": re-encode into a new --output with --lowres-factor {cfg.conditioning.lowres_factor}")
+    if cfg.conditioning.kind == "inpaint" and not manifest.get("preprocess", {}).get("inpaint_variants", 0):
+        raise CacheConfigMismatch(f"conditioning.kind=inpaint trains on masked images' latents, but the cache {cache} "
+                                  f"was encoded without them: re-encode into a new --output with --inpaint-variants K "
+                                  f"(e.g. 4 masks per image)")
 
 
 def check_labels(labels: dict | None, num_classes: int, cache: str) -> None:
@@ -138,6 +142,27 @@ def default_lowres(files: list[str], n: int = 8) -> list:
     return out
 
 
+def default_inpaint(files: list[str], n: int = 8) -> list:
+    """The first `n` cached rows' first inpainting variant ({"latent": (C,h,w), "hole": (h,w)}): an inpainting
+    model's sample-grid conditions."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    out: list = []
+    for f in files:
+        t = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["latent_mean", "inpaint_latent", "inpaint_mask"])
+        for z, lat, hole in zip(*(t[c].to_pylist()[:n - len(out)] for c in t.column_names)):
+            c = len(lat) // len(hole)  # K*C*h*w / K*h*w
+            hw = len(z) // c
+            side = int(round(hw ** 0.5))
+            out.append({"latent": np.asarray(lat[:c * hw], np.float32).reshape(c, side, side),
+                        "hole": np.asarray(hole[:hw], np.float32).reshape(side, side)})
+        if len(out) >= n:
+            break
+    return out
+
+
 def run_train(opts: TrainOptions, log=print) -> dict:
     from pipeline.common.runtime import training_stream_context
     from pipeline.train import kit
@@ -154,7 +179,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     kind = cfg.conditioning.kind
     prompts = tuple(opts.sample_prompts) or tuple(
         [str(i) for i in range(cfg.conditioning.num_classes)] if kind == "class"
-        else default_lowres(files) if kind == "lowres" else default_prompts(files))
+        else default_lowres(files) if kind == "lowres" else default_inpaint(files) if kind == "inpaint"
+        else default_prompts(files))
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
@@ -214,6 +240,8 @@ def stream_columns(cfg, cached_emb: bool) -> list[str]:
         columns.append("label")
     if cfg.conditioning.kind == "lowres":
         columns.append("lowres")
+    if cfg.conditioning.kind == "inpaint":
+        columns += ["inpaint_latent", "inpaint_mask"]
     return columns
 
 

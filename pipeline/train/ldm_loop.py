@@ -170,6 +170,9 @@ class EMAImages:
         job, o, dev = self.job, self.job.opts, self.w.device
         net = LatentDiffusion(job.cfg).to(dev).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
+        if self.conditioner.mode == "inpaint" and self.conditioner.encode is None:  # held-out images and masks
+            from ldm.autoencoder import pixel_encoder
+            self.conditioner.encode = pixel_encoder(self.decoder().model)
         return generate(net, self.conditioner, job.latent_scale, self.decoder().model.decode, prompts,
                         job.latent_shape, Schedule.from_config(job.cfg.diffusion).alphas_cumprod,
                         steps=o.sample_steps, cfg_scale=o.cfg_scale, seed=o.sample_seed,
@@ -184,12 +187,20 @@ def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
     d = tempfile.mkdtemp()
     path = save_grid(images, os.path.join(d, f"step_{step:07d}.png"), nrow=min(8, len(images)))
     with open(os.path.join(d, "prompts.txt"), "w") as f:
-        f.write("\n".join(p if isinstance(p, str) else f"low-res image {i} ({p.shape[0]}x{p.shape[1]})"
-                          for i, p in enumerate(job.sample_prompts)))
+        f.write("\n".join(describe_prompt(p, i) for i, p in enumerate(job.sample_prompts)))
     w.tracker.artifact(path, "samples")
     w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-    guidance = "no guidance" if make.conditioner.mode == "lowres" else f"cfg {job.opts.cfg_scale}"
+    guidance = "no guidance" if make.conditioner.mode in ("lowres", "inpaint") else f"cfg {job.opts.cfg_scale}"
     w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, {guidance})")
+
+
+def describe_prompt(p, i: int) -> str:
+    """A sample-grid condition as a line of prompts.txt."""
+    if isinstance(p, str):
+        return p
+    if isinstance(p, dict):
+        return f"masked image {i} (cached, {p['hole'].mean():.0%} of the latent hidden)"
+    return f"low-res image {i} ({p.shape[0]}x{p.shape[1]})"
 
 
 class SampleEval:
@@ -290,7 +301,7 @@ class Trainee:
                                    auto_mpi_discovery=False)
         torch.manual_seed(o.seed)  # same initial weights on every rank
         model = LatentDiffusion(job.cfg)
-        conditioner = Conditioner.build(model, job.text_encoder, w.device)
+        conditioner = Conditioner.build(model, job.text_encoder, w.device, job.latent_scale)
         if o.compile:  # in place: the UNet's state_dict keys stay as they are for checkpoints and the export
             model.unet.compile()
         engine, _, _, lr_sched = deepspeed.initialize(

@@ -74,6 +74,15 @@ def test_lowres_conditioning_names_each_contradiction():
         apply_overrides(sr, ["conditioning.lowres_factor=3"]).validate()
 
 
+def test_inpaint_conditioning_names_each_contradiction():
+    ip = get_preset("demo-inpaint")
+    assert ip.validate() and ip.unet.in_channels == 9 and ip.conditioning.concat_channels == 5
+    with pytest.raises(ConfigError, match="set conditioning.concat_channels=5"):
+        apply_overrides(ip, ["conditioning.concat_channels=3", "unet.in_channels=7"]).validate()
+    with pytest.raises(ConfigError, match="set unet.num_classes=null and unet.context_dim=null"):
+        apply_overrides(ip, ["unet.num_classes=3"]).validate()
+
+
 def test_config_is_frozen():
     cfg = get_preset("tiny")
     with pytest.raises(Exception):

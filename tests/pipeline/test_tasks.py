@@ -27,19 +27,23 @@ UNCOND = ("conditioning.kind=none", "unet.context_dim=null")
 SR = ("conditioning.kind=lowres", "conditioning.concat_channels=3", "unet.in_channels=7", "unet.context_dim=null",
       "conditioning.lowres_factor=4", "conditioning.lowres_noise_max=350", "unet.num_classes=351",
       "conditioning.lowres_noise_sample=20", "conditioning.cond_drop_prob=0")
+# inpainting: the masked image's 4-channel latent and its hole concatenated to z_t (4 + 4 + 1 input channels)
+INPAINT = ("conditioning.kind=inpaint", "conditioning.concat_channels=5", "unet.in_channels=9", "unet.context_dim=null",
+           "conditioning.cond_drop_prob=0")
 
 
 @pytest.fixture(scope="module")
 def label_cache(ray_local, tmp_path_factory):
     """160 Fashion-MNIST images whose records carry their label and no caption: a latent cache with no text, with
-    4x4 low-res copies (x4 super-resolution's condition; the other tasks ignore the column)."""
+    4x4 low-res copies (x4 super-resolution's condition) and 2 inpainting variants per image (the other tasks ignore
+    those columns)."""
     root = tmp_path_factory.mktemp("task-cache")
     recs = (replace(r, caption="") for r in fashion_records("train", 160, 0, "png"))
     write_shards(recs, str(root / "shards"), "webdataset", 80, seed=0)
     lines = []
     run_encode(EncodeOptions(input=str(root / "shards"), output=str(root / "latents"), autoencoder="random:tiny",
                              text_encoder="none", preprocess=PreprocessConfig(resolution=16, min_caption_chars=0,
-                                                                              lowres_factor=4),
+                                                                              lowres_factor=4, inpaint_variants=2),
                              batch_size=64), log=lines.append)
     return str(root / "latents"), "\n".join(lines)
 
@@ -56,7 +60,7 @@ def train_and_sample(cache: str, tmp_path, overrides: tuple, prompts: list[str],
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *args, "--n", "2",
                         "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = max(1, len(prompts), sample_args.count("--lowres"))
+    rows = max(1, len(prompts), sample_args.count("--lowres"), sample_args.count("--image"))
     assert f"{2 * rows} images of 16x16" in r.stdout and Image.open(out).size == (2 * 16 + 3 * 2, rows * 16 +
                                                                                      (rows + 1) * 2)
     return s, out
@@ -120,6 +124,67 @@ def test_super_resolution_task_from_lowres_copies_to_samples(label_cache, tmp_pa
     assert [Image.open(io.BytesIO(b)).size for b in out["image"]] == [(16, 16)] * 2
     with pytest.raises(ValueError, match="needs an 'image' column"):
         model.predict(None, pd.DataFrame({"prompt": ["x"]}))
+
+
+def test_inpainting_task_from_cached_mask_variants_to_samples(label_cache, tmp_path):
+    """Inpainting (§4.5): the encode job caches 2 masked-image latents per crop with their holes at the latent's size,
+    the LDM trains on one drawn per row and step, and jobs/sample.py fills the hole of an image file given a mask
+    file, keeping every known pixel."""
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.data.preprocess import inpaint_masks
+    from pipeline.evaluate.pyfunc import LDMPyfunc
+    cache, _ = label_cache
+    m = read_manifest(cache)
+    assert m["preprocess"]["inpaint_variants"] == 2
+    t = pq.read_table(sorted(Path(cache, "parts").glob("*.parquet"))[0], columns=["key", "inpaint_latent",
+                                                                               "inpaint_mask"])
+    holes = np.asarray(t["inpaint_mask"].to_pylist(), np.uint8).reshape(-1, 2, 8, 8)
+    latents = np.asarray(t["inpaint_latent"].to_pylist(), np.float32).reshape(-1, 2, 4, 8, 8)
+    assert set(np.unique(holes)) == {0, 1} and 0.1 < holes.mean() < 0.8
+    assert not np.allclose(latents[:, 0], latents[:, 1])  # two masks, two masked images
+    # the cached hole is the key's seeded mask pooled to the latent's cells: a rerun draws the same
+    want = inpaint_masks(t["key"][0].as_py(), PreprocessConfig(resolution=16, inpaint_variants=2))
+    assert (holes[0] == want.reshape(2, 8, 2, 8, 2).max(axis=(2, 4))).all()
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, :, 0] = np.arange(16, dtype=np.uint8)[None] * 16
+    hole = np.zeros((16, 16), np.uint8)
+    hole[4:12, 4:12] = 255
+    Image.fromarray(image).save(tmp_path / "img.png")
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    files = ("--image", str(tmp_path / "img.png"), "--mask", str(tmp_path / "mask.png"))
+    s, grid = train_and_sample(cache, tmp_path, INPAINT, [], files + ("--cfg-scale", "1"))
+    comps, config, _ = load_components(s["export"])
+    assert config["conditioning"]["kind"] == "inpaint" and comps["ema_unet"]["input_blocks.0.0.weight"].shape[1] == 9
+    cell = np.asarray(Image.open(grid).convert("RGB"))[2:18, 2:18]  # the grid's first image (2 px padding)
+    known = hole == 0
+    assert (cell[known] == image[known]).all() and not (cell[~known] == image[~known]).all()
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *files[:2]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "1 --image but 0 --mask" in r.stderr
+    model = LDMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"ldm": s["export"]}, model_config={}))
+    png = {k: io.BytesIO() for k in ("image", "mask")}
+    Image.fromarray(image).save(png["image"], format="PNG")
+    Image.fromarray(hole).save(png["mask"], format="PNG")
+    out = model.predict(None, pd.DataFrame({"image": [png["image"].getvalue()], "mask": [png["mask"].getvalue()]}),
+                        {"steps": 2, "cfg_scale": 1.0})
+    got = np.asarray(Image.open(io.BytesIO(out["image"][0])).convert("RGB"))
+    assert got.shape == (16, 16, 3) and (got[known] == image[known]).all()
+    with pytest.raises(ValueError, match="needs an 'image' and a 'mask' column"):
+        model.predict(None, pd.DataFrame({"image": [png["image"].getvalue()]}))
+
+
+def test_inpainting_refused_on_a_cache_without_mask_variants(tiny_cache, tmp_path):
+    with pytest.raises(CacheConfigMismatch, match="was encoded without them: re-encode into a new --output with "
+                                                  "--inpaint-variants K"):
+        run_train(TrainOptions(latents=tiny_cache, preset="tiny", overrides=INPAINT, storage_path=str(tmp_path),
+                               batch_size=8))
 
 
 def test_super_resolution_refused_on_a_cache_without_lowres_copies(tiny_cache, tmp_path):
