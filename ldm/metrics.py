@@ -15,6 +15,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
+def masked_psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-image PSNR in dB over the pixels where `mask` (B,1,H,W) is set: an inpainting's error in its hole (§4.5)."""
+    m = mask.float().expand_as(x)
+    mse = (((x.float() - y.float()) ** 2) * m).sum(dim=tuple(range(1, x.ndim))) / m.sum(dim=tuple(range(1, x.ndim)))
+    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))
+
+
 def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     g = torch.exp(-((torch.arange(size) - size // 2) ** 2).float() / (2 * sigma ** 2))
     return g / g.sum()
