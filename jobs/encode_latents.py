@@ -45,6 +45,10 @@ def parse(argv=None):
                    help="also store the frozen encoder's fp16 last hidden states (L x d per row; large)")
     pp = p.add_argument_group("preprocessing and filters (LAION defaults)")
     pp.add_argument("--resolution", type=int, default=256, help="square training resolution in pixels")
+    pp.add_argument("--resize", type=int, default=0,
+                    help="resize the shorter side to this before the --resolution crop (0 = to --resolution, so the "
+                         "crop spans it); larger with --crop random trains on crops of bigger images, as the paper's "
+                         "semantic synthesis and super-resolution models (§4.3.2)")
     pp.add_argument("--crop", choices=["center", "random"], default="center",
                     help="crop after resizing the shorter side; random is seeded by key (reproducible)")
     pp.add_argument("--min-size", type=int, default=0,
@@ -71,6 +75,11 @@ def parse(argv=None):
                          "drawn from the key and --seed, each masked image's latent and the hole at the latent's size "
                          "(columns inpaint_latent, inpaint_mask). Costs K more encoder passes per image and K masked "
                          "latents per row; training then draws one variant per row and step. 0 = none")
+    pp.add_argument("--label-maps", action="store_true",
+                    help="also cache each record's per-pixel label map (tar member KEY.seg.png or parquet column seg: "
+                         "an 8-bit PNG of class ids, the image's size), resized (nearest) and cropped as its image: "
+                         "the condition of a semantic synthesis LDM (column label_map). Records without a readable one "
+                         "are skipped and counted (missing_label_map, bad_label_map)")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
@@ -106,11 +115,13 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     a = parse(argv)
-    pre = PreprocessConfig(resolution=a.resolution, crop=a.crop, min_size=a.min_size, max_pixels=a.max_pixels,
-                           max_aspect=a.max_aspect, max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
+    pre = PreprocessConfig(resolution=a.resolution, resize=a.resize, crop=a.crop, min_size=a.min_size,
+                           max_pixels=a.max_pixels, max_aspect=a.max_aspect, max_punsafe=a.max_punsafe,
+                           max_pwatermark=a.max_pwatermark,
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
                            min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
-                           lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants)
+                           lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants,
+                           label_maps=a.label_maps)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

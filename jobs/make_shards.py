@@ -11,16 +11,19 @@ import time
 from _common import run
 
 from pipeline.common import storage
-from pipeline.data.make_shards import fashion_records, photo_records, write_shards
+from pipeline.data.make_shards import fashion_records, photo_records, scene_records, write_shards
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="output folder or s3:// prefix; train/ and test/ are made under it")
-    p.add_argument("--dataset", choices=["fashion-mnist", "photos", "all"], default="fashion-mnist",
+    p.add_argument("--dataset", choices=["fashion-mnist", "photos", "all", "scenes"], default="fashion-mnist",
                    help="fashion-mnist: 70k labelled 28x28 garments (Debian dataset-fashion-mnist) with template "
                         "captions; photos: ~45 real colour photos bundled with scikit-image, scikit-learn and "
-                        "mvtb-data with hand-written captions; all: both")
+                        "mvtb-data with hand-written captions; all: both; scenes: 64x64 canvases of 2-3 Fashion-MNIST "
+                        "items with their label map (KEY.seg.png / a seg column) and boxes (layout in the metadata), "
+                        "for semantic synthesis and layout-to-image (--limit-train/--limit-test scenes; default "
+                        "10000 / 1000)")
     p.add_argument("--layout", choices=["webdataset", "parquet"], default="webdataset",
                    help="img2dataset output format: webdataset tars (+ .parquet metadata and _stats.json) or "
                         "parquet files holding the image bytes")
@@ -44,6 +47,8 @@ def main(argv=None) -> int:
                 yield from fashion_records(split, limit or None, a.seed, a.image_format)
             if a.dataset in ("photos", "all"):
                 yield from photo_records(split, a.seed, a.image_format)
+            if a.dataset == "scenes":
+                yield from scene_records(split, limit or (10000 if split == "train" else 1000), a.seed)
         out = storage.join(a.output, split)
         res = write_shards(records(), out, a.layout, a.shard_size, a.seed,
                            progress=lambda i, path: print(f"  shard {i:5d} -> {path}", flush=True))

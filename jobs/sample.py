@@ -6,6 +6,7 @@ DDIM, DPM-Solver++(2M) or DDPM with classifier-free guidance, decoded by the fir
       --prompt "a photo of a sneaker" --prompt "a photo of a dress" --n 4 --out samples.png
   python jobs/sample.py --model runs/ldm-demo-sr-.../export/model.safetensors --lowres small.png --n 4 --cfg-scale 1
   python jobs/sample.py --model runs/ldm-demo-inpaint-.../export/model.safetensors --image photo.png --mask hole.png
+  python jobs/sample.py --model runs/ldm-demo-semantic-.../export/model.safetensors --label-map scene.png --cfg-scale 1
 """
 import argparse
 
@@ -27,6 +28,9 @@ def parse(argv=None):
     p.add_argument("--mask", action="append", default=[], metavar="MASK",
                    help="the hole of the --image at the same position: a grayscale or RGB image of its size, white "
                         "(> 127) = to be generated")
+    p.add_argument("--label-map", action="append", default=[], metavar="PNG",
+                   help="a label map (8-bit grayscale or palette PNG whose values are class ids, repeatable) for a "
+                        "semantic synthesis model: the output has its size, any multiple of the UNet's (paper 4.3.2)")
     p.add_argument("--noise-level", type=int, default=-1,
                    help="super-resolution: the low-res condition's noise-augmentation level at sampling "
                         "(0 = clean .. conditioning.lowres_noise_max; -1 = the model's lowres_noise_sample)")
@@ -63,14 +67,15 @@ def read_file(path: str, flag: str, reader=None):
     from pipeline.evaluate.sample import read_rgb
     try:
         return (reader or read_rgb)(path)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise SystemExit(f"[sample] {flag} {path}: not a readable image ({e}); give a PNG or JPEG file") from None
 
 
 def conditions(a) -> tuple[list, str]:
     """What to sample from, from the flags: (prompts, what they are)."""
-    from pipeline.evaluate.sample import read_mask
-    given = [f for f, v in (("--prompt", a.prompt), ("--lowres", a.lowres), ("--image", a.image)) if v]
+    from pipeline.evaluate.sample import read_label_map, read_mask
+    given = [f for f, v in (("--prompt", a.prompt), ("--lowres", a.lowres), ("--image", a.image),
+                            ("--label-map", a.label_map)) if v]
     if len(given) > 1:
         raise SystemExit(f"[sample] give one kind of condition, not {' and '.join(given)}")
     if len(a.image) != len(a.mask):
@@ -87,6 +92,8 @@ def conditions(a) -> tuple[list, str]:
         return pairs, "images to inpaint"
     if a.lowres:
         return [read_file(f, "--lowres") for f in a.lowres], "low-res images"
+    if a.label_map:
+        return [read_file(f, "--label-map", read_label_map) for f in a.label_map], "label maps"
     return a.prompt or [""], "prompts"
 
 

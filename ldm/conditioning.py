@@ -159,6 +159,9 @@ def apply_drop(cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> to
     return torch.where(d, null.to(cond.dtype).expand_as(cond), cond)
 
 
+DENSE = ("lowres", "inpaint", "semantic")  # conditions concatenated to z_t, sampled without guidance
+
+
 class Conditioner:
     """tau_theta's inputs for training and sampling alike (paper §3.3). Modes, from the config:
       frozen     a frozen HF text encoder: context = tau(y) (or the embeddings cached with the latents)
@@ -166,6 +169,7 @@ class Conditioner:
       class      a class label y; index num_classes is the null class
       lowres     a low-res image concatenated to z_t (§4.4), noise-augmented, its noise level as y
       inpaint    a masked image's latent and its hole concatenated to z_t (§4.5)
+      semantic   a per-pixel label map, one-hot and pooled to the latent's size, concatenated to z_t (§4.3.2)
       none       unconditional
     Inpainting needs the latent scale of the run (the masked image's latent is scaled as z is, §4.3.2) and, to take
     images and masks at sampling, the first stage's `encode` (uint8 NHWC pixels -> posterior mean).
@@ -181,12 +185,12 @@ class Conditioner:
         if cfg.kind == "text":
             self.mode = "trainable" if cfg.text_encoder == "transformer" else "frozen"
         else:
-            self.mode = cfg.kind  # "class" | "none" | "lowres" | "inpaint"
+            self.mode = cfg.kind  # "class" | "none" | "lowres" | "inpaint" | "semantic"
         if self.mode == "frozen" and text is None:
             raise ValueError("a frozen-text-encoder conditioning needs its FrozenHFTextEncoder")
         if self.mode == "trainable" and tokenize is None:
             raise ValueError("the trainable transformer conditioning needs the model's tokenizer")
-        dense = self.mode in ("lowres", "inpaint")  # an image condition: no null, no guidance
+        dense = self.mode in DENSE  # an image condition: no null, no guidance
         self.null = {} if dense else self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
 
     @classmethod
@@ -217,14 +221,20 @@ class Conditioner:
             return self.lowres(images.to(dev), level, torch.Generator(device=dev).manual_seed(0))
         if self.mode == "inpaint":
             return self.inpaint_prompts(prompts)
+        if self.mode == "semantic":
+            maps = torch.from_numpy(np.stack([np.asarray(p, dtype=np.uint8) for p in prompts]))
+            top = int(maps.max())
+            if top >= self.cfg.num_classes:
+                raise ValueError(f"a label map holds id {top} but the model knows ids 0..{self.cfg.num_classes - 1}")
+            return self.semantic(maps.to(dev))
         return {}
 
     def prompts(self, prompts: list) -> tuple[dict, dict | None]:
         """(cond, uncond) for sampling: captions (text), class indices (class) or low-res HxWx3 uint8 images
-        (lowres), {"image", "mask"} or cached {"latent", "hole"} dicts (inpaint); ({}, {}) if unconditional. A
-        low-res image or a masked image has no null (uncond None: no guidance)."""
+        (lowres), {"image", "mask"} or cached {"latent", "hole"} dicts (inpaint), (H,W) uint8 label maps (semantic);
+        ({}, {}) if unconditional. A dense condition (an image, a map) has no null (uncond None: no guidance)."""
         cond = self._encode(prompts)
-        if self.mode in ("lowres", "inpaint"):
+        if self.mode in DENSE:
             return cond, None
         return cond, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.null.items()}
 
@@ -241,6 +251,12 @@ class Conditioner:
         dev = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=dev).to(x.device)
         return {"concat": abar.sqrt() * x + (1 - abar).sqrt() * noise, "y": level.to(x.device).long()}
+
+    def semantic(self, maps: torch.Tensor) -> dict:
+        """uint8 (B, H, W) class ids -> one-hot, pooled over each latent cell's f x f pixels (the spatial rescaler:
+        the share of each class in the cell), concatenated to z_t."""
+        onehot = F.one_hot(maps.long(), self.cfg.num_classes).permute(0, 3, 1, 2).float()
+        return {"concat": F.avg_pool2d(onehot, self.f) if self.f > 1 else onehot}
 
     def inpaint(self, latent: torch.Tensor, hole: torch.Tensor) -> dict:
         """The masked image's latent (B,C,h,w, the first stage's scale) and its hole (B,1,h,w) -> the concat condition,
@@ -273,6 +289,12 @@ class Conditioner:
             draw_on = generator.device if generator is not None else dev
             level = torch.randint(0, self.cfg.lowres_noise_max + 1, (n,), generator=generator, device=draw_on)
             cond = self.lowres(square_images(batch["lowres"].to(dev)), level.to(dev), generator)
+            cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
+            return cond
+        if self.mode == "semantic":  # the cache's label_map column: (B, r*r) uint8
+            rows = batch["label_map"].to(dev)
+            side = int(round(rows.shape[1] ** 0.5))
+            cond = self.semantic(rows.view(n, side, side))
             cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
             return cond
         if self.mode == "inpaint":  # the cache's K variants per row: one drawn per row and step

@@ -106,7 +106,8 @@ class DiffusionConfig:
 class ConditioningConfig:
     """tau_theta(y) (paper §3.3): what conditions the UNet and how it is dropped for CFG."""
     kind: str = "text"                   # "text" | "class" | "none" | "lowres" (super-resolution, §4.4) |
-    #                                      "inpaint" (§4.5: a masked image's latent and its hole, concatenated)
+    #                                      "inpaint" (§4.5: a masked image's latent and its hole, concatenated) |
+    #                                      "semantic" (§4.3.2: a per-pixel label map, one-hot, concatenated)
     text_encoder: str = "hf"             # "hf" (frozen, from a local/s3 path) | "transformer" (trained, paper)
     text_encoder_path: str = ""          # "" = the offline all-MiniLM-L6-v2 when installed
     max_length: int = 77
@@ -115,7 +116,7 @@ class ConditioningConfig:
     n_layer: int = 32
     n_head: int = 8
     vocab_size: int = 30522
-    num_classes: int = 0                 # kind="class"
+    num_classes: int = 0                 # kind="class"; kind="semantic": the label map's ids 0..N-1 (0: background)
     concat_channels: int = 0             # dense conditions concatenated to z_t (SR, inpainting, semantic)
     cond_drop_prob: float = 0.1          # classifier-free guidance dropout, applied at train time
     # kind="lowres": the image downscaled by lowres_factor (the cache's 'lowres' column), resized to the latent's
@@ -187,6 +188,14 @@ class LDMConfig:
             if un.num_classes is not None or un.context_dim is not None:
                 raise ConfigError("conditioning.kind='inpaint' has no class or text: set unet.num_classes=null and "
                                   "unet.context_dim=null")
+        if cond.kind == "semantic":
+            if not cond.num_classes or cond.concat_channels != cond.num_classes:
+                raise ConfigError(f"conditioning.kind='semantic' concatenates the label map one-hot: set "
+                                  f"conditioning.num_classes=N (ids 0..N-1, 0 the background) and "
+                                  f"conditioning.concat_channels=N (and unet.in_channels={ae.embed_dim} + N)")
+            if un.num_classes is not None or un.context_dim is not None:
+                raise ConfigError("conditioning.kind='semantic' has no class or text: set unet.num_classes=null and "
+                                  "unet.context_dim=null")
         if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
             raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
                               "(the extra class is the null label for classifier-free guidance)")
@@ -231,7 +240,7 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
     "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
     "diffusion.offset_noise": _nonneg,
-    "conditioning.kind": _one_of("text", "class", "none", "lowres", "inpaint"),
+    "conditioning.kind": _one_of("text", "class", "none", "lowres", "inpaint", "semantic"),
     "conditioning.text_encoder": _one_of("hf", "transformer"),
     "conditioning.max_length": _pos, "conditioning.n_embed": _pos, "conditioning.n_layer": _pos,
     "conditioning.n_head": _pos, "conditioning.vocab_size": _pos, "conditioning.num_classes": _nonneg,
@@ -480,6 +489,18 @@ def _demo_inpaint() -> LDMConfig:
     d = _demo()
     return replace(d, name="demo-inpaint", unet=replace(d.unet, in_channels=9, context_dim=None),
                    conditioning=ConditioningConfig(kind="inpaint", concat_channels=5, cond_drop_prob=0.0))
+
+
+@register_preset("demo-semantic")
+def _demo_semantic() -> LDMConfig:
+    """The CPU demo's semantic synthesis LDM (paper §4.3.2): 64x64 scenes of Fashion-MNIST items, their label map
+    (background + 10 classes) one-hot and pooled to the 16x16 latent (the spatial rescaler), concatenated to z_t.
+    The first stage is the demo's, trained on 32x32 crops: convolutional, it encodes the 64x64 canvas as it is."""
+    d = _demo()
+    return replace(d, name="demo-semantic",
+                   unet=replace(d.unet, in_channels=15, context_dim=None),
+                   conditioning=ConditioningConfig(kind="semantic", num_classes=11, concat_channels=11,
+                                                   cond_drop_prob=0.0))
 
 
 @register_preset("ldm-kl-8")

@@ -5,13 +5,15 @@
   5 train a Fashion-MNIST classifier          6 sample every class (DDIM + CFG), judge prompt-class agreement,
                                                 score FD / KID against held-out images
 
-`--task` picks the LDM's conditioning (paper §3.3, §4.1, §4.4): text (the default), class (the labels), uncond (none;
-judged by FD against the same model untrained, and by which classes the judge sees in its samples), sr (x4
+`--task` picks the LDM's conditioning (paper §3.3, §4.1, §4.3-4.5): text (the default), class (the labels), uncond
+(none; judged by FD against the same model untrained, and by which classes the judge sees in its samples), sr (x4
 super-resolution from the 8x8 bicubic copy; judged by FD, PSNR and SSIM against bicubic upsampling), inpaint (§4.5:
 large stroke and box holes filled from the masked image's latent; judged by FD and the hole's PSNR against a
-classical fill, biharmonic inpainting). Tasks share
-the shards and the stage-1 run under one --out (a second task resumes them), and keep their own cache, LDM run,
-MLflow experiment, grid and summary.
+classical fill, biharmonic inpainting), semantic (§4.3.2: 64x64 scenes of 2-3 items drawn from their label maps;
+trained on 32x32 crops, sampled whole at twice that canvas, judged by the classifier on each region and the
+silhouettes' overlap with the maps; one sample at four times the canvas). Tasks share the item shards and the
+stage-1 run under one --out (a second task resumes them), and keep their own cache, LDM run, MLflow experiment,
+grid and summary.
 
 Everything runs on an embedded local Ray and a local MLflow store unless URIs are given.
 """
@@ -22,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.data.make_shards import FASHION_CLASSES, FASHION_PHRASES
+from pipeline.data.make_shards import FASHION_CLASSES, FASHION_PHRASES, SCENE_SIZE
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,16 @@ class DemoTask:
     inpaint_variants: int = 0    # the cache keeps this many masked-image latents per image (inpainting's condition)
     ldm_steps_factor: float = 1.0  # the LDM's steps relative to the size's
     eta: float = 0.0             # DDIM's noise when the demo samples (1: DDPM-like, ancestral)
+    scenes: int = 0              # > 0: train on 32x32 random crops of this many 64x64 scenes with label maps
+
+    def shards(self, split: str) -> str:
+        """The shard folder under --out that this task encodes (train) or is judged on (test)."""
+        return f"scenes-{split}" if self.scenes else split
+
+    @property
+    def canvas(self) -> int:
+        """The size of the images the task is judged on: a scene task's samples are twice its training crops."""
+        return SCENE_SIZE if self.scenes else 32
 
     def ldm_steps(self, size: DemoSize) -> int:
         return max(1, round(size.ldm_steps * self.ldm_steps_factor))
@@ -88,6 +100,11 @@ TASKS = {
     "inpaint": DemoTask("demo-inpaint", "inpainting UNet: a masked image's latent and its hole concatenated to z_t, "
                         "one of 2 cached mask variants per image and step (paper §4.5)", False, (), "-inpaint",
                         inpaint_variants=2, ldm_steps_factor=1.25, eta=1.0),
+    # as the paper's semantic synthesis model (trained on 256^2 crops, sampled at 512x1024): trained on 32x32 crops of
+    # the scenes, judged on whole 64x64 scenes, twice the training canvas, and shown at four times it
+    "semantic": DemoTask("demo-semantic", "semantic synthesis UNet on 32x32 crops of 64x64 scenes: the label map "
+                         "one-hot, pooled to the 8x8 latent and concatenated to z_t (paper §4.3.2)", False, (),
+                         "-semantic", scenes=12000),
 }
 
 
@@ -136,7 +153,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     init_ray(opts.num_cpus or None, 512)
 
     prog.stage(f"Fashion-MNIST shards with captions: {size.train_images} train / {size.test_images} test images")
-    make_shards(out, size, opts.seed, log)
+    make_shards(out, size, opts.seed, log, task)
     prog.stage(f"stage 1: KL autoencoder, f=4, L2 reconstruction, {size.ae_steps} steps of 16 images (paper §3.1)")
     ae = train_stage1(out, size, uri, opts.seed, log)
     prog.stage("encode the latent cache with the trained autoencoder" + (" + MiniLM tokens" if task.text else ""))
@@ -149,6 +166,12 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         prog.stage(f"upsample {10 * size.samples_per_class} held-out 8x8 images x4 (DDIM {opts.sample_steps} steps), "
                    f"and by bicubic interpolation: FD, PSNR and SSIM of each against the real 32x32 images")
         judged = judge_super_resolution(ldm["export"], clf, size, opts, out, task)
+    elif opts.task == "semantic":
+        prog.stage(f"draw {10 * size.samples_per_class} scenes from held-out label maps (DDIM {opts.sample_steps} "
+                   f"steps; twice the training crops) and one from four maps tiled (four times): the classifier on "
+                   f"each region, the "
+                   f"silhouettes' overlap with the maps, FD against the real scenes")
+        judged = judge_semantic(ldm["export"], clf, size, opts, out, task)
     elif opts.task == "inpaint":
         prog.stage(f"fill the holes of {10 * size.samples_per_class} held-out images (DDIM {opts.sample_steps} steps, "
                    f"eta {task.eta:g}), "
@@ -176,6 +199,10 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         summary.update({k: judged[k] for k in ("psnr_db", "ssim", "bicubic_fd", "bicubic_kid", "bicubic_psnr_db",
                                                "bicubic_ssim", "noise_level", "class_kept", "bicubic_class_kept",
                                                "real_class")})
+    elif opts.task == "semantic":
+        summary.update({k: judged[k] for k in ("region_agreement", "real_region_agreement", "silhouette_iou",
+                                               "real_silhouette_iou", "region_agreement_4x", "silhouette_iou_4x",
+                                               "regions", "grid_4x", "eta")})
     elif opts.task == "inpaint":
         summary.update({k: judged[k] for k in ("hole_psnr_db", "hole_share", "classical_fd", "classical_kid",
                                                "classical_hole_psnr_db", "class_kept", "classical_class_kept",
@@ -189,12 +216,19 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     return summary
 
 
-def make_shards(out: Path, size: DemoSize, seed: int, log) -> None:
-    from pipeline.data.make_shards import fashion_records, write_shards
+def make_shards(out: Path, size: DemoSize, seed: int, log, task: DemoTask) -> None:
+    """Fashion-MNIST items (stage 1 trains on them), and for a scene task its scenes with label maps and boxes."""
+    from pipeline.data.make_shards import fashion_records, scene_records, write_shards
     for split, n in (("train", size.train_images), ("test", size.test_images)):
         r = write_shards(fashion_records(split, n, seed, "png"), str(out / "shards" / split), "webdataset", 1000,
                          seed=seed)
         log(f"[demo] {split}: {r['records']} records in {r['shards']} shards ({r['kept_existing']} already there)")
+    if task.scenes:
+        for split, n in (("train", min(task.scenes, size.train_images)), ("test", min(500, size.test_images))):
+            r = write_shards(scene_records(split, n, seed), str(out / "shards" / task.shards(split)), "webdataset",
+                             1000, seed=seed)
+            log(f"[demo] {split} scenes: {r['records']} records in {r['shards']} shards ({r['kept_existing']} "
+                f"already there)")
 
 
 def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
@@ -212,10 +246,13 @@ def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
 def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> dict:
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
-    return run_encode(EncodeOptions(input=str(out / "shards" / "train"), output=str(out / f"latents{task.tag}"),
-                                    autoencoder=autoencoder,
-                                    preprocess=PreprocessConfig(resolution=32, lowres_factor=task.lowres_factor,
-                                                                inpaint_variants=task.inpaint_variants),
+    return run_encode(EncodeOptions(input=str(out / "shards" / task.shards("train")),
+                                    output=str(out / f"latents{task.tag}"), autoencoder=autoencoder,
+                                    preprocess=PreprocessConfig(resolution=32, resize=task.canvas,
+                                                                crop="random" if task.scenes else "center",
+                                                                lowres_factor=task.lowres_factor,
+                                                                inpaint_variants=task.inpaint_variants,
+                                                                label_maps=bool(task.scenes)),
                                     text_encoder="" if task.text else "none", max_length=16,
                                     store_text_embeddings=task.text, batch_size=128, mlflow_uri=uri,
                                     experiment="demo-encode"), log)
@@ -230,8 +267,9 @@ def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task:
         max_steps=steps, batch_size=64, lr=2e-3, warmup_steps=50, lr_schedule="cosine", ema_decay=0.999,
         checkpoint_every=max(200, steps // 3), sample_every=max(200, steps // 2),
         sample_prompts=task.prompts, sample_steps=opts.sample_steps, cfg_scale=opts.cfg_scale, log_every=50,
-        eval_every=max(10, steps // 2), eval_samples=size.eval_samples,
-        eval_input=str(out / "shards" / "test"),
+        # a scene task's held-out scenes are twice its training crops: judged at the end, at their own size
+        eval_every=0 if task.scenes else max(10, steps // 2), eval_samples=size.eval_samples,
+        eval_input=str(out / "shards" / task.shards("test")),
         storage_path=str(out / "runs"), name=f"ldm{task.tag}", mlflow_uri=uri, experiment=f"demo-ldm{task.tag}",
         register_model=f"demo-ldm{task.tag}", seed=opts.seed), log)
 
@@ -357,6 +395,80 @@ def judge_inpainting(export: str, clf, size: DemoSize, opts: DemoOptions, out: P
             "classical_hole_psnr_db": round(float(masked_psnr(classical, truth, holes).mean()), 2)}
 
 
+# one colour per label-map id (0: background) for the figures
+PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+
+
+def judge_semantic(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path, task: DemoTask) -> dict:
+    """Whole 64x64 scenes from held-out label maps, twice the 32x32 crops the model trained on (the convolutional
+    sampling of §4.3.2): does the classifier see each region's class in the generated pixels (the same judge on the
+    real scenes is the ceiling, chance 10%), how well does the generated silhouette overlap the map (IoU of
+    foreground pixels), FD / KID against the held-out scenes; and one 128x128 sample from four maps tiled (four
+    times the training canvas), judged alike."""
+    import numpy as np
+    import torch
+
+    from pipeline.evaluate.grid import save_grid
+    from pipeline.evaluate.sample import LDMSampler
+    from pipeline.evaluate.scores import from_uint8
+    held = read_demo_held_out(out, size, task)  # also the FD reference set
+    n = min(10 * size.samples_per_class, len(held.images))
+    maps, boxes, truth = held.prompts("semantic")[:n], [m["layout"] for m in held.metas[:n]], held.images[:n]
+    sampler = LDMSampler(export)
+    kw = dict(steps=opts.sample_steps, cfg_scale=1.0, eta=task.eta)
+    images = quantised(sampler(maps, seeds=list(range(opts.seed, opts.seed + n)), **kw))
+    r = held_out_scores(out, size, held).score(images)
+    s = task.canvas  # the 4x sample: four held-out maps tiled, their boxes moved with them
+    big_map = np.block([[maps[0], maps[1]], [maps[2], maps[3]]])
+    big_boxes = [[c, t + s * (i // 2), le + s * (i % 2), h, w] for i in range(4) for c, t, le, h, w in boxes[i]]
+    big = quantised(sampler([big_map], seeds=[opts.seed], **kw))
+
+    def colour(m) -> torch.Tensor:
+        return from_uint8(np.asarray(PALETTE, np.uint8)[np.asarray(m)][None])[0]
+    k = min(8, n)  # the grid: a row per scene with its map, the LDM's scene, the real scene
+    rows = torch.stack([torch.stack([colour(maps[i]) for i in range(k)]), images[:k], truth[:k]], 1).flatten(0, 1)
+    grid = out / f"samples_grid{task.tag}.png"
+    save_grid(rows, str(grid), nrow=3, upscale=3)
+    (out / f"prompts{task.tag}.txt").write_text("each row: the held-out label map (a colour per class), the LDM's "
+                                                "scene, the real scene\n")
+    wide = out / f"samples_4x{task.tag}.png"
+    save_grid(torch.stack([colour(big_map), big[0]]), str(wide), nrow=2, upscale=3)
+    return {**r, "grid": str(grid), "grid_4x": str(wide), "eta": task.eta,
+            "region_agreement": region_agreement(clf, images, boxes),
+            "real_region_agreement": region_agreement(clf, truth, boxes),
+            "silhouette_iou": silhouette_iou(images, maps), "real_silhouette_iou": silhouette_iou(truth, maps),
+            "region_agreement_4x": region_agreement(clf, big, [big_boxes]),
+            "silhouette_iou_4x": silhouette_iou(big, [big_map]), "regions": sum(len(b) for b in boxes)}
+
+
+def region_agreement(clf, images, boxes: list[list]) -> float:
+    """The share of boxes ([class, top, left, h, w]) whose crop, resized to 32x32 as the judge was trained, the
+    classifier calls the box's class."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.evaluate.classifier import predict
+    crops, classes = [], []
+    for img, items in zip(images, boxes):
+        for c, t, le, h, w in items:
+            crops.append(F.interpolate(img[None, :, t:t + h, le:le + w], size=(32, 32), mode="bicubic",
+                                       align_corners=False).clamp(-1, 1)[0])
+            classes.append(c)
+    return round(float((predict(clf, torch.stack(crops)) == torch.tensor(classes)).float().mean()), 4)
+
+
+def silhouette_iou(images, maps) -> float:
+    """Mean IoU of the generated foreground (brighter than the label maps' item threshold) with the maps' items."""
+    import numpy as np
+
+    from pipeline.data.make_shards import SCENE_THRESHOLD
+    fg = (images.mean(1) > SCENE_THRESHOLD / 127.5 - 1).cpu().numpy()
+    want = np.stack([np.asarray(m) > 0 for m in maps])
+    inter, union = (fg & want).sum((1, 2)), (fg | want).sum((1, 2))
+    return round(float(np.mean(inter / np.maximum(union, 1))), 4)
+
+
 def cache_mb(path: Path) -> float:
     """The latent cache's size on disk (its parquet parts)."""
     return round(sum(f.stat().st_size for f in path.glob("parts/*.parquet")) / 2 ** 20, 2)
@@ -372,10 +484,13 @@ def save_task_grid(images, out: Path, size: DemoSize, task: DemoTask) -> str:
     return str(grid)
 
 
-def read_demo_held_out(out: Path, size: DemoSize):
-    """The held-out test images every task's FD / KID is measured against (up to 500)."""
+def read_demo_held_out(out: Path, size: DemoSize, task: DemoTask | None = None):
+    """The held-out test images every task's FD / KID is measured against (up to 500): items, or a scene task's
+    scenes with their label maps."""
     from pipeline.evaluate.held_out import read_held_out
-    return read_held_out(str(out / "shards" / "test"), 32, min(500, size.test_images))
+    scenes = task is not None and bool(task.scenes)
+    return read_held_out(str(out / "shards" / (task.shards("test") if scenes else "test")),
+                         task.canvas, min(500, size.test_images), label_maps=scenes)
 
 
 def held_out_scores(out: Path, size: DemoSize, held=None):
@@ -408,11 +523,16 @@ def track_summary(uri: str, run_id: str, s: dict) -> None:
     if "bicubic_fd" in s:
         figures.update({f"bicubic_{s['fd_name']}": s["bicubic_fd"], "sr_psnr": s["psnr_db"], "sr_ssim": s["ssim"],
                         "bicubic_psnr": s["bicubic_psnr_db"], "bicubic_ssim": s["bicubic_ssim"]})
+    if "region_agreement" in s:
+        figures.update({k: s[k] for k in ("region_agreement", "real_region_agreement", "silhouette_iou",
+                                          "region_agreement_4x", "silhouette_iou_4x")})
     if "classical_fd" in s:
         figures.update({f"classical_{s['fd_name']}": s["classical_fd"], "hole_psnr": s["hole_psnr_db"],
                         "classical_hole_psnr": s["classical_hole_psnr_db"]})
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"demo/{k}", v, now, 0) for k, v in figures.items()])
     client.log_artifact(run_id, s["grid"], "demo")
+    if "grid_4x" in s:
+        client.log_artifact(run_id, s["grid_4x"], "demo")
 
 
 def report(s: dict, out: Path, uri: str) -> str:
@@ -428,6 +548,15 @@ def report(s: dict, out: Path, uri: str) -> str:
                    f"images, {100 * s['bicubic_class_kept']:.0f}% of bicubic's ({100 * s['real_class']:.0f}% of the "
                    f"originals)")
         grid = f"grid (input, bicubic, LDM, real per row): {s['grid']}"
+    elif s["task"] == "semantic":
+        samples = (f"the classifier sees each region's class in {100 * s['region_agreement']:.0f}% of "
+                   f"{s['regions']} regions (real scenes: {100 * s['real_region_agreement']:.0f}%, chance 10%); "
+                   f"silhouette IoU with the maps {s['silhouette_iou']:.3f} (real: {s['real_silhouette_iou']:.3f})"
+                   f"\n            {fd}\n            (64x64: twice the 32x32 training crops); at four times (128x128, "
+                   f"four maps tiled): "
+                   f"{100 * s['region_agreement_4x']:.0f}% of its regions, IoU {s['silhouette_iou_4x']:.3f}: "
+                   f"{s['grid_4x']}")
+        grid = f"grid (label map, LDM, real per row): {s['grid']}"
     elif s["task"] == "inpaint":
         samples = (f"holes of {100 * s['hole_share']:.0f}% of the pixels filled (DDIM eta {s['eta']:g}): {fd}; PSNR in "
                    f"the holes "

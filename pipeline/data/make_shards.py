@@ -1,7 +1,10 @@
 """Write LAION-style image-caption shards exactly as img2dataset does, from real data that packages ship.
 
 - Fashion-MNIST (Debian `dataset-fashion-mnist`), captions from class names and templates;
-- real colour photos bundled with scikit-image, scikit-learn and `mvtb-data`, captions written here.
+- real colour photos bundled with scikit-image, scikit-learn and `mvtb-data`, captions written here;
+- Fashion-MNIST scenes: 2-3 items on a 64x64 canvas, with their per-pixel label map (`KEY.seg.png`, a `seg`
+  column in parquet: 0 background, c + 1 an item of class c) and their boxes (`layout` in the metadata: [class,
+  top, left, height, width] per item) for semantic synthesis and layout-to-image (paper §4.3).
 
 Layouts: webdataset (`NNNNN.tar` with `KEY.png|jpg`, `KEY.txt`, `KEY.json`, plus `NNNNN.parquet` metadata
 and `NNNNN_stats.json`) or parquet (`NNNNN.parquet` with the image bytes in a `png`/`jpg` column, plus
@@ -95,6 +98,8 @@ class Record:
     height: int
     label: int | None = None
     source: str = ""
+    label_map: bytes | None = None       # a PNG of per-pixel class ids (semantic synthesis)
+    layout: list | None = None           # [[class, top, left, height, width], ...] (layout-to-image)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -134,6 +139,32 @@ def fashion_records(split: str, limit: int | None, seed: int, fmt: str) -> Itera
         caption = TEMPLATES[rng.integers(len(TEMPLATES))].format(FASHION_PHRASES[label])
         caption = caption[0].upper() + caption[1:] if rng.random() < 0.5 else caption
         yield Record(encode_image(images[i], fmt), fmt, caption, 28, 28, label, f"fashion-mnist/{split}/{i}")
+
+
+SCENE_SIZE = 64
+SCENE_THRESHOLD = 40  # an item's pixel brighter than this belongs to it in the label map
+
+
+def scene_records(split: str, limit: int, seed: int, size: int = SCENE_SIZE) -> Iterator[Record]:
+    """Scenes of 2-3 Fashion-MNIST items (28x28, native scale) in distinct quadrants of a size x size black canvas,
+    each jittered inside its quadrant; the label map marks each item's pixels (> SCENE_THRESHOLD) with its class
+    + 1, and the layout holds its box."""
+    images, labels = load_fashion_mnist(split)
+    rng = np.random.default_rng([seed, 2 if split == "train" else 3])
+    half = size // 2
+    for n in range(limit):
+        canvas, seg, layout = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8), []
+        for cell in sorted(int(v) for v in rng.choice(4, int(rng.integers(2, 4)), replace=False)):
+            i = int(rng.integers(len(images)))
+            top = half * (cell // 2) + int(rng.integers(0, half - 28 + 1))
+            left = half * (cell % 2) + int(rng.integers(0, half - 28 + 1))
+            item, c = images[i], int(labels[i])
+            canvas[top:top + 28, left:left + 28] = item
+            seg[top:top + 28, left:left + 28][item > SCENE_THRESHOLD] = c + 1
+            layout.append([c, top, left, 28, 28])
+        caption = "a scene with " + ", ".join(FASHION_PHRASES[b[0]] for b in layout)
+        yield Record(encode_image(canvas, "png"), "png", caption, size, size, None,
+                     f"fashion-mnist-scenes/{split}/{n}", encode_image(seg, "png"), layout)
 
 
 def _load_photo(name: str) -> np.ndarray | None:
@@ -189,15 +220,18 @@ def shard_bytes(records: list[Record], shard: int, layout: str, seed: int) -> di
                 "original_height": rec.height, **laion_columns(key, seed)}
         if rec.label is not None:
             meta["label"] = rec.label
+        if rec.layout is not None:
+            meta["layout"] = rec.layout
         if tar is not None:
-            for name, data in ((f"{key}.{rec.ext}", rec.image), (f"{key}.txt", rec.caption.encode()),
+            seg = ((f"{key}.seg.png", rec.label_map),) if rec.label_map is not None else ()
+            for name, data in ((f"{key}.{rec.ext}", rec.image), *seg, (f"{key}.txt", rec.caption.encode()),
                                (f"{key}.json", json.dumps(meta).encode())):
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
             rows.append(meta)
         else:
-            rows.append({**meta, rec.ext: rec.image})
+            rows.append({**meta, rec.ext: rec.image, **({"seg": rec.label_map} if rec.label_map is not None else {})})
     out = {}
     if tar is not None:
         tar.close()

@@ -20,13 +20,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never h
 
 SKIP_REASONS = ("missing_image", "missing_caption", "caption_too_long", "bad_metadata", "unsafe", "watermark",
                 "low_aesthetic", "low_similarity", "not_an_image", "corrupt_image", "too_small", "too_large",
-                "bad_aspect", "shard_error", "empty_shard")
+                "bad_aspect", "missing_label_map", "bad_label_map", "shard_error", "empty_shard")
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     resolution: int = 256
     crop: str = "center"                 # "center" | "random" (seeded by key: reproducible)
+    resize: int = 0                      # the shorter side is resized to this before the crop; 0 = resolution
     min_size: int = 0                    # shorter side in pixels; 0 = resolution // 2
     max_pixels: int = 64_000_000         # decompression-bomb guard
     max_aspect: float = 3.0
@@ -39,6 +40,7 @@ class PreprocessConfig:
     seed: int = 0
     lowres_factor: int = 0               # also keep the crop bicubic-downscaled by this (super-resolution); 0 = no
     inpaint_variants: int = 0            # also draw this many inpainting masks per crop (seeded by key); 0 = none
+    label_maps: bool = False             # also keep each record's per-pixel class map, resized and cropped as its image
 
     @property
     def effective_min_size(self) -> int:
@@ -140,13 +142,19 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image | None
         return None, "corrupt_image"
 
 
+def resized(w: int, h: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """The size an image of w x h is resized to before its crop: shorter side -> resize (or resolution)."""
+    side = max(cfg.resize, cfg.resolution)
+    s = side / min(w, h)
+    return max(side, round(w * s)), max(side, round(h * s))
+
+
 def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.ndarray, int, int]:
-    """Shorter side -> resolution (bicubic, antialiased), then a resolution^2 crop; returns offsets."""
+    """Shorter side -> resize or resolution (bicubic, antialiased), then a resolution^2 crop; returns offsets."""
     r = cfg.resolution
-    w, h = im.size
-    s = r / min(w, h)
-    nw, nh = max(r, round(w * s)), max(r, round(h * s))
-    im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    nw, nh = resized(*im.size, cfg)
+    if (nw, nh) != im.size:
+        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
     if cfg.crop == "random":
         rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
         top, left = int(rng.integers(0, nh - r + 1)), int(rng.integers(0, nw - r + 1))
@@ -154,6 +162,25 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
         top, left = (nh - r) // 2, (nw - r) // 2
     arr = np.asarray(im.crop((left, top, left + r, top + r)), dtype=np.uint8)
     return arr, top, left
+
+
+def crop_label_map(data: bytes, size: tuple[int, int], cfg: PreprocessConfig, top: int, left: int):
+    """A record's label map (PNG of class ids, the image's size) resized (nearest: ids stay ids) and cropped exactly as
+    its image: (uint8 r x r, None), or (None, skip reason)."""
+    if not data:
+        return None, "missing_label_map"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.size != size or im.mode not in ("L", "P"):  # 8-bit ids: grayscale, or a palette's indices
+                return None, "bad_label_map"
+            seg = Image.fromarray(np.asarray(im, dtype=np.uint8))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None, "bad_label_map"
+    r, (nw, nh) = cfg.resolution, resized(*size, cfg)
+    if (nw, nh) != size:
+        seg = seg.resize((nw, nh), Image.NEAREST)
+    return np.asarray(seg.crop((left, top, left + r, top + r)), dtype=np.uint8), None
 
 
 def downscale(arr: np.ndarray, factor: int) -> np.ndarray:
@@ -173,11 +200,13 @@ def inpaint_masks(key: str, cfg: PreprocessConfig) -> np.ndarray:
 
 def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
     """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, with
-    lowres_factor the crop downscaled (lowres, uint8 bytes), with inpaint_variants its masks (masks, uint8 bytes)."""
+    lowres_factor the crop downscaled (lowres, uint8 bytes), with inpaint_variants its masks (masks, uint8 bytes),
+    with label_maps its class map cropped alike (label_map, uint8 bytes)."""
     n = len(batch["key"])
     pixels = np.empty(n, dtype=object)
     lowres = np.full(n, b"", dtype=object)
     masks = np.full(n, b"", dtype=object)
+    label_maps = np.full(n, b"", dtype=object)
     orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
     skip = np.array(batch["skip"], dtype=object)
@@ -193,15 +222,24 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
             continue
         orig_w[i], orig_h[i] = im.size
         arr, crop_top[i], crop_left[i] = resize_crop(im, cfg, str(batch["key"][i]))
+        if cfg.label_maps:
+            seg, reason = crop_label_map(batch["label_map"][i] if "label_map" in batch else b"", im.size, cfg,
+                                         int(crop_top[i]), int(crop_left[i]))
+            if reason is not None:
+                skip[i] = reason
+                continue
+            label_maps[i] = seg.tobytes()
         pixels[i] = arr.tobytes()
         if cfg.lowres_factor:
             lowres[i] = downscale(arr, cfg.lowres_factor).tobytes()
         if cfg.inpaint_variants:
             masks[i] = inpaint_masks(str(batch["key"][i]), cfg).astype(np.uint8).tobytes()
-    out = {k: v for k, v in batch.items() if k != "image"}
+    out = {k: v for k, v in batch.items() if k not in ("image", "label_map")}
     out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left)
     if cfg.lowres_factor:
         out["lowres"] = lowres
     if cfg.inpaint_variants:
         out["masks"] = masks
+    if cfg.label_maps:
+        out["label_map"] = label_maps
     return out

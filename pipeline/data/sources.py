@@ -14,6 +14,7 @@ from pipeline.common import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "txt")
+LABEL_MAP_EXTS = ("seg.png", "seg")  # a record's per-pixel class map (tar member KEY.seg.png, parquet column seg)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ def discover_shards(uri: str) -> ShardSet:
     return ShardSet("webdataset" if tars else "parquet", tuple(shards))
 
 
-def _row(shard: int, key: str, image: bytes | None, ext: str, caption, meta: dict | None, skip: str = ""):
+def _row(shard: int, key: str, image: bytes | None, ext: str, caption, meta: dict | None, skip: str = "",
+         label_map: bytes | None = None):
     """One record. No nulls (Ray Data turns null strings into NaN in numpy batches): "" means absent."""
-    return {"shard": shard, "key": key, "image": image or b"", "ext": ext,
+    return {"shard": shard, "key": key, "image": image or b"", "ext": ext, "label_map": label_map or b"",
             "caption": "" if caption is None else str(caption),
             "meta": "" if meta is None else json.dumps(meta, default=_json_default), "skip": skip or "",
             "shard_total": -1, "shard_error": ""}
@@ -84,7 +86,9 @@ def _webdataset_records(uri: str, shard: int):
                 skip = "bad_metadata"
         if img_ext is None:
             skip = skip or "missing_image"
-        return _row(shard, current, files.get(img_ext) if img_ext else None, img_ext or "", caption, meta, skip)
+        label_map = next((files[e] for e in LABEL_MAP_EXTS if e in files), None)
+        return _row(shard, current, files.get(img_ext) if img_ext else None, img_ext or "", caption, meta, skip,
+                    label_map)
 
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
@@ -116,10 +120,11 @@ def _parquet_records(uri: str, shard: int):
         for i, batch in enumerate(pf.iter_batches(batch_size=256)):
             for j, rec in enumerate(batch.to_pylist()):
                 images = {c: rec.pop(c) for c in img_cols}
+                label_map = rec.pop("seg", None)
                 ext, img = next(((c, v) for c, v in images.items() if v), ("", None))  # formats may mix per row
                 key = str(rec.get("key") or f"{shard:05d}{i * 256 + j:06d}")
                 caption = rec.get(cap_col) if cap_col else None
-                yield _row(shard, key, img, ext, caption, rec, "" if img else "missing_image")
+                yield _row(shard, key, img, ext, caption, rec, "" if img else "missing_image", label_map)
 
 
 def read_shard(row: dict, layout: str):

@@ -74,6 +74,9 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     k = opts.preprocess.lowres_factor
     if k < 0 or (k and res % k):
         raise ValueError(f"--lowres-factor {k} must divide --resolution {res} (e.g. 4: a {res // 4}px low-res copy)")
+    if opts.preprocess.resize and opts.preprocess.resize < res:
+        raise ValueError(f"--resize {opts.preprocess.resize} is smaller than --resolution {res}: the crop must fit "
+                         f"inside the resized image (0 = resize to --resolution)")
     if opts.preprocess.inpaint_variants < 0:
         raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]

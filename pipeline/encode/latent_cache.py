@@ -2,7 +2,8 @@
 
 A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*h*w), input_ids /
 attention_mask, optionally text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
-masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), original size, crop
+masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), label_map (uint8 r*r
+class ids), original size, crop
 offsets, label, meta (JSON).
 
 Who writes what (format version 2):
@@ -40,7 +41,7 @@ ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node")
 
 
 # preprocess settings that add columns to every part (super-resolution's low-res copies, inpainting's variants)
-CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants")
+CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps")
 
 
 class CacheMismatch(ValueError):
@@ -169,6 +170,8 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
     if "lowres" in col and len(col["lowres"]):  # the super-resolution condition: uint8 (r/k)x(r/k)x3 per row
         cols["lowres"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["lowres"]]), pa.uint8())
+    if "label_map" in col and len(col["label_map"]):  # semantic synthesis' condition: uint8 r*r class ids per row
+        cols["label_map"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["label_map"]]), pa.uint8())
     if "inpaint_latent" in col:  # inpainting's K variants per row: masked images' latents, holes at latent size
         cols["inpaint_latent"] = _fsl(col["inpaint_latent"], pa.float16())
         cols["inpaint_mask"] = _fsl(col["inpaint_mask"], pa.uint8())

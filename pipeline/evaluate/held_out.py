@@ -20,6 +20,8 @@ class HeldOut:
     captions: tuple[str, ...]
     labels: tuple[int, ...] | None  # every record's "label" metadata, or None if any lacks one
     fashion_mnist: bool           # every record came from Fashion-MNIST (the in-project classifier can judge)
+    label_maps: np.ndarray | None = None  # (N, H, W) uint8 class ids, when read with label_maps=True
+    metas: tuple = ()             # each record's metadata (e.g. a scene's layout)
 
     def prompts(self, mode: str, lowres_factor: int = 4) -> list:
         """The conditioning of each held-out image for a model conditioned by `mode` (ldm Conditioner): its caption,
@@ -27,6 +29,10 @@ class HeldOut:
         the image with one of a fixed set of masks (`eval_masks`)."""
         if mode == "lowres":
             return [downscale(p, lowres_factor) for p in self.pixels()]
+        if mode == "semantic":
+            if self.label_maps is None:
+                raise ValueError("a semantic synthesis model needs held-out shards read with their label maps")
+            return list(self.label_maps)
         if mode == "inpaint":
             pixels = self.pixels()
             return [{"image": p, "mask": m} for p, m in zip(pixels, eval_masks(len(pixels), *pixels.shape[1:3]))]
@@ -43,11 +49,12 @@ class HeldOut:
         return ((self.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256) -> HeldOut:
-    """The first `n` good records of `input_uri`; raises if the shards hold fewer than 2."""
-    cfg = PreprocessConfig(resolution=resolution)
+def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256, label_maps: bool = False) -> HeldOut:
+    """The first `n` good records of `input_uri` (with their label maps: records without one are skipped); raises if
+    the shards hold fewer than 2."""
+    cfg = PreprocessConfig(resolution=resolution, label_maps=label_maps)
     shard_set = discover_shards(input_uri)
-    images, captions, metas = [], [], []
+    images, captions, metas, maps = [], [], [], []
     for i, uri in enumerate(sorted(shard_set.shards)):
         pending = []
         for rec in read_shard({"uri": uri, "shard": i}, shard_set.layout):
@@ -58,12 +65,14 @@ def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256) -> 
         for j in range(0, len(pending), batch):
             chunk = pending[j:j + batch]
             out = preprocess_batch({k: np.array([r[k] for r in chunk], dtype=object)
-                                    for k in ("key", "caption", "meta", "image", "skip")}, cfg)
+                                    for k in ("key", "caption", "meta", "image", "skip", "label_map")}, cfg)
             for k in range(len(chunk)):
                 if not out["skip"][k] and len(images) < n:
                     images.append(np.frombuffer(out["pixels"][k], np.uint8).reshape(resolution, resolution, 3))
                     captions.append(str(out["caption"][k]))
                     metas.append(json.loads(out["meta"][k] or "{}"))
+                    if label_maps:
+                        maps.append(np.frombuffer(out["label_map"][k], np.uint8).reshape(resolution, resolution))
         if len(images) >= n:
             break
     if len(images) < 2:
@@ -73,4 +82,4 @@ def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256) -> 
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     labels = tuple(int(m["label"]) for m in metas) if all("label" in m for m in metas) else None
     fashion = all(str(m.get("url", "")).startswith("package://fashion-mnist/") for m in metas)
-    return HeldOut(x, tuple(captions), labels, fashion)
+    return HeldOut(x, tuple(captions), labels, fashion, np.stack(maps) if label_maps else None, tuple(metas))

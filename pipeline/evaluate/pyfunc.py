@@ -8,9 +8,9 @@
 column (a caption; the class id of a class-conditional model; "" for an unconditional one) and an optional
 `seed` column (default: the row number); a super-resolution model reads low-res PNG/JPEG bytes from an `image`
 column instead of the prompt (use cfg_scale 1), an inpainting model an `image` and a `mask` column (white = the
-hole); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per
-prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the low-res size x the factor for SR; the
-image's size for inpainting).
+hole), a semantic synthesis model a `label_map` column (PNG of class ids); params `steps`, `cfg_scale`,
+`sampler`, `eta`. Output: one row per prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the
+low-res size x the factor for SR; the image's or the label map's size for inpainting and semantic synthesis).
 
 The model folder carries everything it samples with: the export (UNet, EMA UNet, trained text transformer) and
 its first stage as artifacts, and the `ldm` and `pipeline` packages as code; a frozen HF text encoder is read from
@@ -39,7 +39,7 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         from PIL import Image
 
-        from pipeline.evaluate.sample import read_mask, read_rgb
+        from pipeline.evaluate.sample import read_label_map, read_mask, read_rgb
         from pipeline.evaluate.scores import to_uint8
         mode = self.sampler.mode
         if mode == "lowres" and "image" not in model_input:
@@ -48,7 +48,10 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         if mode == "inpaint" and not {"image", "mask"} <= set(model_input.columns):
             raise ValueError(f"an inpainting model needs an 'image' and a 'mask' column of PNG/JPEG bytes (white "
                              f"in the mask = the hole); the input has {list(model_input.columns)}")
-        if mode not in ("lowres", "inpaint") and "prompt" not in model_input:
+        if mode == "semantic" and "label_map" not in model_input:
+            raise ValueError(f"a semantic synthesis model needs a 'label_map' column of PNG bytes (8-bit class ids); "
+                             f"the input has {list(model_input.columns)}")
+        if mode not in ("lowres", "inpaint", "semantic") and "prompt" not in model_input:
             raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
                              f"unconditional model); it has {list(model_input.columns)}")
         p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
@@ -57,7 +60,8 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(n)))
         conds = ([read_rgb(bytes(b)) for b in model_input["image"]] if mode == "lowres"
                  else [{"image": read_rgb(bytes(b)), "mask": read_mask(bytes(m))}
-                       for b, m in zip(model_input["image"], model_input["mask"])] if mode == "inpaint" else prompts)
+                       for b, m in zip(model_input["image"], model_input["mask"])] if mode == "inpaint"
+                 else [read_label_map(bytes(b)) for b in model_input["label_map"]] if mode == "semantic" else prompts)
         images = self.sampler(conds, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
                               sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
         pngs = []
@@ -73,7 +77,8 @@ def signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt", required=False), ColSpec("long", "seed", required=False),
-                       ColSpec("binary", "image", required=False), ColSpec("binary", "mask", required=False)]),
+                       ColSpec("binary", "image", required=False), ColSpec("binary", "mask", required=False),
+                       ColSpec("binary", "label_map", required=False)]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
                             ParamSpec("cfg_scale", "double", PARAMS["cfg_scale"]),

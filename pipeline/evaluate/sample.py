@@ -46,6 +46,17 @@ def read_rgb(src) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def read_label_map(src) -> np.ndarray:
+    """A label map file (a path or its bytes): an 8-bit grayscale or palette PNG whose pixel values are class ids."""
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"a label map is an 8-bit grayscale or palette PNG of class ids, not mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8)
+
+
 def read_mask(src) -> np.ndarray:
     """A mask file (a path or its bytes) as an (h, w) bool array: white (> 127) is the hole to inpaint (SD's way)."""
     import io
@@ -126,6 +137,15 @@ class LDMSampler:
             size = None if (h * k, w * k) == (self.resolution, self.resolution) else (h * k, w * k)
         if self.mode == "inpaint":
             size = self.inpaint_size(prompts, size)
+        if self.mode == "semantic":  # the output is the label maps' size: any multiple of the UNet's (§4.3.2)
+            sizes = {np.asarray(p).shape for p in prompts}
+            shape = next(iter(sizes))
+            if len(sizes) != 1 or len(shape) != 2:
+                raise ValueError(f"a semantic synthesis model takes (h, w) label maps of one size; got shapes "
+                                 f"{sorted(sizes)}")
+            if size is not None and size != shape:
+                raise ValueError(f"--size {size[0]}x{size[1]} does not match the label maps ({shape[0]}x{shape[1]})")
+            size = shape
         images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
                           self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
                           sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,

@@ -63,6 +63,10 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
                 f"cache of low-res copies downscaled by that factor, but the cache {cache} was encoded "
                 + (f"with --lowres-factor {k}" if k else "without low-res copies")
                 + f": re-encode into a new --output with --lowres-factor {cfg.conditioning.lowres_factor}")
+    if cfg.conditioning.kind == "semantic" and not manifest.get("preprocess", {}).get("label_maps"):
+        raise CacheConfigMismatch(f"conditioning.kind=semantic trains on label maps, but the cache {cache} was encoded "
+                                  f"without them: re-encode shards whose records carry a KEY.seg.png (tar) or a seg "
+                                  f"column (parquet) into a new --output with --label-maps")
     if cfg.conditioning.kind == "inpaint" and not manifest.get("preprocess", {}).get("inpaint_variants", 0):
         raise CacheConfigMismatch(f"conditioning.kind=inpaint trains on masked images' latents, but the cache {cache} "
                                   f"was encoded without them: re-encode into a new --output with --inpaint-variants K "
@@ -142,6 +146,23 @@ def default_lowres(files: list[str], n: int = 8) -> list:
     return out
 
 
+def default_label_maps(files: list[str], n: int = 8) -> list:
+    """The first `n` cached label maps ((r, r) uint8 ids): a semantic synthesis model's sample-grid conditions."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    out: list = []
+    for f in files:
+        rows = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["label_map"])["label_map"].to_pylist()
+        for row in rows[:n - len(out)]:
+            side = int(round(len(row) ** 0.5))
+            out.append(np.asarray(row, np.uint8).reshape(side, side))
+        if len(out) >= n:
+            break
+    return out
+
+
 def default_inpaint(files: list[str], n: int = 8) -> list:
     """The first `n` cached rows' first inpainting variant ({"latent": (C,h,w), "hole": (h,w)}): an inpainting
     model's sample-grid conditions."""
@@ -180,7 +201,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     prompts = tuple(opts.sample_prompts) or tuple(
         [str(i) for i in range(cfg.conditioning.num_classes)] if kind == "class"
         else default_lowres(files) if kind == "lowres" else default_inpaint(files) if kind == "inpaint"
-        else default_prompts(files))
+        else default_label_maps(files) if kind == "semantic" else default_prompts(files))
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
@@ -242,6 +263,8 @@ def stream_columns(cfg, cached_emb: bool) -> list[str]:
         columns.append("lowres")
     if cfg.conditioning.kind == "inpaint":
         columns += ["inpaint_latent", "inpaint_mask"]
+    if cfg.conditioning.kind == "semantic":
+        columns.append("label_map")
     return columns
 
 

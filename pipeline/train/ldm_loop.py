@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.autoencoder import DiagonalGaussian
-from ldm.conditioning import Conditioner, drop_mask
+from ldm.conditioning import DENSE, Conditioner, drop_mask
 from ldm.config import LDMConfig, to_dict
 from ldm.diffusion import Schedule, diffusion_loss
 from ldm.ema import EMA
@@ -190,7 +190,7 @@ def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
         f.write("\n".join(describe_prompt(p, i) for i, p in enumerate(job.sample_prompts)))
     w.tracker.artifact(path, "samples")
     w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-    guidance = "no guidance" if make.conditioner.mode in ("lowres", "inpaint") else f"cfg {job.opts.cfg_scale}"
+    guidance = "no guidance" if make.conditioner.mode in DENSE else f"cfg {job.opts.cfg_scale}"
     w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, {guidance})")
 
 
@@ -200,6 +200,8 @@ def describe_prompt(p, i: int) -> str:
         return p
     if isinstance(p, dict):
         return f"masked image {i} (cached, {p['hole'].mean():.0%} of the latent hidden)"
+    if p.ndim == 2:
+        return f"label map {i} ({p.shape[0]}x{p.shape[1]}, ids {sorted(set(p.flatten().tolist()))})"
     return f"low-res image {i} ({p.shape[0]}x{p.shape[1]})"
 
 
@@ -212,7 +214,9 @@ class SampleEval:
         from pipeline.evaluate.scores import SampleScores, load_feature_net
         o = make.job.opts
         self.make = make
-        held = read_held_out(o.eval_input, make.decoder().cfg.resolution, o.eval_samples)
+        # at the cache's resolution, latent size x f (a convolutional first stage may encode beyond its own)
+        res = make.job.latent_shape[-1] * make.decoder().cfg.downsample_factor
+        held = read_held_out(o.eval_input, res, o.eval_samples, label_maps=make.conditioner.mode == "semantic")
         self.prompts = held.prompts(make.conditioner.mode, make.conditioner.cfg.lowres_factor)
         self.scores = SampleScores(load_feature_net(), held.images)
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import load_components
-from pipeline.data.make_shards import fashion_records, photo_records, write_shards
+from pipeline.data.make_shards import fashion_records, photo_records, scene_records, write_shards
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.encode.flow import EncodeOptions, run_encode
 from pipeline.encode.latent_cache import read_manifest
@@ -28,6 +28,9 @@ SR = ("conditioning.kind=lowres", "conditioning.concat_channels=3", "unet.in_cha
       "conditioning.lowres_factor=4", "conditioning.lowres_noise_max=350", "unet.num_classes=351",
       "conditioning.lowres_noise_sample=20", "conditioning.cond_drop_prob=0")
 # inpainting: the masked image's 4-channel latent and its hole concatenated to z_t (4 + 4 + 1 input channels)
+# semantic synthesis: the label map (background + 10 classes) one-hot, pooled to the latent, concatenated to z_t
+SEMANTIC = ("conditioning.kind=semantic", "conditioning.num_classes=11", "conditioning.concat_channels=11",
+            "unet.in_channels=15", "unet.context_dim=null", "conditioning.cond_drop_prob=0")
 INPAINT = ("conditioning.kind=inpaint", "conditioning.concat_channels=5", "unet.in_channels=9", "unet.context_dim=null",
            "conditioning.cond_drop_prob=0")
 
@@ -60,9 +63,10 @@ def train_and_sample(cache: str, tmp_path, overrides: tuple, prompts: list[str],
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *args, "--n", "2",
                         "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = max(1, len(prompts), sample_args.count("--lowres"), sample_args.count("--image"))
-    assert f"{2 * rows} images of 16x16" in r.stdout and Image.open(out).size == (2 * 16 + 3 * 2, rows * 16 +
-                                                                                     (rows + 1) * 2)
+    rows = max(1, len(prompts), *(sample_args.count(f) for f in ("--lowres", "--image", "--label-map")))
+    side = 32 if "--label-map" in sample_args else 16  # the semantic test samples twice its training canvas
+    assert f"{2 * rows} images of {side}x{side}" in r.stdout and Image.open(out).size == (
+        2 * side + 3 * 2, rows * side + (rows + 1) * 2)
     return s, out
 
 
@@ -178,6 +182,56 @@ def test_inpainting_task_from_cached_mask_variants_to_samples(label_cache, tmp_p
     assert got.shape == (16, 16, 3) and (got[known] == image[known]).all()
     with pytest.raises(ValueError, match="needs an 'image' and a 'mask' column"):
         model.predict(None, pd.DataFrame({"image": [png["image"].getvalue()]}))
+
+
+def test_semantic_synthesis_task_from_label_maps_to_a_twice_larger_sample(ray_local, tiny_cache, tmp_path):
+    """Semantic synthesis (§4.3.2): scene shards carry a KEY.seg.png label map per record, the encode job resizes and
+    crops it as the image (nearest) into the cache, records without one are skipped and counted, the LDM trains on
+    it one-hot, and jobs/sample.py draws a 32x32 image from a 32x32 label map: twice the 16x16 training canvas."""
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluate.pyfunc import LDMPyfunc
+
+    def recs():
+        yield from scene_records("train", 40, 0)
+        yield from (replace(r, caption="") for r in fashion_records("train", 3, 0, "png"))  # no label map
+    write_shards(recs(), str(tmp_path / "shards"), "webdataset", 43, seed=0)
+    cache = str(tmp_path / "latents")
+    run_encode(EncodeOptions(input=str(tmp_path / "shards"), output=cache, autoencoder="random:tiny",
+                             text_encoder="none", preprocess=PreprocessConfig(resolution=16, min_caption_chars=0,
+                                                                              label_maps=True), batch_size=64),
+               log=lambda *a: None)
+    m = read_manifest(cache)
+    assert m["counts"]["kept"] == 40 and m["totals"]["skipped"] == {"missing_label_map": 3}
+    maps = np.asarray(pq.read_table(sorted(Path(cache, "parts").glob("*.parquet"))[0],
+                                    columns=["label_map"])["label_map"].to_pylist(), np.uint8)
+    assert maps.shape == (40, 256) and maps.max() <= 10 and (maps > 0).mean() > 0.05  # items on a background
+    big = np.zeros((32, 32), np.uint8)
+    big[2:14, 2:14], big[18:30, 18:30] = 2, 9  # a trouser and a bag
+    Image.fromarray(big).save(tmp_path / "map.png")
+    s, _ = train_and_sample(cache, tmp_path, SEMANTIC, [], ("--label-map", str(tmp_path / "map.png"),
+                                                            "--cfg-scale", "1"))
+    comps, config, _ = load_components(s["export"])
+    assert config["conditioning"]["kind"] == "semantic" and comps["ema_unet"]["input_blocks.0.0.weight"].shape[1] == 15
+    bad = tmp_path / "bad.png"
+    Image.fromarray(np.full((32, 32), 12, np.uint8)).save(bad)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], "--label-map",
+                        str(bad), "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "holds id 12 but the model knows ids 0..10" in r.stderr
+    model = LDMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"ldm": s["export"]}, model_config={}))
+    png = io.BytesIO()
+    Image.fromarray(big[:16, :16]).save(png, format="PNG")
+    out = model.predict(None, pd.DataFrame({"label_map": [png.getvalue()]}), {"steps": 2, "cfg_scale": 1.0})
+    assert Image.open(io.BytesIO(out["image"][0])).size == (16, 16)
+    with pytest.raises(CacheConfigMismatch, match="was encoded without them"):
+        run_train(TrainOptions(latents=tiny_cache, preset="tiny", overrides=SEMANTIC,
+                               storage_path=str(tmp_path / "r2"), batch_size=8))
 
 
 def test_inpainting_refused_on_a_cache_without_mask_variants(tiny_cache, tmp_path):
