@@ -49,8 +49,9 @@ def parse(argv=None):
                     help="resize the shorter side to this before the --resolution crop (0 = to --resolution, so the "
                          "crop spans it); larger with --crop random trains on crops of bigger images, as the paper's "
                          "semantic synthesis and super-resolution models (§4.3.2)")
-    pp.add_argument("--crop", choices=["center", "random"], default="center",
-                    help="crop after resizing the shorter side; random is seeded by key (reproducible)")
+    pp.add_argument("--crop", choices=["center", "random", "tile"], default="center",
+                    help="crop after resizing the shorter side; random: anywhere, tile: one of the --resolution grid's "
+                         "tiles (both seeded by key: reproducible)")
     pp.add_argument("--min-size", type=int, default=0,
                     help="drop images whose shorter side is smaller (0 = resolution/2)")
     pp.add_argument("--max-pixels", type=int, default=64_000_000, help="drop images with more pixels (bomb guard)")

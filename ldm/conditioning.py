@@ -190,7 +190,7 @@ class Conditioner:
             raise ValueError("a frozen-text-encoder conditioning needs its FrozenHFTextEncoder")
         if self.mode == "trainable" and tokenize is None:
             raise ValueError("the trainable transformer conditioning needs the model's tokenizer")
-        dense = self.mode in DENSE  # an image condition: no null, no guidance
+        dense = self.mode in DENSE  # an image condition: its null (zeros) is made to its size in prompts()
         self.null = {} if dense else self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
 
     @classmethod
@@ -232,10 +232,11 @@ class Conditioner:
     def prompts(self, prompts: list) -> tuple[dict, dict | None]:
         """(cond, uncond) for sampling: captions (text), class indices (class) or low-res HxWx3 uint8 images
         (lowres), {"image", "mask"} or cached {"latent", "hole"} dicts (inpaint), (H,W) uint8 label maps (semantic);
-        ({}, {}) if unconditional. A dense condition (an image, a map) has no null (uncond None: no guidance)."""
+        ({}, {}) if unconditional. A dense condition (an image, a map) dropped in training (cond_drop_prob > 0) has
+        zeros as its null; one never dropped has none (uncond None: no guidance)."""
         cond = self._encode(prompts)
-        if self.mode in DENSE:
-            return cond, None
+        if self.mode in DENSE:  # the null of a dense condition is zeros, if the model was trained to drop it
+            return cond, ({**cond, "concat": torch.zeros_like(cond["concat"])} if self.cfg.cond_drop_prob else None)
         return cond, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.null.items()}
 
     def lowres(self, images: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None) -> dict:

@@ -494,13 +494,14 @@ def _demo_inpaint() -> LDMConfig:
 @register_preset("demo-semantic")
 def _demo_semantic() -> LDMConfig:
     """The CPU demo's semantic synthesis LDM (paper §4.3.2): 64x64 scenes of Fashion-MNIST items, their label map
-    (background + 10 classes) one-hot and pooled to the 16x16 latent (the spatial rescaler), concatenated to z_t.
+    (background + 10 classes) one-hot and pooled to the latent (the spatial rescaler), concatenated to z_t; dropped
+    (zeros) 10% of the time so that sampling can guide on it.
     The first stage is the demo's, trained on 32x32 crops: convolutional, it encodes the 64x64 canvas as it is."""
     d = _demo()
     return replace(d, name="demo-semantic",
                    unet=replace(d.unet, in_channels=15, context_dim=None),
                    conditioning=ConditioningConfig(kind="semantic", num_classes=11, concat_channels=11,
-                                                   cond_drop_prob=0.0))
+                                                   cond_drop_prob=0.1))
 
 
 @register_preset("ldm-kl-8")

@@ -183,7 +183,7 @@ def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts
         x_t = torch.stack([torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)),
                                        device=device) for s in seeds])
     cond, uncond = conditioner.prompts(prompts)
-    if uncond is None:  # a condition without a null (a low-res image): the conditional model, no guidance
+    if uncond is None:  # a condition without a null (an image never dropped in training): no guidance
         fn = lambda x, t: net(x, t, **cond)  # noqa: E731
     else:
         fn = guided(net, cond, uncond, cfg_scale) if cond else (lambda x, t: net(x, t))

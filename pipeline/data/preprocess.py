@@ -26,7 +26,7 @@ SKIP_REASONS = ("missing_image", "missing_caption", "caption_too_long", "bad_met
 @dataclass(frozen=True)
 class PreprocessConfig:
     resolution: int = 256
-    crop: str = "center"                 # "center" | "random" (seeded by key: reproducible)
+    crop: str = "center"                 # "center" | "random" | "tile" (a tile of the resolution grid; both seeded)
     resize: int = 0                      # the shorter side is resized to this before the crop; 0 = resolution
     min_size: int = 0                    # shorter side in pixels; 0 = resolution // 2
     max_pixels: int = 64_000_000         # decompression-bomb guard
@@ -155,9 +155,12 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
     nw, nh = resized(*im.size, cfg)
     if (nw, nh) != im.size:
         im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-    if cfg.crop == "random":
+    if cfg.crop in ("random", "tile"):
         rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
-        top, left = int(rng.integers(0, nh - r + 1)), int(rng.integers(0, nw - r + 1))
+        if cfg.crop == "tile":
+            top, left = r * int(rng.integers(0, nh // r)), r * int(rng.integers(0, nw // r))
+        else:
+            top, left = int(rng.integers(0, nh - r + 1)), int(rng.integers(0, nw - r + 1))
     else:
         top, left = (nh - r) // 2, (nw - r) // 2
     arr = np.asarray(im.crop((left, top, left + r, top + r)), dtype=np.uint8)

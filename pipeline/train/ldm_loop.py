@@ -190,7 +190,8 @@ def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
         f.write("\n".join(describe_prompt(p, i) for i, p in enumerate(job.sample_prompts)))
     w.tracker.artifact(path, "samples")
     w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-    guidance = "no guidance" if make.conditioner.mode in DENSE else f"cfg {job.opts.cfg_scale}"
+    unguided = make.conditioner.mode in DENSE and not job.cfg.conditioning.cond_drop_prob
+    guidance = "no guidance" if unguided else f"cfg {job.opts.cfg_scale}"
     w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, {guidance})")
 
 

@@ -83,6 +83,15 @@ def test_inpaint_conditioning_names_each_contradiction():
         apply_overrides(ip, ["unet.num_classes=3"]).validate()
 
 
+def test_semantic_conditioning_names_each_contradiction():
+    sem = get_preset("demo-semantic")
+    assert sem.validate() and sem.unet.in_channels == 15
+    with pytest.raises(ConfigError, match="set conditioning.num_classes=N"):
+        apply_overrides(sem, ["conditioning.concat_channels=3", "unet.in_channels=7"]).validate()
+    with pytest.raises(ConfigError, match="set unet.num_classes=null and unet.context_dim=null"):
+        apply_overrides(sem, ["unet.context_dim=32"]).validate()
+
+
 def test_config_is_frozen():
     cfg = get_preset("tiny")
     with pytest.raises(Exception):

@@ -62,8 +62,8 @@ def test_demo_smoke_size_end_to_end(smoke, tmp_path):
 
 
 def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
-    """--task class, uncond and sr under the text demo's --out: its shards and stage 1 are reused (resumed,
-    not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure next
+    """--task class, uncond, sr, inpaint and semantic under the text demo's --out: its shards and stage 1 are reused
+    (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure next
     to its baseline."""
     out, cache, _ = smoke
     r = demo(out, cache, "--task", "class")
@@ -81,12 +81,25 @@ def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
     assert sr["task"] == "sr" and sr["sample_fd"] > 0 and sr["bicubic_fd"] > 0 and sr["bicubic_psnr_db"] > 10
     assert 0 <= sr["ssim"] <= 1 and 0 <= sr["class_kept"] <= 1 and "bicubic x4: FD-EffNetLite0" in r.stdout
     assert read_manifest(str(out / "latents-sr"))["preprocess"]["lowres_factor"] == 4
-    for s, tag in ((c, "-class"), (u, "-uncond"), (sr, "-sr")):
+    r = demo(out, cache, "--task", "inpaint")
+    ip = json.loads((out / "summary-inpaint.json").read_text())
+    assert ip["classical_fd"] > 0 and 0 < ip["hole_share"] < 1 and ip["hole_psnr_db"] > 0 and ip["eta"] == 1.0
+    assert "biharmonic inpainting: FD-EffNetLite0" in r.stdout and ip["cache_mb"] > 0
+    assert read_manifest(str(out / "latents-inpaint"))["preprocess"]["inpaint_variants"] == 2
+    r = demo(out, cache, "--task", "semantic")
+    se = json.loads((out / "summary-semantic.json").read_text())
+    assert se["regions"] > 0 and 0 <= se["region_agreement"] <= 1 and se["real_silhouette_iou"] == 1.0
+    assert Image.open(se["grid_4x"]).size == (2 * 128 * 3 + 3 * 2 * 3, 128 * 3 + 2 * 2 * 3)  # map + 128x128, x3
+    assert "the classifier sees each region's class" in r.stdout and (out / "shards" / "scenes-test").exists()
+    m = read_manifest(str(out / "latents-semantic"))
+    assert m["preprocess"]["label_maps"] and m["preprocess"]["crop"] == "tile" and m["latent_shape"][1:] == [8, 8]
+    for s, tag in ((c, "-class"), (u, "-uncond"), (sr, "-sr"), (ip, "-inpaint"), (se, "-semantic")):
         assert Path(s["grid"]).name == f"samples_grid{tag}.png" and Path(s["grid"]).exists()
         assert (out / f"latents{tag}" / "manifest.json").exists() and f"/runs/ldm{tag}/" in s["ldm_export"]
     client = mlflow.MlflowClient(u["mlflow_uri"])
     for tag, figure in (("-class", "demo/prompt_class_agreement"), ("-uncond", "demo/untrained_FD-EffNetLite0"),
-                        ("-sr", "demo/bicubic_FD-EffNetLite0")):
+                        ("-sr", "demo/bicubic_FD-EffNetLite0"), ("-inpaint", "demo/classical_FD-EffNetLite0"),
+                        ("-semantic", "demo/region_agreement")):
         run = client.search_runs([client.get_experiment_by_name(f"demo-ldm{tag}").experiment_id])[0]
         assert figure in run.data.metrics
         assert client.search_model_versions(f"name='demo-ldm{tag}'")

@@ -1,5 +1,5 @@
-"""The metadata checks of the CPU preprocessing stage: LAION score columns by each name they go by, and
-caption-less records kept only when asked for."""
+"""The CPU preprocessing stage: LAION score columns by each name they go by, caption-less records kept only when
+asked for, and label maps cropped exactly as their images."""
 import json
 
 import pytest
@@ -35,3 +35,39 @@ def test_caption_length_bounds():
     assert check_metadata("ab", "", PreprocessConfig(min_caption_chars=3)) == "missing_caption"
     assert check_metadata("x" * 11, "", PreprocessConfig(max_caption_chars=10)) == "caption_too_long"
     assert check_metadata("  abc  ", "", PreprocessConfig(min_caption_chars=3)) is None
+
+
+def _png(arr) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_label_map_is_resized_and_cropped_exactly_as_its_image():
+    """--resize 64 --resolution 32 --crop random: a 32x32 crop of a 64x64 scene at its own scale; the label map's crop
+    is the same window (nearest: ids stay ids), and records without one or with a broken one are counted."""
+    import numpy as np
+
+    from pipeline.data.preprocess import preprocess_batch
+    img = np.zeros((64, 64, 3), np.uint8)
+    seg = np.zeros((64, 64), np.uint8)
+    img[10:30, 40:60], seg[10:30, 40:60] = 200, 7
+    cfg = PreprocessConfig(resolution=32, resize=64, crop="random", label_maps=True, min_caption_chars=0)
+    batch = {"key": np.array(["a", "b", "c"], dtype=object), "caption": np.array(["", "", ""], dtype=object),
+             "meta": np.array(["", "", ""], dtype=object), "skip": np.array(["", "", ""], dtype=object),
+             "image": np.array([_png(img)] * 3, dtype=object),
+             "label_map": np.array([_png(seg), b"", _png(seg[:32])], dtype=object)}
+    out = preprocess_batch(batch, cfg)
+    assert list(out["skip"]) == ["", "missing_label_map", "bad_label_map"]
+    px = np.frombuffer(out["pixels"][0], np.uint8).reshape(32, 32, 3)
+    m = np.frombuffer(out["label_map"][0], np.uint8).reshape(32, 32)
+    t, le = int(out["crop_top"][0]), int(out["crop_left"][0])
+    assert (m == seg[t:t + 32, le:le + 32]).all() and (px[..., 0] == img[t:t + 32, le:le + 32, 0]).all()
+    assert set(np.unique(m)) <= {0, 7}
+    small = preprocess_batch({**batch, "label_map": np.array([_png(seg)] * 3, dtype=object)},
+                             PreprocessConfig(resolution=16, label_maps=True, min_caption_chars=0))
+    m16 = np.frombuffer(small["label_map"][0], np.uint8).reshape(16, 16)  # downscaled by 4, nearest
+    assert set(np.unique(m16)) == {0, 7} and 20 <= (m16 == 7).sum() <= 30
