@@ -63,8 +63,8 @@ def test_demo_smoke_size_end_to_end(smoke, tmp_path):
 
 def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
     """--task class, uncond, sr, inpaint and semantic under the text demo's --out: its shards and stage 1 are reused
-    (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure next
-    to its baseline."""
+    (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure
+    next to its baseline."""
     out, cache, _ = smoke
     r = demo(out, cache, "--task", "class")
     c = json.loads((out / "summary-class.json").read_text())
