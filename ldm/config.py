@@ -185,17 +185,14 @@ class LDMConfig:
                 raise ConfigError(f"conditioning.kind='inpaint' concatenates the masked image's {ae.embed_dim}-channel "
                                   f"latent and the 1-channel hole: set conditioning.concat_channels={ae.embed_dim + 1} "
                                   f"(and unet.in_channels={2 * ae.embed_dim + 1})")
-            if un.num_classes is not None or un.context_dim is not None:
-                raise ConfigError("conditioning.kind='inpaint' has no class or text: set unet.num_classes=null and "
-                                  "unet.context_dim=null")
         if cond.kind == "semantic":
             if not cond.num_classes or cond.concat_channels != cond.num_classes:
                 raise ConfigError(f"conditioning.kind='semantic' concatenates the label map one-hot: set "
                                   f"conditioning.num_classes=N (ids 0..N-1, 0 the background) and "
                                   f"conditioning.concat_channels=N (and unet.in_channels={ae.embed_dim} + N)")
-            if un.num_classes is not None or un.context_dim is not None:
-                raise ConfigError("conditioning.kind='semantic' has no class or text: set unet.num_classes=null and "
-                                  "unet.context_dim=null")
+        if cond.kind in ("inpaint", "semantic") and (un.num_classes is not None or un.context_dim is not None):
+            raise ConfigError(f"conditioning.kind='{cond.kind}' has no class or text: set unet.num_classes=null and "
+                              f"unet.context_dim=null")
         if cond.kind == "class" and (not cond.num_classes or un.num_classes != cond.num_classes + 1):
             raise ConfigError("conditioning.kind='class' needs conditioning.num_classes=N and unet.num_classes=N+1 "
                               "(the extra class is the null label for classifier-free guidance)")
