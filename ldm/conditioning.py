@@ -153,13 +153,18 @@ def drop_mask(batch: int, p: float, generator: torch.Generator | None = None, de
     return (torch.rand(batch, generator=generator, device=dev) < p).to(device)
 
 
+def drop_dense(cond: dict, drop: torch.Tensor) -> dict:
+    """A dense condition with the concat of the samples in `drop` set to zeros, its null (CFG training)."""
+    return {**cond, "concat": torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])}
+
+
 def apply_drop(cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Replace the condition of dropped samples by the null condition (broadcast over the batch)."""
     d = drop.view(-1, *([1] * (cond.ndim - 1)))
     return torch.where(d, null.to(cond.dtype).expand_as(cond), cond)
 
 
-DENSE = ("lowres", "inpaint", "semantic")  # conditions concatenated to z_t, sampled without guidance
+DENSE = ("lowres", "inpaint", "semantic")  # conditions concatenated to z_t; dropped (zeros) only if cond_drop_prob
 
 
 class Conditioner:
@@ -290,14 +295,12 @@ class Conditioner:
             draw_on = generator.device if generator is not None else dev
             level = torch.randint(0, self.cfg.lowres_noise_max + 1, (n,), generator=generator, device=draw_on)
             cond = self.lowres(square_images(batch["lowres"].to(dev)), level.to(dev), generator)
-            cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
-            return cond
+            return drop_dense(cond, drop)
         if self.mode == "semantic":  # the cache's label_map column: (B, r*r) uint8
             rows = batch["label_map"].to(dev)
             side = int(round(rows.shape[1] ** 0.5))
             cond = self.semantic(rows.view(n, side, side))
-            cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
-            return cond
+            return drop_dense(cond, drop)
         if self.mode == "inpaint":  # the cache's K variants per row: one drawn per row and step
             lat, holes = batch["inpaint_latent"].to(dev), batch["inpaint_mask"].to(dev)
             c = lat.shape[1] // holes.shape[1]           # K*C*h*w / K*h*w
@@ -307,8 +310,7 @@ class Conditioner:
             pick = torch.randint(0, k, (n,), generator=generator, device=draw_on).to(dev)
             rows = torch.arange(n, device=dev)
             cond = self.inpaint(lat.view(n, k, c, side, side)[rows, pick], holes.view(n, k, 1, side, side)[rows, pick])
-            cond["concat"] = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(cond["concat"]), cond["concat"])
-            return cond
+            return drop_dense(cond, drop)
         if self.mode == "class":
             return {"y": apply_drop(batch["label"].to(dev).long(), self.null["y"], drop)}
         if self.mode == "none":

@@ -37,21 +37,23 @@ def load_ldm(export: str, use_ema: bool = True, device="cpu") -> tuple[LatentDif
     return net.to(device).eval(), info
 
 
-def read_rgb(src) -> np.ndarray:
-    """An image file (a path or its bytes) as an (h, w, 3) uint8 array: a super-resolution model's low-res input."""
+def open_image(src):
+    """PIL's Image.open of a path or of a file's bytes."""
     import io
 
     from PIL import Image
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+    return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+
+
+def read_rgb(src) -> np.ndarray:
+    """An image file (a path or its bytes) as an (h, w, 3) uint8 array: a super-resolution model's low-res input."""
+    with open_image(src) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def read_label_map(src) -> np.ndarray:
     """A label map file (a path or its bytes): an 8-bit grayscale or palette PNG whose pixel values are class ids."""
-    import io
-
-    from PIL import Image
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+    with open_image(src) as im:
         if im.mode not in ("L", "P"):
             raise ValueError(f"a label map is an 8-bit grayscale or palette PNG of class ids, not mode {im.mode}")
         return np.asarray(im, dtype=np.uint8)
@@ -59,10 +61,7 @@ def read_label_map(src) -> np.ndarray:
 
 def read_mask(src) -> np.ndarray:
     """A mask file (a path or its bytes) as an (h, w) bool array: white (> 127) is the hole to inpaint (SD's way)."""
-    import io
-
-    from PIL import Image
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+    with open_image(src) as im:
         return np.asarray(im.convert("L"), dtype=np.uint8) > 127
 
 
