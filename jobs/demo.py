@@ -9,6 +9,7 @@ classifier; everything tracked in MLflow (a sqlite store under --out unless --ml
   python jobs/demo.py --task sr        # x4 super-resolution: FD, PSNR, SSIM against bicubic upsampling
   python jobs/demo.py --task inpaint   # inpainting: FD and the holes' PSNR against biharmonic inpainting
   python jobs/demo.py --task semantic  # semantic synthesis: per-region class agreement, a sample at 2x the canvas
+  python jobs/demo.py --task layout    # layout-to-image: per-box class agreement against the empty layout
   python jobs/demo.py --quick          # a few minutes, smaller everything (poorer samples)
 
 Ends by printing the stage-1 PSNR, the task's figures next to their baseline, the grid's path and how to open the

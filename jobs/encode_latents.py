@@ -81,6 +81,13 @@ def parse(argv=None):
                          "an 8-bit PNG of class ids, the image's size), resized (nearest) and cropped as its image: "
                          "the condition of a semantic synthesis LDM (column label_map). Records without a readable one "
                          "are skipped and counted (missing_label_map, bad_label_map)")
+    pp.add_argument("--layout-boxes", type=int, default=0, metavar="N",
+                    help="also cache up to N boxes per record from its metadata's \"layout\" ([[class, top, left, "
+                         "height, width], ...] in pixels of the original image), scaled and cropped as its image and "
+                         "clipped to the crop: the condition of a layout-to-image LDM (column layout; N = the model's "
+                         "conditioning.max_boxes). Records without a layout, with a malformed one or with more than N "
+                         "boxes left in the crop are skipped and counted (missing_layout, bad_layout, too_many_boxes). "
+                         "0 = none")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
                            min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
                            lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants,
-                           label_maps=a.label_maps)
+                           label_maps=a.label_maps, layout_boxes=a.layout_boxes)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

@@ -7,6 +7,9 @@ DDIM, DPM-Solver++(2M) or DDPM with classifier-free guidance, decoded by the fir
   python jobs/sample.py --model runs/ldm-demo-sr-.../export/model.safetensors --lowres small.png --n 4 --cfg-scale 1
   python jobs/sample.py --model runs/ldm-demo-inpaint-.../export/model.safetensors --image photo.png --mask hole.png
   python jobs/sample.py --model runs/ldm-demo-semantic-.../export/model.safetensors --label-map scene.png --cfg-scale 1
+  python jobs/sample.py --model runs/ldm-demo-layout-.../export/model.safetensors --layout scene.json --cfg-scale 2
+  (scene.json: {"size": [64, 64], "boxes": [[7, 2, 3, 28, 28], [0, 34, 33, 28, 28]]}, boxes [class, top, left,
+  height, width] in pixels of that canvas)
 """
 import argparse
 
@@ -31,6 +34,10 @@ def parse(argv=None):
     p.add_argument("--label-map", action="append", default=[], metavar="PNG",
                    help="a label map (8-bit grayscale or palette PNG whose values are class ids, repeatable) for a "
                         "semantic synthesis model: the output has its size, any multiple of the UNet's (paper 4.3.2)")
+    p.add_argument("--layout", action="append", default=[], metavar="JSON",
+                   help='a layout file (repeatable) for a layout-to-image model: {"size": [H, W], "boxes": [[class, '
+                        'top, left, height, width], ...]} in pixels of that canvas; the output has its size unless '
+                        '--size says otherwise (the boxes keep their place relative to the canvas)')
     p.add_argument("--noise-level", type=int, default=-1,
                    help="super-resolution: the low-res condition's noise-augmentation level at sampling "
                         "(0 = clean .. conditioning.lowres_noise_max; -1 = the model's lowres_noise_sample)")
@@ -75,7 +82,7 @@ def conditions(a) -> tuple[list, str]:
     """What to sample from, from the flags: (prompts, what they are)."""
     from pipeline.evaluate.sample import read_label_map, read_mask
     given = [f for f, v in (("--prompt", a.prompt), ("--lowres", a.lowres), ("--image", a.image),
-                            ("--label-map", a.label_map)) if v]
+                            ("--label-map", a.label_map), ("--layout", a.layout)) if v]
     if len(given) > 1:
         raise SystemExit(f"[sample] give one kind of condition, not {' and '.join(given)}")
     if len(a.image) != len(a.mask):
@@ -94,7 +101,24 @@ def conditions(a) -> tuple[list, str]:
         return [read_file(f, "--lowres") for f in a.lowres], "low-res images"
     if a.label_map:
         return [read_file(f, "--label-map", read_label_map) for f in a.label_map], "label maps"
+    if a.layout:
+        return [read_layout(f) for f in a.layout], "layouts"
     return a.prompt or [""], "prompts"
+
+
+def read_layout(path: str) -> dict:
+    """A --layout JSON file; a clear error naming the file when it is not one."""
+    import json
+    try:
+        with open(path) as f:
+            layout = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"[sample] --layout {path}: not a readable JSON file ({e})") from None
+    if not isinstance(layout, dict) or not isinstance(layout.get("size"), list) or len(layout["size"]) != 2 \
+            or not isinstance(layout.get("boxes"), list):
+        raise SystemExit(f'[sample] --layout {path}: give {{"size": [height, width], "boxes": [[class, top, left, '
+                         f'height, width], ...]}} in pixels')
+    return layout
 
 
 def main(argv=None) -> int:

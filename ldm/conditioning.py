@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import ConditioningConfig
+from ldm.layout import box_raster, layout_tokens
 
 
 def default_text_encoder_path() -> str:
@@ -175,14 +176,17 @@ class Conditioner:
       lowres     a low-res image concatenated to z_t (§4.4), noise-augmented, its noise level as y
       inpaint    a masked image's latent and its hole concatenated to z_t (§4.5)
       semantic   a per-pixel label map, one-hot and pooled to the latent's size, concatenated to z_t (§4.3.2)
+      layout     boxes and their classes, tokens of a transformer inside LatentDiffusion (§4.3.1); null: no boxes;
+                 hybrid with layout_concat: the boxes also drawn per class and concatenated to z_t
       none       unconditional
     Inpainting needs the latent scale of the run (the masked image's latent is scaled as z is, §4.3.2) and, to take
     images and masks at sampling, the first stage's `encode` (uint8 NHWC pixels -> posterior mean).
     """
 
     def __init__(self, cfg: ConditioningConfig, text: FrozenHFTextEncoder | None = None, tokenize=None,
-                 device="cpu", downsample_factor: int = 1, latent_scale=None, encode=None):
+                 device="cpu", downsample_factor: int = 1, latent_scale=None, encode=None, latent_channels: int = 4):
         self.cfg, self.text, self.tokenize, self.device = cfg, text, tokenize, torch.device(device)
+        self.channels = latent_channels  # C of the cache's flat latents: a layout's canvas is their side x f
         self.f = downsample_factor  # the first stage's f: a low-res image is resized to the latent's size
         self.latent_scale, self.encode = latent_scale, encode
         if cfg.kind == "inpaint" and latent_scale is None:
@@ -190,13 +194,15 @@ class Conditioner:
         if cfg.kind == "text":
             self.mode = "trainable" if cfg.text_encoder == "transformer" else "frozen"
         else:
-            self.mode = cfg.kind  # "class" | "none" | "lowres" | "inpaint" | "semantic"
+            self.mode = cfg.kind  # "class" | "none" | "lowres" | "inpaint" | "semantic" | "layout"
         if self.mode == "frozen" and text is None:
             raise ValueError("a frozen-text-encoder conditioning needs its FrozenHFTextEncoder")
         if self.mode == "trainable" and tokenize is None:
             raise ValueError("the trainable transformer conditioning needs the model's tokenizer")
-        dense = self.mode in DENSE  # an image condition: its null (zeros) is made to its size in prompts()
-        self.null = {} if dense else self._encode([""] if cfg.kind == "text" else [cfg.num_classes])
+        dense = self.mode in DENSE
+        # an image condition's null (zeros) and a layout's (no boxes) are made to the prompts' size in prompts()
+        self.null = {} if dense or cfg.kind == "layout" else self._encode([""] if cfg.kind == "text" else
+                                                                          [cfg.num_classes])
 
     @classmethod
     def build(cls, model: nn.Module, text_encoder_path: str = "", device="cpu", latent_scale=None,
@@ -207,8 +213,9 @@ class Conditioner:
         text = None
         if cfg.kind == "text" and cfg.text_encoder == "hf":
             text = FrozenHFTextEncoder(text_encoder_path or cfg.text_encoder_path, cfg.max_length).to(device)
-        tokenize = model.cond_stage.tokenize if getattr(model, "cond_stage", None) is not None else None
-        return cls(cfg, text, tokenize, device, model.cfg.autoencoder.downsample_factor, latent_scale, encode)
+        tokenize = getattr(getattr(model, "cond_stage", None), "tokenize", None)  # the trainable text transformer
+        return cls(cfg, text, tokenize, device, model.cfg.autoencoder.downsample_factor, latent_scale, encode,
+                   model.cfg.autoencoder.embed_dim)
 
     def _encode(self, prompts: list) -> dict:
         dev = self.device
@@ -232,6 +239,9 @@ class Conditioner:
             if top >= self.cfg.num_classes:
                 raise ValueError(f"a label map holds id {top} but the model knows ids 0..{self.cfg.num_classes - 1}")
             return self.semantic(maps.to(dev))
+        if self.mode == "layout":
+            each = [self.layout_prompt(p) for p in prompts]
+            return {k: torch.cat([e[k] for e in each]).to(dev) for k in each[0]}
         return {}
 
     def prompts(self, prompts: list) -> tuple[dict, dict | None]:
@@ -240,6 +250,8 @@ class Conditioner:
         ({}, {}) if unconditional. A dense condition (an image, a map) dropped in training (cond_drop_prob > 0) has
         zeros as its null; one never dropped has none (uncond None: no guidance)."""
         cond = self._encode(prompts)
+        if self.mode == "layout":  # the null layout: the same canvas without boxes
+            return cond, self._encode([{"size": p["size"], "boxes": []} for p in prompts])
         if self.mode in DENSE:  # the null of a dense condition is zeros, if the model was trained to drop it
             return cond, ({**cond, "concat": torch.zeros_like(cond["concat"])} if self.cfg.cond_drop_prob else None)
         return cond, {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.null.items()}
@@ -263,6 +275,32 @@ class Conditioner:
         the share of each class in the cell), concatenated to z_t."""
         onehot = F.one_hot(maps.long(), self.cfg.num_classes).permute(0, 3, 1, 2).float()
         return {"concat": F.avg_pool2d(onehot, self.f) if self.f > 1 else onehot}
+
+    def layout(self, boxes: torch.Tensor, height: int, width: int) -> dict:
+        """(B, N, 5) pixel boxes [class, top, left, h, w] (class -1: padding) on an height x width canvas -> the
+        layout transformer's tokens (§4.3.1), padded to max_boxes."""
+        c = self.cfg
+        if boxes.shape[1] > c.max_boxes:
+            raise ValueError(f"a layout holds {boxes.shape[1]} boxes but the model takes at most {c.max_boxes}")
+        boxes = F.pad(boxes, (0, 0, 0, c.max_boxes - boxes.shape[1]), value=-1)
+        out = {"layout": layout_tokens(boxes, height, width, c.layout_grid, c.num_classes)}
+        if c.layout_concat:  # hybrid: the boxes drawn per class at the latent's size, concatenated to z_t
+            out["concat"] = box_raster(boxes, height, width, c.num_classes, self.f)
+        return out
+
+    def layout_prompt(self, prompt: dict) -> dict:
+        """Sampling's layout: {"size": [H, W], "boxes": [[class, top, left, h, w], ...]} in pixels of that canvas
+        (the sample may be of any size: the boxes keep their place relative to it) -> its condition (batch of 1)."""
+        if not isinstance(prompt, dict) or "size" not in prompt or "boxes" not in prompt:
+            raise ValueError('a layout is {"size": [height, width], "boxes": [[class, top, left, height, width], '
+                             f'...]}} in pixels, got {prompt!r}')
+        boxes = torch.tensor([list(b) for b in prompt["boxes"]], dtype=torch.float32).view(-1, 5)
+        bad = [b for b in boxes.tolist() if not 0 <= b[0] < self.cfg.num_classes or b[3] <= 0 or b[4] <= 0]
+        if bad:
+            raise ValueError(f"layout boxes {bad}: a box is [class, top, left, height, width] with a class in "
+                             f"0..{self.cfg.num_classes - 1} and a positive size")
+        h, w = (int(v) for v in prompt["size"])
+        return self.layout(boxes[None], h, w)
 
     def inpaint(self, latent: torch.Tensor, hole: torch.Tensor) -> dict:
         """The masked image's latent (B,C,h,w, the first stage's scale) and its hole (B,1,h,w) -> the concat condition,
@@ -311,6 +349,11 @@ class Conditioner:
             rows = torch.arange(n, device=dev)
             cond = self.inpaint(lat.view(n, k, c, side, side)[rows, pick], holes.view(n, k, 1, side, side)[rows, pick])
             return drop_dense(cond, drop)
+        if self.mode == "layout":  # the cache's layout column: (B, max_boxes*5) pixel boxes of the crop, -1 padded
+            boxes = batch["layout"].to(dev).view(n, -1, 5).clone()
+            boxes[drop] = -1  # a dropped layout has no boxes: the null condition
+            side = int(round((batch["latent_mean"].shape[1] // self.channels) ** 0.5)) * self.f
+            return self.layout(boxes, side, side)
         if self.mode == "class":
             return {"y": apply_drop(batch["label"].to(dev).long(), self.null["y"], drop)}
         if self.mode == "none":

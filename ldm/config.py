@@ -107,7 +107,8 @@ class ConditioningConfig:
     """tau_theta(y) (paper §3.3): what conditions the UNet and how it is dropped for CFG."""
     kind: str = "text"                   # "text" | "class" | "none" | "lowres" (super-resolution, §4.4) |
     #                                      "inpaint" (§4.5: a masked image's latent and its hole, concatenated) |
-    #                                      "semantic" (§4.3.2: a per-pixel label map, one-hot, concatenated)
+    #                                      "semantic" (§4.3.2: a per-pixel label map, one-hot, concatenated) |
+    #                                      "layout" (§4.3.1: boxes and classes as tokens of a trained transformer)
     text_encoder: str = "hf"             # "hf" (frozen, from a local/s3 path) | "transformer" (trained, paper)
     text_encoder_path: str = ""          # "" = the offline all-MiniLM-L6-v2 when installed
     max_length: int = 77
@@ -116,7 +117,8 @@ class ConditioningConfig:
     n_layer: int = 32
     n_head: int = 8
     vocab_size: int = 30522
-    num_classes: int = 0                 # kind="class"; kind="semantic": the label map's ids 0..N-1 (0: background)
+    num_classes: int = 0                 # kind="class"; kind="semantic": the label map's ids 0..N-1 (0: background);
+    #                                      kind="layout": the boxes' classes 0..N-1
     concat_channels: int = 0             # dense conditions concatenated to z_t (SR, inpainting, semantic)
     cond_drop_prob: float = 0.1          # classifier-free guidance dropout, applied at train time
     # kind="lowres": the image downscaled by lowres_factor (the cache's 'lowres' column), resized to the latent's
@@ -126,6 +128,13 @@ class ConditioningConfig:
     lowres_factor: int = 4
     lowres_noise_max: int = 0            # 0 = no augmentation
     lowres_noise_sample: int = 0
+    # kind="layout": up to max_boxes boxes per image (the cache's 'layout' column), their corners discretised on a
+    # layout_grid x layout_grid grid of the canvas, encoded by the trained transformer (n_embed, n_layer, n_head)
+    max_boxes: int = 8
+    layout_grid: int = 32
+    # hybrid conditioning (concat + cross-attention): the boxes also drawn as one occupancy channel per class and
+    # concatenated to z_t (concat_channels = num_classes)
+    layout_concat: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,6 +199,19 @@ class LDMConfig:
                 raise ConfigError(f"conditioning.kind='semantic' concatenates the label map one-hot: set "
                                   f"conditioning.num_classes=N (ids 0..N-1, 0 the background) and "
                                   f"conditioning.concat_channels=N (and unet.in_channels={ae.embed_dim} + N)")
+        if cond.kind == "layout":
+            if not cond.num_classes:
+                raise ConfigError("conditioning.kind='layout' needs conditioning.num_classes=N (box classes 0..N-1)")
+            if un.context_dim != cond.n_embed:
+                raise ConfigError(f"conditioning.kind='layout' cross-attends to its transformer's tokens: set "
+                                  f"unet.context_dim=conditioning.n_embed={cond.n_embed}")
+            if un.num_classes is not None:
+                raise ConfigError("conditioning.kind='layout' has no class label: set unet.num_classes=null")
+            want = cond.num_classes if cond.layout_concat else 0
+            if cond.concat_channels != want:
+                raise ConfigError(f"conditioning.kind='layout' with layout_concat={cond.layout_concat} concatenates "
+                                  f"{want} box channels: set conditioning.concat_channels={want} (and "
+                                  f"unet.in_channels={ae.embed_dim + want})")
         if cond.kind in ("inpaint", "semantic") and (un.num_classes is not None or un.context_dim is not None):
             raise ConfigError(f"conditioning.kind='{cond.kind}' has no class or text: set unet.num_classes=null and "
                               f"unet.context_dim=null")
@@ -237,13 +259,14 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
     "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
     "diffusion.offset_noise": _nonneg,
-    "conditioning.kind": _one_of("text", "class", "none", "lowres", "inpaint", "semantic"),
+    "conditioning.kind": _one_of("text", "class", "none", "lowres", "inpaint", "semantic", "layout"),
     "conditioning.text_encoder": _one_of("hf", "transformer"),
     "conditioning.max_length": _pos, "conditioning.n_embed": _pos, "conditioning.n_layer": _pos,
     "conditioning.n_head": _pos, "conditioning.vocab_size": _pos, "conditioning.num_classes": _nonneg,
     "conditioning.concat_channels": _nonneg, "conditioning.cond_drop_prob": _prob,
     "conditioning.lowres_factor": _pos, "conditioning.lowres_noise_max": (lambda v: 0 <= v < 1000, "in [0, 1000)"),
-    "conditioning.lowres_noise_sample": _nonneg,
+    "conditioning.lowres_noise_sample": _nonneg, "conditioning.max_boxes": _pos,
+    "conditioning.layout_grid": (lambda v: v >= 2, ">= 2"),
     "scale_factor": _nonneg,
 }
 
@@ -499,6 +522,23 @@ def _demo_semantic() -> LDMConfig:
                    unet=replace(d.unet, in_channels=15, context_dim=None),
                    conditioning=ConditioningConfig(kind="semantic", num_classes=11, concat_channels=11,
                                                    cond_drop_prob=0.1))
+
+
+@register_preset("demo-layout")
+def _demo_layout() -> LDMConfig:
+    """The CPU demo's layout-to-image LDM (paper §4.3.1), hybrid: whole 64x64 scenes of Fashion-MNIST items
+    (16x16x4 latents), each item's class and box a token of a 2-layer transformer trained with the UNet and
+    cross-attended, and the boxes drawn per class and concatenated (4 + 10 input channels); the layout dropped 10% of
+    the time for guidance. The UNet downsamples to 4x4 and cross-attends there (at the demo's 8x8 attention a 16x16
+    latent costs 2.4x as much per step). With cross-attention alone (layout_concat=false, the paper's model) 500 steps
+    left the UNet's output all but independent of the layout: the queries have no position to bind a box to."""
+    d = _demo()
+    return replace(d, name="demo-layout",
+                   unet=replace(d.unet, in_channels=14, channel_mult=(1, 2, 2), attention_resolutions=(4,),
+                                context_dim=128),
+                   conditioning=ConditioningConfig(kind="layout", num_classes=10, max_boxes=4, n_embed=128,
+                                                   n_layer=2, n_head=4, cond_drop_prob=0.1, layout_concat=True,
+                                                   concat_channels=10))
 
 
 @register_preset("ldm-kl-8")

@@ -7,6 +7,7 @@ from torch import nn
 
 from ldm.conditioning import TransformerTextEncoder
 from ldm.config import LDMConfig
+from ldm.layout import LayoutEncoder
 from ldm.unet import UNetModel
 
 
@@ -20,10 +21,15 @@ class LatentDiffusion(nn.Module):
         if c.kind == "text" and c.text_encoder == "transformer":
             self.cond_stage = TransformerTextEncoder(c.vocab_size, c.max_length, c.n_embed, c.n_layer, c.n_head,
                                                      c.text_encoder_path)
+        if c.kind == "layout":  # §4.3.1: the boxes' transformer, trained with the UNet
+            self.cond_stage = LayoutEncoder(c.num_classes, c.layout_grid, c.n_embed, c.n_layer, c.n_head)
 
     def forward(self, zt: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cond_stage is not None:  # tau_theta(y) trained with the UNet
+                y: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                layout: torch.Tensor | None = None) -> torch.Tensor:
+        if layout is not None:  # tau_theta(boxes), trained with the UNet
+            context, mask = self.cond_stage(layout)
+        elif self.cond_stage is not None:  # tau_theta(y) trained with the UNet
             context = self.cond_stage.encode(input_ids, mask)
         return self.unet(zt, t, context=context, mask=mask, y=y, concat=concat)

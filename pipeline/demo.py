@@ -71,6 +71,7 @@ class DemoTask:
     eta: float = 0.0             # DDIM's noise when the demo samples (1: DDPM-like, ancestral)
     scenes: int = 0              # > 0: train on a 32x32 tile of each of this many 64x64 scenes with label maps
     cfg_scale: float = 0.0       # guidance of a dense condition's judged samples (0: none, the model has no null)
+    layout_boxes: int = 0        # > 0: train on whole scenes with up to this many boxes each (layout-to-image)
 
     def shards(self, split: str) -> str:
         """The shard folder under --out that this task encodes (train) or is judged on (test)."""
@@ -80,6 +81,11 @@ class DemoTask:
     def canvas(self) -> int:
         """The size of the images the task is judged on: a scene task's samples are twice its training crops."""
         return SCENE_SIZE if self.scenes else 32
+
+    @property
+    def resolution(self) -> int:
+        """The size of the crops the LDM trains on: a layout task's whole scenes (boxes do not survive crops)."""
+        return SCENE_SIZE if self.layout_boxes else 32
 
     def ldm_steps(self, size: DemoSize) -> int:
         return max(1, round(size.ldm_steps * self.ldm_steps_factor))
@@ -107,6 +113,15 @@ TASKS = {
     "semantic": DemoTask("demo-semantic", "semantic synthesis UNet on 32x32 tiles of 64x64 scenes: the label map "
                          "one-hot, pooled to the 8x8 latent and concatenated to z_t (paper §4.3.2)", False, (),
                          "-semantic", scenes=12000, ldm_steps_factor=1.5, cfg_scale=3.0),
+    # boxes placed in absolute coordinates do not carry over from crops to a larger canvas, so the layout model trains
+    # on whole 64x64 scenes (16x16 latents, a UNet that cross-attends at 4x4); the judge's own ceiling on real scenes
+    # is 89% at 64x64 (74% on scenes shrunk to 32x32, too small a canvas for an 80% goal). Cross-attention alone (the
+    # paper's model) learned nothing of the layout in 500 steps (11% box agreement, as for the empty layout); the
+    # hybrid model gave 61% at CFG 3, and on 100 of its layouts 60% / 66% / 67% at CFG 3 / 6 / 10 (DDIM eta 0)
+    "layout": DemoTask("demo-layout", "layout-to-image UNet on whole 64x64 scenes, hybrid: each item's class and box "
+                       "a token of a transformer trained with it, cross-attended (paper §4.3.1), and the boxes drawn "
+                       "per class, concatenated", False, (), "-layout",
+                       scenes=12000, layout_boxes=4, ldm_steps_factor=1.25, cfg_scale=8.0),
 }
 
 
@@ -174,6 +189,10 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
                    f"each region, the "
                    f"silhouettes' overlap with the maps, FD against the real scenes")
         judged = judge_semantic(ldm["export"], clf, size, opts, out, task)
+    elif opts.task == "layout":
+        prog.stage(f"draw {10 * size.samples_per_class} scenes from held-out layouts (DDIM {opts.sample_steps} steps, "
+                   f"CFG {task.cfg_scale:g}) and as many from the empty layout: the classifier on each box")
+        judged = judge_layout(ldm["export"], clf, size, opts, out, task)
     elif opts.task == "inpaint":
         prog.stage(f"fill the holes of {10 * size.samples_per_class} held-out images (DDIM {opts.sample_steps} steps, "
                    f"eta {task.eta:g}), "
@@ -205,6 +224,9 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         summary.update({k: judged[k] for k in ("region_agreement", "real_region_agreement", "silhouette_iou",
                                                "real_silhouette_iou", "region_agreement_4x", "silhouette_iou_4x",
                                                "regions", "grid_4x", "eta")})
+    elif opts.task == "layout":
+        summary.update({k: judged[k] for k in ("region_agreement", "real_region_agreement", "null_region_agreement",
+                                               "regions", "cfg_scale")})
     elif opts.task == "inpaint":
         summary.update({k: judged[k] for k in ("hole_psnr_db", "hole_share", "classical_fd", "classical_kid",
                                                "classical_hole_psnr_db", "class_kept", "classical_class_kept",
@@ -250,8 +272,9 @@ def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> 
     from pipeline.encode.flow import EncodeOptions, run_encode
     return run_encode(EncodeOptions(input=str(out / "shards" / task.shards("train")),
                                     output=str(out / f"latents{task.tag}"), autoencoder=autoencoder,
-                                    preprocess=PreprocessConfig(resolution=32, resize=task.canvas,
-                                                                crop="tile" if task.scenes else "center",
+                                    preprocess=PreprocessConfig(resolution=task.resolution, resize=task.canvas,
+                                                                crop="tile" if task.scenes and not task.layout_boxes
+                                                                else "center", layout_boxes=task.layout_boxes,
                                                                 lowres_factor=task.lowres_factor,
                                                                 inpaint_variants=task.inpaint_variants,
                                                                 label_maps=bool(task.scenes)),
@@ -444,6 +467,45 @@ def judge_semantic(export: str, clf, size: DemoSize, opts: DemoOptions, out: Pat
             "silhouette_iou_4x": silhouette_iou(big, [big_map]), "regions": sum(len(b) for b in boxes)}
 
 
+def judge_layout(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path, task: DemoTask) -> dict:
+    """Whole 64x64 scenes from held-out layouts (§4.3.1): does the classifier see each box's class in the generated
+    pixels inside the box (on the real scenes: the ceiling; chance 10%), next to the same model given the empty layout
+    (its null: what it draws when the boxes say nothing); FD / KID against the held-out scenes."""
+    import numpy as np
+    import torch
+
+    from pipeline.evaluate.grid import save_grid
+    from pipeline.evaluate.sample import LDMSampler
+    from pipeline.evaluate.scores import from_uint8
+    held = read_demo_held_out(out, size, task)
+    n = min(10 * size.samples_per_class, len(held.images))
+    layouts, truth = held.prompts("layout")[:n], held.images[:n]
+    boxes = [lay["boxes"] for lay in layouts]
+    sampler = LDMSampler(export)
+    kw = dict(steps=opts.sample_steps, cfg_scale=task.cfg_scale, eta=task.eta, seeds=list(range(opts.seed,
+                                                                                              opts.seed + n)))
+    images = quantised(sampler(layouts, **kw))
+    # the empty layout is the null itself: guidance would change nothing, so it samples unguided (half the cost)
+    empty = quantised(sampler([{"size": lay["size"], "boxes": []} for lay in layouts], **{**kw, "cfg_scale": 1.0}))
+    r = held_out_scores(out, size, held).score(images)
+
+    def drawn(lay) -> torch.Tensor:  # each box filled with its class's colour
+        canvas = np.zeros((*lay["size"], 3), np.uint8)
+        for c, t, le, h, w in lay["boxes"]:
+            canvas[t:t + h, le:le + w] = PALETTE[c + 1]
+        return from_uint8(canvas[None])[0]
+    k = min(8, n)  # the grid: a row per scene with its layout, the LDM's scene, the real scene
+    rows = torch.stack([torch.stack([drawn(layouts[i]) for i in range(k)]), images[:k], truth[:k]], 1).flatten(0, 1)
+    grid = out / f"samples_grid{task.tag}.png"
+    save_grid(rows, str(grid), nrow=3, upscale=3)
+    (out / f"prompts{task.tag}.txt").write_text("each row: the held-out layout (a box per item, a colour per class), "
+                                                "the LDM's scene, the real scene\n")
+    return {**r, "grid": str(grid), "cfg_scale": task.cfg_scale,
+            "region_agreement": region_agreement(clf, images, boxes),
+            "real_region_agreement": region_agreement(clf, truth, boxes),
+            "null_region_agreement": region_agreement(clf, empty, boxes), "regions": sum(len(b) for b in boxes)}
+
+
 def region_agreement(clf, images, boxes: list[list]) -> float:
     """The share of boxes ([class, top, left, h, w]) whose crop, resized to 32x32 as the judge was trained, the
     classifier calls the box's class."""
@@ -488,11 +550,12 @@ def save_task_grid(images, out: Path, size: DemoSize, task: DemoTask) -> str:
 
 def read_demo_held_out(out: Path, size: DemoSize, task: DemoTask | None = None):
     """The held-out test images every task's FD / KID is measured against (up to 500): items, or a scene task's
-    scenes with their label maps."""
+    scenes with their label maps and boxes."""
     from pipeline.evaluate.held_out import read_held_out
     scenes = task is not None and bool(task.scenes)
     return read_held_out(str(out / "shards" / (task.shards("test") if scenes else "test")),
-                         task.canvas if scenes else 32, min(500, size.test_images), label_maps=scenes)
+                         task.canvas if scenes else 32, min(500, size.test_images), label_maps=scenes,
+                         layouts=task.layout_boxes if scenes else 0)
 
 
 def held_out_scores(out: Path, size: DemoSize, held=None):
@@ -525,9 +588,11 @@ def track_summary(uri: str, run_id: str, s: dict) -> None:
     if "bicubic_fd" in s:
         figures.update({f"bicubic_{s['fd_name']}": s["bicubic_fd"], "sr_psnr": s["psnr_db"], "sr_ssim": s["ssim"],
                         "bicubic_psnr": s["bicubic_psnr_db"], "bicubic_ssim": s["bicubic_ssim"]})
-    if "region_agreement" in s:
+    if "silhouette_iou" in s:
         figures.update({k: s[k] for k in ("region_agreement", "real_region_agreement", "silhouette_iou",
                                           "region_agreement_4x", "silhouette_iou_4x")})
+    if "null_region_agreement" in s:
+        figures.update({k: s[k] for k in ("region_agreement", "real_region_agreement", "null_region_agreement")})
     if "classical_fd" in s:
         figures.update({f"classical_{s['fd_name']}": s["classical_fd"], "hole_psnr": s["hole_psnr_db"],
                         "classical_hole_psnr": s["classical_hole_psnr_db"]})
@@ -559,6 +624,12 @@ def report(s: dict, out: Path, uri: str) -> str:
                    f"{100 * s['region_agreement_4x']:.0f}% of its regions, IoU {s['silhouette_iou_4x']:.3f}: "
                    f"{s['grid_4x']}")
         grid = f"grid (label map, LDM, real per row): {s['grid']}"
+    elif s["task"] == "layout":
+        samples = (f"the classifier sees each box's class in {100 * s['region_agreement']:.0f}% of {s['regions']} "
+                   f"boxes "
+                   f"(CFG {s['cfg_scale']:g}; real scenes: {100 * s['real_region_agreement']:.0f}%, the same model "
+                   f"given no boxes: {100 * s['null_region_agreement']:.0f}%, chance 10%)\n            {fd}")
+        grid = f"grid (layout, LDM, real per row): {s['grid']}"
     elif s["task"] == "inpaint":
         samples = (f"holes of {100 * s['hole_share']:.0f}% of the pixels filled (DDIM eta {s['eta']:g}): {fd}; PSNR in "
                    f"the holes "

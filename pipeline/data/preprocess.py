@@ -20,7 +20,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never h
 
 SKIP_REASONS = ("missing_image", "missing_caption", "caption_too_long", "bad_metadata", "unsafe", "watermark",
                 "low_aesthetic", "low_similarity", "not_an_image", "corrupt_image", "too_small", "too_large",
-                "bad_aspect", "missing_label_map", "bad_label_map", "shard_error", "empty_shard")
+                "bad_aspect", "missing_label_map", "bad_label_map", "missing_layout", "bad_layout", "too_many_boxes",
+                "shard_error", "empty_shard")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class PreprocessConfig:
     lowres_factor: int = 0               # also keep the crop bicubic-downscaled by this (super-resolution); 0 = no
     inpaint_variants: int = 0            # also draw this many inpainting masks per crop (seeded by key); 0 = none
     label_maps: bool = False             # also keep each record's per-pixel class map, resized and cropped as its image
+    layout_boxes: int = 0                # also keep up to this many of the metadata's layout boxes, moved with the
+    #                                      resize and crop (layout-to-image); 0 = none
 
     @property
     def effective_min_size(self) -> int:
@@ -186,6 +189,37 @@ def crop_label_map(data: bytes, size: tuple[int, int], cfg: PreprocessConfig, to
     return np.asarray(seg.crop((left, top, left + r, top + r)), dtype=np.uint8), None
 
 
+def crop_layout(meta_json: str, size: tuple[int, int], cfg: PreprocessConfig, top: int, left: int):
+    """A record's boxes (metadata "layout": [[class, top, left, height, width], ...] in pixels of the original image)
+    scaled and cropped exactly as its image and clipped to the crop; boxes left with no area are dropped. Returns
+    (int16 (layout_boxes, 5) padded with -1, None) or (None, skip reason)."""
+    try:
+        boxes = json.loads(meta_json).get("layout") if meta_json else None
+    except (ValueError, AttributeError):
+        return None, "bad_metadata"
+    if boxes is None:
+        return None, "missing_layout"
+    try:
+        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    except (TypeError, ValueError):
+        return None, "bad_layout"
+    if not np.isfinite(arr).all() or (arr[:, 0] < 0).any() or (arr[:, 3:] <= 0).any() or \
+            (arr[:, 0] != np.round(arr[:, 0])).any():
+        return None, "bad_layout"
+    r, (nw, nh) = cfg.resolution, resized(*size, cfg)
+    sy, sx = nh / size[1], nw / size[0]
+    y0, x0 = np.clip(arr[:, 1] * sy - top, 0, r), np.clip(arr[:, 2] * sx - left, 0, r)
+    y1 = np.clip((arr[:, 1] + arr[:, 3]) * sy - top, 0, r)
+    x1 = np.clip((arr[:, 2] + arr[:, 4]) * sx - left, 0, r)
+    y0, x0, y1, x1 = np.round(y0), np.round(x0), np.round(y1), np.round(x1)
+    keep = (y1 > y0) & (x1 > x0)
+    if keep.sum() > cfg.layout_boxes:
+        return None, "too_many_boxes"
+    out = np.full((cfg.layout_boxes, 5), -1, np.int16)
+    out[: keep.sum()] = np.stack([arr[:, 0], y0, x0, y1 - y0, x1 - x0], 1)[keep]
+    return out, None
+
+
 def downscale(arr: np.ndarray, factor: int) -> np.ndarray:
     """The super-resolution input (paper §4.4, SR3's setting): bicubic, antialiased downscaling by `factor`."""
     h, w = arr.shape[:2]
@@ -204,12 +238,14 @@ def inpaint_masks(key: str, cfg: PreprocessConfig) -> np.ndarray:
 def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
     """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, with
     lowres_factor the crop downscaled (lowres, uint8 bytes), with inpaint_variants its masks (masks, uint8 bytes),
-    with label_maps its class map cropped alike (label_map, uint8 bytes)."""
+    with label_maps its class map cropped alike (label_map, uint8 bytes), with layout_boxes its boxes moved alike
+    (layout, int16 bytes)."""
     n = len(batch["key"])
     pixels = np.empty(n, dtype=object)
     lowres = np.full(n, b"", dtype=object)
     masks = np.full(n, b"", dtype=object)
     label_maps = np.full(n, b"", dtype=object)
+    layouts = np.full(n, b"", dtype=object)
     orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
     skip = np.array(batch["skip"], dtype=object)
@@ -232,6 +268,12 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
                 skip[i] = reason
                 continue
             label_maps[i] = seg.tobytes()
+        if cfg.layout_boxes:
+            boxes, reason = crop_layout(batch["meta"][i], im.size, cfg, int(crop_top[i]), int(crop_left[i]))
+            if reason is not None:
+                skip[i] = reason
+                continue
+            layouts[i] = boxes.tobytes()
         pixels[i] = arr.tobytes()
         if cfg.lowres_factor:
             lowres[i] = downscale(arr, cfg.lowres_factor).tobytes()
@@ -245,4 +287,6 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
         out["masks"] = masks
     if cfg.label_maps:
         out["label_map"] = label_maps
+    if cfg.layout_boxes:
+        out["layout"] = layouts
     return out

@@ -77,6 +77,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     if opts.preprocess.resize and opts.preprocess.resize < res:
         raise ValueError(f"--resize {opts.preprocess.resize} is smaller than --resolution {res}: the crop must fit "
                          f"inside the resized image (0 = resize to --resolution)")
+    if opts.preprocess.layout_boxes < 0:
+        raise ValueError(f"--layout-boxes {opts.preprocess.layout_boxes} must be >= 0 (boxes kept per image)")
     if opts.preprocess.inpaint_variants < 0:
         raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]

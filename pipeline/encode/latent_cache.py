@@ -3,7 +3,7 @@
 A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*h*w), input_ids /
 attention_mask, optionally text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
 masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), label_map (uint8 r*r
-class ids), original size, crop
+class ids), layout (int16 B*5: boxes [class, top, left, h, w] in pixels of the crop, -1 padded), original size, crop
 offsets, label, meta (JSON).
 
 Who writes what (format version 2):
@@ -41,7 +41,7 @@ ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node")
 
 
 # preprocess settings that add columns to every part (super-resolution's low-res copies, inpainting's variants)
-CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps")
+CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes")
 
 
 class CacheMismatch(ValueError):
@@ -172,6 +172,8 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["lowres"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["lowres"]]), pa.uint8())
     if "label_map" in col and len(col["label_map"]):  # semantic synthesis' condition: uint8 r*r class ids per row
         cols["label_map"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["label_map"]]), pa.uint8())
+    if "layout" in col and len(col["layout"]):  # layout-to-image's condition: int16 max_boxes*5 per row, -1 padded
+        cols["layout"] = _fsl(np.stack([np.frombuffer(b, np.int16) for b in col["layout"]]), pa.int16())
     if "inpaint_latent" in col:  # inpainting's K variants per row: masked images' latents, holes at latent size
         cols["inpaint_latent"] = _fsl(col["inpaint_latent"], pa.float16())
         cols["inpaint_mask"] = _fsl(col["inpaint_mask"], pa.uint8())

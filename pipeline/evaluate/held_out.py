@@ -22,6 +22,7 @@ class HeldOut:
     fashion_mnist: bool           # every record came from Fashion-MNIST (the in-project classifier can judge)
     label_maps: np.ndarray | None = None  # (N, H, W) uint8 class ids, when read with label_maps=True
     metas: tuple = ()             # each record's metadata (e.g. a scene's layout)
+    layouts: tuple = ()           # each image's boxes [class, top, left, h, w] in its pixels, when read with layouts
 
     def prompts(self, mode: str, lowres_factor: int = 4) -> list:
         """The conditioning of each held-out image for a model conditioned by `mode` (ldm Conditioner): its caption,
@@ -33,6 +34,11 @@ class HeldOut:
             if self.label_maps is None:
                 raise ValueError("a semantic synthesis model needs held-out shards read with their label maps")
             return list(self.label_maps)
+        if mode == "layout":
+            if not self.layouts:
+                raise ValueError("a layout-to-image model needs held-out shards read with their layouts")
+            side = self.images.shape[-2:]
+            return [{"size": list(side), "boxes": b} for b in self.layouts]
         if mode == "inpaint":
             pixels = self.pixels()
             return [{"image": p, "mask": m} for p, m in zip(pixels, eval_masks(len(pixels), *pixels.shape[1:3]))]
@@ -49,12 +55,13 @@ class HeldOut:
         return ((self.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256, label_maps: bool = False) -> HeldOut:
-    """The first `n` good records of `input_uri` (with their label maps: records without one are skipped); raises if
-    the shards hold fewer than 2."""
-    cfg = PreprocessConfig(resolution=resolution, label_maps=label_maps)
+def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256, label_maps: bool = False,
+                  layouts: int = 0) -> HeldOut:
+    """The first `n` good records of `input_uri` (with their label maps, or up to `layouts` boxes each: records
+    without them are skipped); raises if the shards hold fewer than 2."""
+    cfg = PreprocessConfig(resolution=resolution, label_maps=label_maps, layout_boxes=layouts)
     shard_set = discover_shards(input_uri)
-    images, captions, metas, maps = [], [], [], []
+    images, captions, metas, maps, boxes = [], [], [], [], []
     for i, uri in enumerate(sorted(shard_set.shards)):
         pending = []
         for rec in read_shard({"uri": uri, "shard": i}, shard_set.layout):
@@ -73,6 +80,9 @@ def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256, lab
                     metas.append(json.loads(out["meta"][k] or "{}"))
                     if label_maps:
                         maps.append(np.frombuffer(out["label_map"][k], np.uint8).reshape(resolution, resolution))
+                    if layouts:
+                        b = np.frombuffer(out["layout"][k], np.int16).reshape(-1, 5).astype(int)
+                        boxes.append(b[b[:, 0] >= 0].tolist())
         if len(images) >= n:
             break
     if len(images) < 2:
@@ -82,4 +92,5 @@ def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256, lab
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     labels = tuple(int(m["label"]) for m in metas) if all("label" in m for m in metas) else None
     fashion = all(str(m.get("url", "")).startswith("package://fashion-mnist/") for m in metas)
-    return HeldOut(x, tuple(captions), labels, fashion, np.stack(maps) if label_maps else None, tuple(metas))
+    return HeldOut(x, tuple(captions), labels, fashion, np.stack(maps) if label_maps else None, tuple(metas),
+                   tuple(boxes))

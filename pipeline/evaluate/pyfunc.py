@@ -8,7 +8,8 @@
 column (a caption; the class id of a class-conditional model; "" for an unconditional one) and an optional
 `seed` column (default: the row number); a super-resolution model reads low-res PNG/JPEG bytes from an `image`
 column instead of the prompt (use cfg_scale 1), an inpainting model an `image` and a `mask` column (white = the
-hole), a semantic synthesis model a `label_map` column (PNG of class ids); params `steps`, `cfg_scale`,
+hole), a semantic synthesis model a `label_map` column (PNG of class ids), a layout-to-image model a `layout` column
+(JSON: {"size": [H, W], "boxes": [[class, top, left, height, width], ...]} in pixels); params `steps`, `cfg_scale`,
 `sampler`, `eta`. Output: one row per prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the
 low-res size x the factor for SR; the image's or the label map's size for inpainting and semantic synthesis).
 
@@ -18,6 +19,7 @@ the folder the export names (the offline MiniLM by default)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -51,7 +53,11 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         if mode == "semantic" and "label_map" not in model_input:
             raise ValueError(f"a semantic synthesis model needs a 'label_map' column of PNG bytes (8-bit class ids); "
                              f"the input has {list(model_input.columns)}")
-        if mode not in ("lowres", "inpaint", "semantic") and "prompt" not in model_input:
+        if mode == "layout" and "layout" not in model_input:
+            raise ValueError(f'a layout-to-image model needs a \'layout\' column of JSON strings ({{"size": [H, W], '
+                             f'"boxes": [[class, top, left, height, width], ...]}}); the input has '
+                             f'{list(model_input.columns)}')
+        if mode not in ("lowres", "inpaint", "semantic", "layout") and "prompt" not in model_input:
             raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
                              f"unconditional model); it has {list(model_input.columns)}")
         p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
@@ -61,7 +67,8 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
         conds = ([read_rgb(bytes(b)) for b in model_input["image"]] if mode == "lowres"
                  else [{"image": read_rgb(bytes(b)), "mask": read_mask(bytes(m))}
                        for b, m in zip(model_input["image"], model_input["mask"])] if mode == "inpaint"
-                 else [read_label_map(bytes(b)) for b in model_input["label_map"]] if mode == "semantic" else prompts)
+                 else [read_label_map(bytes(b)) for b in model_input["label_map"]] if mode == "semantic"
+                 else [json.loads(str(t)) for t in model_input["layout"]] if mode == "layout" else prompts)
         images = self.sampler(conds, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
                               sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
         pngs = []
@@ -78,7 +85,7 @@ def signature():
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt", required=False), ColSpec("long", "seed", required=False),
                        ColSpec("binary", "image", required=False), ColSpec("binary", "mask", required=False),
-                       ColSpec("binary", "label_map", required=False)]),
+                       ColSpec("binary", "label_map", required=False), ColSpec("string", "layout", required=False)]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
                             ParamSpec("cfg_scale", "double", PARAMS["cfg_scale"]),

@@ -145,6 +145,8 @@ class LDMSampler:
             if size is not None and size != shape:
                 raise ValueError(f"--size {size[0]}x{size[1]} does not match the label maps ({shape[0]}x{shape[1]})")
             size = shape
+        if self.mode == "layout":
+            prompts, size = self.layout_size(prompts, size)
         images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
                           self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
                           sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
@@ -154,6 +156,23 @@ class LDMSampler:
             hole = torch.from_numpy(np.stack([np.asarray(p["mask"], bool) for p in prompts]))[:, None].to(images.device)
             images = torch.where(hole, images, known.to(images.device))
         return images
+
+    def layout_size(self, prompts: list, size: tuple[int, int] | None) -> tuple[list, tuple[int, int] | None]:
+        """A layout model's output size: --size, else the layouts' own canvas (one size), else the training size;
+        each layout's boxes moved to that canvas (they keep their place relative to it)."""
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, dict) or {"size", "boxes"} - set(p)]
+        if bad:
+            raise ValueError(f'a layout model takes {{"size": [H, W], "boxes": [[class, top, left, height, width], '
+                             f'...]}} per sample; sample(s) {bad[:5]} are not')
+        sizes = {tuple(int(v) for v in p["size"]) for p in prompts}
+        trained = tuple(v * self.f for v in self.latent_shape()[1:])
+        target = size or (next(iter(sizes)) if len(sizes) == 1 else trained)
+
+        def moved(p: dict) -> dict:
+            (h, w), (th, tw) = p["size"], target
+            return {"size": list(target), "boxes": [[c, t * th / h, le * tw / w, bh * th / h, bw * tw / w]
+                                                    for c, t, le, bh, bw in p["boxes"]]}
+        return [moved(p) for p in prompts], (None if target == trained else target)
 
     def inpaint_size(self, prompts: list, size: tuple[int, int] | None) -> tuple[int, int] | None:
         """An inpainting model's output size: its images' (one size, any multiple of the UNet's; §4.3.2)."""

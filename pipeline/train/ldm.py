@@ -67,6 +67,15 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
         raise CacheConfigMismatch(f"conditioning.kind=semantic trains on label maps, but the cache {cache} was encoded "
                                   f"without them: re-encode shards whose records carry a KEY.seg.png (tar) or a seg "
                                   f"column (parquet) into a new --output with --label-maps")
+    if cfg.conditioning.kind == "layout":
+        n = manifest.get("preprocess", {}).get("layout_boxes", 0)
+        if not n or n > cfg.conditioning.max_boxes:
+            raise CacheConfigMismatch(
+                f"conditioning.kind=layout takes up to conditioning.max_boxes={cfg.conditioning.max_boxes} boxes per "
+                f"image, but the cache {cache} was encoded "
+                + (f"with --layout-boxes {n}" if n else "without layouts")
+                + f": re-encode shards whose metadata holds a \"layout\" into a new --output with --layout-boxes "
+                  f"{cfg.conditioning.max_boxes} (or set conditioning.max_boxes={n})")
     if cfg.conditioning.kind == "inpaint" and not manifest.get("preprocess", {}).get("inpaint_variants", 0):
         raise CacheConfigMismatch(f"conditioning.kind=inpaint trains on masked images' latents, but the cache {cache} "
                                   f"was encoded without them: re-encode into a new --output with --inpaint-variants K "
@@ -163,6 +172,24 @@ def default_label_maps(files: list[str], n: int = 8) -> list:
     return out
 
 
+def default_layouts(files: list[str], side: int, n: int = 8) -> list:
+    """The first `n` cached layouts ({"size": [side, side], "boxes": [...]}): a layout-to-image model's sample-grid
+    conditions."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    out: list = []
+    for f in files:
+        rows = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["layout"])["layout"].to_pylist()
+        for row in rows[:n - len(out)]:
+            boxes = np.asarray(row, np.int64).reshape(-1, 5)
+            out.append({"size": [side, side], "boxes": boxes[boxes[:, 0] >= 0].tolist()})
+        if len(out) >= n:
+            break
+    return out
+
+
 def default_inpaint(files: list[str], n: int = 8) -> list:
     """The first `n` cached rows' first inpainting variant ({"latent": (C,h,w), "hole": (h,w)}): an inpainting
     model's sample-grid conditions."""
@@ -201,7 +228,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     prompts = tuple(opts.sample_prompts) or tuple(
         [str(i) for i in range(cfg.conditioning.num_classes)] if kind == "class"
         else default_lowres(files) if kind == "lowres" else default_inpaint(files) if kind == "inpaint"
-        else default_label_maps(files) if kind == "semantic" else default_prompts(files))
+        else default_label_maps(files) if kind == "semantic"
+        else default_layouts(files, manifest["resolution"]) if kind == "layout" else default_prompts(files))
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
@@ -265,6 +293,8 @@ def stream_columns(cfg, cached_emb: bool) -> list[str]:
         columns += ["inpaint_latent", "inpaint_mask"]
     if cfg.conditioning.kind == "semantic":
         columns.append("label_map")
+    if cfg.conditioning.kind == "layout":
+        columns.append("layout")
     return columns
 
 

@@ -199,6 +199,9 @@ def describe_prompt(p, i: int) -> str:
     """A sample-grid condition as a line of prompts.txt."""
     if isinstance(p, str):
         return p
+    if isinstance(p, dict) and "boxes" in p:
+        return f"layout {i} ({p['size'][0]}x{p['size'][1]}: " + ", ".join(
+            f"class {c} at top {t} left {le} {h}x{w}" for c, t, le, h, w in p["boxes"]) + ")"
     if isinstance(p, dict):
         return f"masked image {i} (cached, {p['hole'].mean():.0%} of the latent hidden)"
     if p.ndim == 2:
@@ -217,7 +220,9 @@ class SampleEval:
         self.make = make
         # at the cache's resolution, latent size x f (a convolutional first stage may encode beyond its own)
         res = make.job.latent_shape[-1] * make.decoder().cfg.downsample_factor
-        held = read_held_out(o.eval_input, res, o.eval_samples, label_maps=make.conditioner.mode == "semantic")
+        mode = make.conditioner.mode
+        held = read_held_out(o.eval_input, res, o.eval_samples, label_maps=mode == "semantic",
+                             layouts=make.conditioner.cfg.max_boxes if mode == "layout" else 0)
         self.prompts = held.prompts(make.conditioner.mode, make.conditioner.cfg.lowres_factor)
         self.scores = SampleScores(load_feature_net(), held.images)
 

@@ -62,9 +62,9 @@ def test_demo_smoke_size_end_to_end(smoke, tmp_path):
 
 
 def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
-    """--task class, uncond, sr, inpaint and semantic under the text demo's --out: its shards and stage 1 are reused
-    (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its figure
-    next to its baseline."""
+    """--task class, uncond, sr, inpaint, semantic and layout under the text demo's --out: its shards and stage 1 are
+    reused (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its
+    figure next to its baseline."""
     out, cache, _ = smoke
     r = demo(out, cache, "--task", "class")
     c = json.loads((out / "summary-class.json").read_text())
@@ -93,13 +93,20 @@ def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
     assert "the classifier sees each region's class" in r.stdout and (out / "shards" / "scenes-test").exists()
     m = read_manifest(str(out / "latents-semantic"))
     assert m["preprocess"]["label_maps"] and m["preprocess"]["crop"] == "tile" and m["latent_shape"][1:] == [8, 8]
-    for s, tag in ((c, "-class"), (u, "-uncond"), (sr, "-sr"), (ip, "-inpaint"), (se, "-semantic")):
+    r = demo(out, cache, "--task", "layout")  # the semantic task's scenes, whole
+    la = json.loads((out / "summary-layout.json").read_text())
+    assert la["regions"] == se["regions"] and 0 <= la["null_region_agreement"] <= 1
+    assert la["real_region_agreement"] > 0.5
+    assert "the classifier sees each box's class" in r.stdout and "given no boxes" in r.stdout
+    m = read_manifest(str(out / "latents-layout"))
+    assert m["preprocess"]["layout_boxes"] == 4 and m["latent_shape"][1:] == [16, 16]
+    for s, tag in ((c, "-class"), (u, "-uncond"), (sr, "-sr"), (ip, "-inpaint"), (se, "-semantic"), (la, "-layout")):
         assert Path(s["grid"]).name == f"samples_grid{tag}.png" and Path(s["grid"]).exists()
         assert (out / f"latents{tag}" / "manifest.json").exists() and f"/runs/ldm{tag}/" in s["ldm_export"]
     client = mlflow.MlflowClient(u["mlflow_uri"])
     for tag, figure in (("-class", "demo/prompt_class_agreement"), ("-uncond", "demo/untrained_FD-EffNetLite0"),
                         ("-sr", "demo/bicubic_FD-EffNetLite0"), ("-inpaint", "demo/classical_FD-EffNetLite0"),
-                        ("-semantic", "demo/region_agreement")):
+                        ("-semantic", "demo/region_agreement"), ("-layout", "demo/null_region_agreement")):
         run = client.search_runs([client.get_experiment_by_name(f"demo-ldm{tag}").experiment_id])[0]
         assert figure in run.data.metrics
         assert client.search_model_versions(f"name='demo-ldm{tag}'")

@@ -31,6 +31,11 @@ SR = ("conditioning.kind=lowres", "conditioning.concat_channels=3", "unet.in_cha
 # semantic synthesis: the label map (background + 10 classes) one-hot, pooled to the latent, concatenated to z_t
 SEMANTIC = ("conditioning.kind=semantic", "conditioning.num_classes=11", "conditioning.concat_channels=11",
             "unet.in_channels=15", "unet.context_dim=null", "conditioning.cond_drop_prob=0")
+# layout-to-image, hybrid: up to 2 boxes per image, each a token of a 1-layer transformer the UNet cross-attends to,
+# and drawn per class, concatenated to z_t (4 + 10 input channels)
+LAYOUT = ("conditioning.kind=layout", "conditioning.num_classes=10", "conditioning.max_boxes=2",
+          "conditioning.n_embed=32", "conditioning.n_layer=1", "conditioning.layout_grid=8", "unet.context_dim=32",
+          "conditioning.layout_concat=true", "conditioning.concat_channels=10", "unet.in_channels=14")
 INPAINT = ("conditioning.kind=inpaint", "conditioning.concat_channels=5", "unet.in_channels=9", "unet.context_dim=null",
            "conditioning.cond_drop_prob=0")
 
@@ -63,8 +68,9 @@ def train_and_sample(cache: str, tmp_path, overrides: tuple, prompts: list[str],
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *args, "--n", "2",
                         "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = max(1, len(prompts), *(sample_args.count(f) for f in ("--lowres", "--image", "--label-map")))
-    side = 32 if "--label-map" in sample_args else 16  # the semantic test samples twice its training canvas
+    rows = max(1, len(prompts), *(sample_args.count(f) for f in ("--lowres", "--image", "--label-map", "--layout")))
+    # the semantic and layout tests sample twice their training canvas
+    side = 32 if "--label-map" in sample_args or "--layout" in sample_args else 16
     assert f"{2 * rows} images of {side}x{side}" in r.stdout and Image.open(out).size == (
         2 * side + 3 * 2, rows * side + (rows + 1) * 2)
     return s, out
@@ -231,6 +237,59 @@ def test_semantic_synthesis_task_from_label_maps_to_a_twice_larger_sample(ray_lo
     assert Image.open(io.BytesIO(out["image"][0])).size == (16, 16)
     with pytest.raises(CacheConfigMismatch, match="was encoded without them"):
         run_train(TrainOptions(latents=tiny_cache, preset="tiny", overrides=SEMANTIC,
+                               storage_path=str(tmp_path / "r2"), batch_size=8))
+
+
+def test_layout_to_image_task_from_scene_boxes_to_samples(ray_local, tiny_cache, tmp_path):
+    """Layout-to-image (§4.3.1): the encode job moves each scene's boxes (metadata "layout") with the resize into the
+    cache; records without a layout or with more boxes than the cache keeps are skipped and counted; the LDM trains
+    its box transformer with the UNet; jobs/sample.py and the pyfunc draw from layout files, here on a canvas twice
+    the training size."""
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluate.pyfunc import LDMPyfunc
+
+    scenes = list(scene_records("train", 40, 0))
+
+    def recs():
+        yield from scenes
+        yield from (replace(r, caption="") for r in fashion_records("train", 3, 0, "png"))  # no layout
+    write_shards(recs(), str(tmp_path / "shards"), "webdataset", 43, seed=0)
+    cache = str(tmp_path / "latents")
+    run_encode(EncodeOptions(input=str(tmp_path / "shards"), output=cache, autoencoder="random:tiny",
+                             text_encoder="none", preprocess=PreprocessConfig(resolution=16, min_caption_chars=0,
+                                                                              layout_boxes=2), batch_size=64),
+               log=lambda *a: None)
+    m = read_manifest(cache)
+    two = sum(len(r.layout) == 2 for r in scenes)
+    assert m["counts"]["kept"] == two and m["totals"]["skipped"] == {"missing_layout": 3, "too_many_boxes": 40 - two}
+    rows = pq.read_table(sorted(Path(cache, "parts").glob("*.parquet"))[0], columns=["meta", "layout"]).to_pylist()
+    for row in rows:  # the 64x64 scene resized to 16x16: every corner a quarter of its place, rounded
+        want = [[c, round(y / 4), round(x / 4), round((y + h) / 4) - round(y / 4), round((x + w) / 4) - round(x / 4)]
+                for c, y, x, h, w in json.loads(row["meta"])["layout"]]
+        assert np.asarray(row["layout"]).reshape(2, 5).tolist() == want
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"size": [32, 32], "boxes": [[1, 2, 2, 12, 12], [8, 18, 18, 12, 12]]}))
+    s, _ = train_and_sample(cache, tmp_path, LAYOUT, [], ("--layout", str(layout), "--cfg-scale", "2"))
+    comps, config, _ = load_components(s["export"])
+    assert config["conditioning"]["kind"] == "layout" and "box_proj.weight" in comps["ema_cond_stage"]
+    assert comps["ema_unet"]["input_blocks.0.0.weight"].shape[1] == 14
+    layout.write_text(json.dumps({"size": [16, 16], "boxes": [[1, 0, 0, 4, 4]] * 3}))
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], "--layout",
+                        str(layout), "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "holds 3 boxes but the model takes at most 2" in r.stderr
+    model = LDMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"ldm": s["export"]}, model_config={}))
+    out = model.predict(None, pd.DataFrame({"layout": [json.dumps({"size": [16, 16], "boxes": [[3, 4, 4, 8, 8]]})]}),
+                        {"steps": 2, "cfg_scale": 2.0})
+    assert Image.open(io.BytesIO(out["image"][0])).size == (16, 16)
+    with pytest.raises(CacheConfigMismatch, match="was encoded without layouts"):
+        run_train(TrainOptions(latents=tiny_cache, preset="tiny", overrides=LAYOUT,
                                storage_path=str(tmp_path / "r2"), batch_size=8))
 
 

@@ -71,3 +71,26 @@ def test_label_map_is_resized_and_cropped_exactly_as_its_image():
                              PreprocessConfig(resolution=16, label_maps=True, min_caption_chars=0))
     m16 = np.frombuffer(small["label_map"][0], np.uint8).reshape(16, 16)  # downscaled by 4, nearest
     assert set(np.unique(m16)) == {0, 7} and 20 <= (m16 == 7).sum() <= 30
+
+
+def test_layout_boxes_move_with_the_crop_and_bad_layouts_are_counted():
+    """--layout-boxes: each box of the metadata's layout follows the resize and the crop, is clipped to the crop and
+    dropped when nothing of it is left; records without a layout, with a malformed one or with too many boxes in the
+    crop are skipped by reason."""
+    import numpy as np
+
+    from pipeline.data.preprocess import preprocess_batch
+    img = np.zeros((64, 128, 3), np.uint8)  # wide: resized to 32x64, a 32x32 centre crop from x = 16
+    good = {"layout": [[3, 8, 40, 20, 30], [5, 0, 0, 10, 20], [1, 40, 110, 20, 16]]}
+    metas = [good, {}, {"layout": [[2, 0, 0, -4, 4]]}, {"layout": "nope"},
+             {"layout": [[c, 8, 40, 8, 8] for c in range(4)]}]
+    n = len(metas)
+    batch = {"key": np.array([str(i) for i in range(n)], dtype=object), "caption": np.array([""] * n, dtype=object),
+             "meta": np.array([json.dumps(m) for m in metas], dtype=object), "skip": np.array([""] * n, dtype=object),
+             "image": np.array([_png(img)] * n, dtype=object)}
+    out = preprocess_batch(batch, PreprocessConfig(resolution=32, layout_boxes=3, min_caption_chars=0))
+    assert list(out["skip"]) == ["", "missing_layout", "bad_layout", "bad_layout", "too_many_boxes"]
+    boxes = np.frombuffer(out["layout"][0], np.int16).reshape(3, 5).tolist()
+    # (8, 40, 20x30) halved and shifted left by 16: top 4, left 4, 10x15; (0, 0, 10x20) -> x in [-16, -6): gone;
+    # (40, 110, 20x16) -> y [20, 30), x [39, 47) clipped to [39, 32): gone as well
+    assert boxes == [[3, 4, 4, 10, 15], [-1] * 5, [-1] * 5]
