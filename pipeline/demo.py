@@ -451,12 +451,7 @@ def judge_semantic(export: str, clf, size: DemoSize, opts: DemoOptions, out: Pat
 
     def colour(m) -> torch.Tensor:
         return from_uint8(np.asarray(PALETTE, np.uint8)[np.asarray(m)][None])[0]
-    k = min(8, n)  # the grid: a row per scene with its map, the LDM's scene, the real scene
-    rows = torch.stack([torch.stack([colour(maps[i]) for i in range(k)]), images[:k], truth[:k]], 1).flatten(0, 1)
-    grid = out / f"samples_grid{task.tag}.png"
-    save_grid(rows, str(grid), nrow=3, upscale=3)
-    (out / f"prompts{task.tag}.txt").write_text("each row: the held-out label map (a colour per class), the LDM's "
-                                                "scene, the real scene\n")
+    grid = save_scene_grid([colour(m) for m in maps[:8]], images, truth, out, task, "label map (a colour per class)")
     wide = out / f"samples_4x{task.tag}.png"
     save_grid(torch.stack([colour(big_map), big[0]]), str(wide), nrow=2, upscale=3)
     return {**r, "grid": str(grid), "grid_4x": str(wide), "eta": task.eta,
@@ -474,7 +469,6 @@ def judge_layout(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path,
     import numpy as np
     import torch
 
-    from pipeline.evaluate.grid import save_grid
     from pipeline.evaluate.sample import LDMSampler
     from pipeline.evaluate.scores import from_uint8
     held = read_demo_held_out(out, size, task)
@@ -494,16 +488,26 @@ def judge_layout(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path,
         for c, t, le, h, w in lay["boxes"]:
             canvas[t:t + h, le:le + w] = PALETTE[c + 1]
         return from_uint8(canvas[None])[0]
-    k = min(8, n)  # the grid: a row per scene with its layout, the LDM's scene, the real scene
-    rows = torch.stack([torch.stack([drawn(layouts[i]) for i in range(k)]), images[:k], truth[:k]], 1).flatten(0, 1)
-    grid = out / f"samples_grid{task.tag}.png"
-    save_grid(rows, str(grid), nrow=3, upscale=3)
-    (out / f"prompts{task.tag}.txt").write_text("each row: the held-out layout (a box per item, a colour per class), "
-                                                "the LDM's scene, the real scene\n")
+    grid = save_scene_grid([drawn(lay) for lay in layouts[:8]], images, truth, out, task,
+                           "layout (a box per item, a colour per class)")
     return {**r, "grid": str(grid), "cfg_scale": task.cfg_scale,
             "region_agreement": region_agreement(clf, images, boxes),
             "real_region_agreement": region_agreement(clf, truth, boxes),
             "null_region_agreement": region_agreement(clf, empty, boxes), "regions": sum(len(b) for b in boxes)}
+
+
+def save_scene_grid(conditions: list, images, truth, out: Path, task: DemoTask, what: str) -> Path:
+    """The grid of a scene task: a row per held-out scene with its condition drawn, the LDM's scene, the real one;
+    and prompts-TAG.txt saying so."""
+    import torch
+
+    from pipeline.evaluate.grid import save_grid
+    k = len(conditions)
+    rows = torch.stack([torch.stack(conditions), images[:k], truth[:k]], 1).flatten(0, 1)
+    grid = out / f"samples_grid{task.tag}.png"
+    save_grid(rows, str(grid), nrow=3, upscale=3)
+    (out / f"prompts{task.tag}.txt").write_text(f"each row: the held-out {what}, the LDM's scene, the real scene\n")
+    return grid
 
 
 def region_agreement(clf, images, boxes: list[list]) -> float:
