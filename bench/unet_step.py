@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo",
-                    help="model preset whose UNet is timed (tiny, demo, ldm-kl-8, sd-v1-like)")
+                    help="model preset whose UNet is timed (a preset of ldm/config.py, e.g. tiny, demo, sd-v1-like)")
     ap.add_argument("--batch-size", type=int, default=32, help="latents per step")
     ap.add_argument("--context-len", type=int, default=77, help="text tokens the cross-attention attends to")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model, after the warm-up")

@@ -14,6 +14,7 @@ import argparse
 
 from _common import add_run_args, options_from, run
 
+from ldm.config import PRESETS
 from pipeline.train.options import TrainOptions
 
 D = {k: f.default for k, f in TrainOptions.__dataclass_fields__.items()}  # the dataclass holds every default
@@ -24,7 +25,7 @@ def parse(argv=None):
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. unet.model_channels=64)")
     d = p.add_argument_group("data and model")
     d.add_argument("--latents", required=True, help="latent cache written by jobs/encode_latents.py (local or s3://)")
-    d.add_argument("--preset", default=D["preset"], help="config preset: tiny, demo, ldm-kl-8, sd-v1-like")
+    d.add_argument("--preset", default=D["preset"], help="config preset (ldm/config.py): " + ", ".join(PRESETS))
     d.add_argument("--config", default=D["config_yaml"], help="YAML config applied on top of the preset")
     d.add_argument("--autoencoder", default=D["autoencoder"],
                    help="first stage for sample grids (default: the cache's own source); "
