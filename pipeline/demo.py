@@ -87,6 +87,16 @@ class DemoTask:
         """The size of the crops the LDM trains on: a layout task's whole scenes (boxes do not survive crops)."""
         return SCENE_SIZE if self.layout_boxes else 32
 
+    @property
+    def crop(self) -> str:
+        """A semantic task trains on one grid tile of each scene; the others on the whole (centre-cropped) image."""
+        return "tile" if self.scenes and not self.layout_boxes else "center"
+
+    @property
+    def label_maps(self) -> bool:
+        """Whether the task's cache and held-out scenes carry label maps: the semantic task's condition."""
+        return bool(self.scenes) and not self.layout_boxes
+
     def ldm_steps(self, size: DemoSize) -> int:
         return max(1, round(size.ldm_steps * self.ldm_steps_factor))
 
@@ -273,11 +283,10 @@ def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> 
     return run_encode(EncodeOptions(input=str(out / "shards" / task.shards("train")),
                                     output=str(out / f"latents{task.tag}"), autoencoder=autoencoder,
                                     preprocess=PreprocessConfig(resolution=task.resolution, resize=task.canvas,
-                                                                crop="tile" if task.scenes and not task.layout_boxes
-                                                                else "center", layout_boxes=task.layout_boxes,
+                                                                crop=task.crop, layout_boxes=task.layout_boxes,
                                                                 lowres_factor=task.lowres_factor,
                                                                 inpaint_variants=task.inpaint_variants,
-                                                                label_maps=bool(task.scenes)),
+                                                                label_maps=task.label_maps),
                                     text_encoder="" if task.text else "none", max_length=16,
                                     store_text_embeddings=task.text, batch_size=128, mlflow_uri=uri,
                                     experiment="demo-encode"), log)
@@ -558,8 +567,8 @@ def read_demo_held_out(out: Path, size: DemoSize, task: DemoTask | None = None):
     from pipeline.evaluate.held_out import read_held_out
     scenes = task is not None and bool(task.scenes)
     return read_held_out(str(out / "shards" / (task.shards("test") if scenes else "test")),
-                         task.canvas if scenes else 32, min(500, size.test_images), label_maps=scenes,
-                         layouts=task.layout_boxes if scenes else 0)
+                         task.canvas if scenes else 32, min(500, size.test_images),
+                         label_maps=scenes and task.label_maps, layouts=task.layout_boxes if scenes else 0)
 
 
 def held_out_scores(out: Path, size: DemoSize, held=None):
