@@ -220,6 +220,12 @@ def crop_layout(meta_json: str, size: tuple[int, int], cfg: PreprocessConfig, to
     return out, None
 
 
+def unpadded_boxes(row) -> list[list[int]]:
+    """A cached layout (flat int16 max_boxes*5, as crop_layout writes it) as its boxes, the -1 padding left out."""
+    boxes = np.asarray(row, np.int64).reshape(-1, 5)
+    return boxes[boxes[:, 0] >= 0].tolist()
+
+
 def downscale(arr: np.ndarray, factor: int) -> np.ndarray:
     """The super-resolution input (paper §4.4, SR3's setting): bicubic, antialiased downscaling by `factor`."""
     h, w = arr.shape[:2]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ldm.masks import eval_masks
-from pipeline.data.preprocess import PreprocessConfig, downscale, preprocess_batch
+from pipeline.data.preprocess import PreprocessConfig, downscale, preprocess_batch, unpadded_boxes
 from pipeline.data.sources import discover_shards, read_shard
 
 
@@ -81,8 +81,7 @@ def read_held_out(input_uri: str, resolution: int, n: int, batch: int = 256, lab
                     if label_maps:
                         maps.append(np.frombuffer(out["label_map"][k], np.uint8).reshape(resolution, resolution))
                     if layouts:
-                        b = np.frombuffer(out["layout"][k], np.int16).reshape(-1, 5).astype(int)
-                        boxes.append(b[b[:, 0] >= 0].tolist())
+                        boxes.append(unpadded_boxes(np.frombuffer(out["layout"][k], np.int16)))
         if len(images) >= n:
             break
     if len(images) < 2:

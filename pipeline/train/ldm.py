@@ -137,77 +137,58 @@ def default_prompts(files: list[str], n: int = 8) -> list[str]:
     return seen
 
 
-def default_lowres(files: list[str], n: int = 8) -> list:
-    """The first `n` cached low-res images (h, w, 3 uint8): a super-resolution model's sample-grid conditions."""
+def first_rows(files: list[str], columns: list[str], n: int) -> list[dict]:
+    """The first `n` rows of the cache's parts (in the order given), with only `columns` read."""
     import io
 
-    import numpy as np
     import pyarrow.parquet as pq
-    import torch
-
-    from ldm.conditioning import square_images
     out: list = []
     for f in files:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["lowres"])["lowres"].to_pylist()
-        out += list(square_images(torch.from_numpy(np.asarray(rows[:n - len(out)], np.uint8))).numpy())
+        out += pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=columns).slice(0, n - len(out)).to_pylist()
         if len(out) >= n:
             break
     return out
 
 
+def default_lowres(files: list[str], n: int = 8) -> list:
+    """The first `n` cached low-res images (h, w, 3 uint8): a super-resolution model's sample-grid conditions."""
+    import numpy as np
+    import torch
+
+    from ldm.conditioning import square_images
+    rows = np.asarray([r["lowres"] for r in first_rows(files, ["lowres"], n)], np.uint8)
+    return list(square_images(torch.from_numpy(rows)).numpy())
+
+
 def default_label_maps(files: list[str], n: int = 8) -> list:
     """The first `n` cached label maps ((r, r) uint8 ids): a semantic synthesis model's sample-grid conditions."""
-    import io
-
     import numpy as np
-    import pyarrow.parquet as pq
-    out: list = []
-    for f in files:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["label_map"])["label_map"].to_pylist()
-        for row in rows[:n - len(out)]:
-            side = int(round(len(row) ** 0.5))
-            out.append(np.asarray(row, np.uint8).reshape(side, side))
-        if len(out) >= n:
-            break
+    out = []
+    for r in first_rows(files, ["label_map"], n):
+        side = int(round(len(r["label_map"]) ** 0.5))
+        out.append(np.asarray(r["label_map"], np.uint8).reshape(side, side))
     return out
 
 
 def default_layouts(files: list[str], side: int, n: int = 8) -> list:
     """The first `n` cached layouts ({"size": [side, side], "boxes": [...]}): a layout-to-image model's sample-grid
     conditions."""
-    import io
-
-    import numpy as np
-    import pyarrow.parquet as pq
-    out: list = []
-    for f in files:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["layout"])["layout"].to_pylist()
-        for row in rows[:n - len(out)]:
-            boxes = np.asarray(row, np.int64).reshape(-1, 5)
-            out.append({"size": [side, side], "boxes": boxes[boxes[:, 0] >= 0].tolist()})
-        if len(out) >= n:
-            break
-    return out
+    from pipeline.data.preprocess import unpadded_boxes
+    return [{"size": [side, side], "boxes": unpadded_boxes(r["layout"])} for r in first_rows(files, ["layout"], n)]
 
 
 def default_inpaint(files: list[str], n: int = 8) -> list:
     """The first `n` cached rows' first inpainting variant ({"latent": (C,h,w), "hole": (h,w)}): an inpainting
     model's sample-grid conditions."""
-    import io
-
     import numpy as np
-    import pyarrow.parquet as pq
-    out: list = []
-    for f in files:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["latent_mean", "inpaint_latent", "inpaint_mask"])
-        for z, lat, hole in zip(*(t[c].to_pylist()[:n - len(out)] for c in t.column_names)):
-            c = len(lat) // len(hole)  # K*C*h*w / K*h*w
-            hw = len(z) // c
-            side = int(round(hw ** 0.5))
-            out.append({"latent": np.asarray(lat[:c * hw], np.float32).reshape(c, side, side),
-                        "hole": np.asarray(hole[:hw], np.float32).reshape(side, side)})
-        if len(out) >= n:
-            break
+    out = []
+    for r in first_rows(files, ["latent_mean", "inpaint_latent", "inpaint_mask"], n):
+        z, lat, hole = r["latent_mean"], r["inpaint_latent"], r["inpaint_mask"]
+        c = len(lat) // len(hole)  # K*C*h*w / K*h*w
+        hw = len(z) // c
+        side = int(round(hw ** 0.5))
+        out.append({"latent": np.asarray(lat[:c * hw], np.float32).reshape(c, side, side),
+                    "hole": np.asarray(hole[:hw], np.float32).reshape(side, side)})
     return out
 
 
