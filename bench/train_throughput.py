@@ -2,9 +2,11 @@
 """LDM training-step throughput, measured side by side in one run (same model, same batch, same machine):
 
 1. the bare step: the text-conditional LDM step (cached MiniLM embeddings, CFG dropout, AdamW) on in-memory
-   tensors, vs the same loop fed by Ray Data (`iter_torch_batches`): streaming the parquet cache every epoch
-   (`--in-memory no`), and from the object store after one read (`--in-memory auto`, what jobs/train_ldm.py
-   does with a cache this size);
+   tensors, vs the same loop fed by jobs/train_ldm.py's planned epochs (pipeline/train/epoch_plan.py: Ray Data
+   reads the parts a seeded plan names): streaming the parquet cache every epoch (`--in-memory no`), and from the
+   parts the worker kept after one read (`--in-memory auto`, what the job does with a cache this size); and vs
+   Ray Data's own feed (`iter_torch_batches` from the object store after one read), the job's feed before the
+   planned epochs;
 2. the product: jobs/train_ldm.py's Ray Train worker (DeepSpeed ZeRO-2, EMA, metrics) on the same cache, its
    steady samples/s (after 5 steps) vs the bare step, and vs the worker's own step (DeepSpeed + EMA) run in this
    process without Ray, which splits the gap into DeepSpeed's share and Ray's;
@@ -52,7 +54,7 @@ def main() -> None:
     from ldm.unet import UNetModel
     from pipeline.common.runtime import init_ray, training_stream_context
     from pipeline.encode.flow import EncodeOptions, run_encode
-    from pipeline.encode.latent_cache import part_files, read_manifest
+    from pipeline.encode.latent_cache import part_files, part_rows, read_manifest
     from pipeline.data.make_shards import fashion_records, write_shards
     from pipeline.data.preprocess import PreprocessConfig, decode_image, resize_crop
     from pipeline.data.sources import discover_shards, read_shard
@@ -135,22 +137,33 @@ def main() -> None:
     cols = {c: torch.tensor(np.array(table[c].to_pylist())) for c in columns}
     mem_batches = [{c: v[i:i + B] for c, v in cols.items()} for i in range(0, table.num_rows - B + 1, B)]
 
-    # (B) the same step fed by Ray Data: the parquet cache streamed every epoch, and kept in the object store
-    with training_stream_context():  # the reader jobs/train_ldm.py streams with
-        ds = ray.data.read_parquet(part_files(str(tmp / "latents"), m)).select_columns(columns)
-    kept = ds.materialize()
+    # (B) the same step fed by the job's planned epochs (streamed, and from the parts kept after one read), and by
+    # Ray Data's iter_torch_batches from the object store
+    import itertools
 
-    def epoch_of(d):
-        return lambda: d.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256)
+    from pipeline.train.epoch_plan import PlannedBatches, RayDataParts
+    files, rows = part_files(str(tmp / "latents"), m), part_rows(str(tmp / "latents"), m)
+
+    def planned(keep: bool):
+        reader, epochs = RayDataParts(files, rows, columns, keep), itertools.count()
+        plan = PlannedBatches(reader, rows, 1, 0, B, 256, seed=0)
+        return lambda: itertools.islice(plan({"epoch": next(epochs), "batch_in_epoch": 0}), sum(rows) // B)
+
+    with training_stream_context():
+        kept = ray.data.read_parquet(files).select_columns(columns).materialize()
+
+    def ray_data_epoch():
+        return kept.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=256)
 
     # (D2) the worker's step without Ray: the same loss in DeepSpeed ZeRO-2 (one rank, gloo) with the EMA update,
     # so the worker/bare gap splits into DeepSpeed's share and Ray's
     ds_step, ds_close = deepspeed_step(ldm_step_loss=ldm_loss_of, cfg=cfg, B=B)
     in_memory = lambda: iter(mem_batches)  # noqa: E731
-    r = interleaved({"mem": (in_memory, ldm_step), "stream": (epoch_of(ds), ldm_step),
-                     "kept": (epoch_of(kept), ldm_step), "ds": (in_memory, ds_step)})
+    r = interleaved({"mem": (in_memory, ldm_step), "stream": (planned(False), ldm_step),
+                     "kept": (planned(True), ldm_step), "ray_data": (ray_data_epoch, ldm_step),
+                     "ds": (in_memory, ds_step)})
     ds_close()
-    ips_mem, ips_stream, ips_kept, ips_ds = r["mem"], r["stream"], r["kept"], r["ds"]
+    ips_mem, ips_stream, ips_kept, ips_ray, ips_ds = r["mem"], r["stream"], r["kept"], r["ray_data"], r["ds"]
 
     # (E) the Ray Train worker of jobs/train_ldm.py on the same cache (steady samples/s, after 5 steps), with the
     # bare step timed right before and after it
@@ -218,9 +231,14 @@ def main() -> None:
           f"{a.steps} timed steps after {a.warmup} warm-up, fp32, {torch.get_num_threads()} threads")
     print(f"  bare LDM step, in-memory    : {ips_mem:8.1f} samples/s   (median of {a.rounds} interleaved epochs)")
     print(f"  bare LDM step, parquet      : {ips_stream:8.1f} samples/s   "
-          f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x  (--in-memory no: read + decoded every epoch)")
-    print(f"  bare LDM step, object store : {ips_kept:8.1f} samples/s   "
-          f"RATIO stream/in-memory {ips_kept / ips_mem:5.2f}x  (--in-memory auto, the job's default here)")
+          f"RATIO stream/in-memory {ips_stream / ips_mem:5.2f}x  (planned epochs, --in-memory no: parts read + "
+          f"decoded every epoch)")
+    print(f"  bare LDM step, kept parts   : {ips_kept:8.1f} samples/s   "
+          f"RATIO kept/in-memory {ips_kept / ips_mem:5.2f}x  (planned epochs, --in-memory auto, the job's default "
+          f"here)")
+    print(f"  bare LDM step, Ray Data feed: {ips_ray:8.1f} samples/s   "
+          f"RATIO kept/ray-data {ips_kept / ips_ray:5.2f}x  (iter_torch_batches from the object store, the job's "
+          f"feed before the planned epochs)")
     print(f"  DeepSpeed ZeRO-2 + EMA step : {ips_ds:8.1f} samples/s   "
           f"RATIO deepspeed/bare step {ips_ds / ips_mem:5.2f}x  (the worker's step in this process, no Ray)")
     print(f"  Ray Train worker (ZeRO-2)   : {ips_worker:8.1f} samples/s   "

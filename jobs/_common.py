@@ -71,12 +71,22 @@ def add_run_args(p, cls, what: str) -> dict:
                    help="final LR / peak LR for cosine and linear")
     t.add_argument("--ema-decay", type=float, default=dv["ema_decay"],
                    help="EMA decay of the weights, with warm-up (0 = off)")
-    t.add_argument("--shuffle-buffer", type=int, default=dv["shuffle_buffer"],
-                   help=f"local shuffle buffer ({what}) per worker")
-    t.add_argument("--in-memory", choices=["auto", "yes", "no"], default=dv["in_memory"],
-                   help="keep the training data in Ray's object store after the first epoch instead of re-reading "
-                   "and decoding it every epoch (Ray Data materialize); auto: when it fills at most half the object "
-                   "store (the autoencoder job: only with yes, as its decoded size is unknown before reading)")
+    if what == "latents":  # the LDM job's planned epochs (pipeline/train/epoch_plan.py)
+        t.add_argument("--shuffle-buffer", type=int, default=dv["shuffle_buffer"],
+                       help="rows shuffled together: each worker reads its share of the cache's parts in windows "
+                       "of whole parts holding at least this many rows, each window in a seeded random order (a "
+                       "resume re-reads at most one window)")
+        t.add_argument("--in-memory", choices=["auto", "yes", "no"], default=dv["in_memory"],
+                       help="each worker keeps the cache parts it has read in its memory, so later epochs read no "
+                       "file again; auto: when the decoded cache times the workers fills at most a quarter of the "
+                       "cluster's memory")
+    else:
+        t.add_argument("--shuffle-buffer", type=int, default=dv["shuffle_buffer"],
+                       help=f"local shuffle buffer ({what}) per worker")
+        t.add_argument("--in-memory", choices=["auto", "yes", "no"], default=dv["in_memory"],
+                       help="keep the training data in Ray's object store after the first epoch instead of "
+                       "re-reading and decoding it every epoch (Ray Data materialize); only with yes, as the "
+                       "decoded size of the images is unknown before reading")
     t.add_argument("--seed", type=int, default=dv["seed"], help="seed of weights, noise and data order")
     s = p.add_argument_group("distribution (Ray Train)")
     s.add_argument("--num-workers", type=int, default=dv["num_workers"],

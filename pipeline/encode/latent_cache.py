@@ -98,6 +98,26 @@ def part_files(cache_uri: str, manifest: dict | None = None) -> list[str]:
     return [storage.join(cache_uri, f) for _, s in sorted(m["shards"].items()) for f in shard_files(s)]
 
 
+def part_rows(cache_uri: str, manifest: dict | None = None) -> list[int]:
+    """Rows of each part, in part_files order: from the commit records, or (a cache written before they kept
+    them) from the parts' parquet footers."""
+    m = manifest or read_manifest(cache_uri)
+    out = []
+    for _, s in sorted(m["shards"].items()):
+        files = shard_files(s)
+        rows = s.get("part_rows")
+        if rows is None or len(rows) != len(files):
+            rows = [footer_rows(storage.join(cache_uri, f)) for f in files]
+        out += rows
+    return out
+
+
+def footer_rows(uri: str) -> int:
+    fs, path = storage.fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def decoded_bytes(files: list[str], columns: list[str], rows: int) -> int:
     """Arrow bytes of `columns` over `rows` rows, from the first part's footer (uncompressed column sizes), so a
     trainer can tell whether the cache fits in memory without reading it."""
@@ -309,7 +329,7 @@ class ShardLedger:
         for i in range(len(summary["shard"])):
             s = int(summary["shard"][i])
             p = self.pending.setdefault(s, {"got": 0, "total": None, "error": None, "read": 0, "kept": 0,
-                                            "skipped": Counter(), "files": [], "stats": {}})
+                                            "skipped": Counter(), "files": [], "rows": {}, "stats": {}})
             p["got"] += int(summary["got"][i])
             if summary["total"][i] >= 0:
                 p["total"], p["error"] = int(summary["total"][i]), str(summary["error"][i]) or None
@@ -318,6 +338,7 @@ class ShardLedger:
             p["skipped"].update(json.loads(summary["skipped"][i]))
             if summary["file"][i]:
                 p["files"].append(str(summary["file"][i]))
+                p["rows"][str(summary["file"][i])] = int(summary["kept"][i])
             p["stats"] = _add_stats(p["stats"], json.loads(summary["stats"][i]))
             for role, ids in json.loads(summary["nodes"][i]).items():
                 self.nodes[role].update(n for n in ids if n)
@@ -330,7 +351,9 @@ class ShardLedger:
     def commit(self, shard: int, p: dict) -> str:
         uri = self.shard_uris[shard]
         entry = {"read": p["read"], "kept": p["kept"], "skipped": dict(sorted(p["skipped"].items())),
-                 "error": p["error"], "files": sorted(p["files"]), "commit": commit_name(uri), "finished": time.time()}
+                 "error": p["error"], "files": sorted(p["files"]),
+                 "part_rows": [p["rows"][f] for f in sorted(p["files"])], "commit": commit_name(uri),
+                 "finished": time.time()}
         if p["stats"]:
             entry["stats"] = p["stats"]
         storage.write_json_atomic(storage.join(self.output, entry["commit"]), {"uri": uri, "entry": entry})

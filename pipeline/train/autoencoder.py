@@ -61,7 +61,7 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
     res = kit.start_ray(opts, log)
     with training_stream_context():
         ds = training_images(opts.input, PreprocessConfig(resolution=ae.resolution)).select_columns(["image"])
-        ds = kit.keep_in_memory(ds, opts.in_memory, None, "stage1", log)  # decoded size unknown before reading
+        ds = kit.keep_in_memory(ds, opts.in_memory, "stage1", log)
     job = AEJob(opts, ae, cfg.loss, kit.worker_run(plan, res, run_id))
     log(f"[stage1] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), DDP; "
         f"run dir {plan.run_dir}")

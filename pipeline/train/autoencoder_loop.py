@@ -176,9 +176,9 @@ def ae_train_loop(config: dict) -> None:
     progress = Progress(state, o.max_steps)
     logs = {}
     shard = ray.train.get_dataset_shard("train")
-    for batch in batches(shard, state, o.batch_size, o.shuffle_buffer, o.seed, w.rank):
-        if state["step"] >= o.max_steps:
-            break
+    stream = batches(shard, state, o.batch_size, o.shuffle_buffer, o.seed, w.rank)
+    # the data position counts a batch as consumed once it is handed out: stop before asking for one more
+    for batch in stream if state["step"] < o.max_steps else ():
         x = batch["image"].to(w.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         logs, _ = train_step(s, model, x, state["step"], o.lr * lr_at(state["step"]))
         state["step"] += 1
@@ -195,7 +195,9 @@ def ae_train_loop(config: dict) -> None:
             w.tracker.flush()
         if w.rank == 0 and o.sample_every and step % o.sample_every == 0:
             recon_grid(w, s.ae, cfg, x, step)
-        if step < o.max_steps and step % o.checkpoint_every == 0:
+        if step >= o.max_steps:
+            break
+        if step % o.checkpoint_every == 0:
             checkpoint(job, w, s, state, {"step": step, "rec_loss": logs["rec_loss"], "psnr": logs["psnr"]})
     w.tracker.flush()
     checkpoint(job, w, s, state, {"step": state["step"], "images_seen": state["images_seen"],

@@ -100,16 +100,11 @@ def start_ray(opts: RunOptions, log) -> Resources:
     return Resources(mode, cpus, threads)
 
 
-def keep_in_memory(ds, mode: str, est_bytes: int | None, tag: str, log):
-    """The training dataset read once into Ray's object store (Ray Data's materialize, as Ray Train's docs advise
-    for data that fits), so later epochs skip the parquet reads and decoding that otherwise compete with the
-    step for CPUs; `auto` does it when the estimate fills at most half the object store."""
-    import ray
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    if mode == "no" or (mode == "auto" and (est_bytes is None or est_bytes > store / 2)):
-        if mode == "auto" and est_bytes is not None:
-            log(f"[{tag}] streaming the training data every epoch (about {est_bytes / 2 ** 20:.0f} MiB, more than "
-                f"half of the {store / 2 ** 20:.0f} MiB object store)")
+def keep_in_memory(ds, mode: str, tag: str, log):
+    """With --in-memory yes, the training dataset read once into Ray's object store (Ray Data's materialize, as
+    Ray Train's docs advise for data that fits), so later epochs skip the reads and decoding that otherwise compete
+    with the step for CPUs. The stage-1 job's images have no size known before reading, so auto streams."""
+    if mode != "yes":
         return ds
     t0 = time.time()
     ds = ds.materialize()

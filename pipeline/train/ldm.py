@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-import ray.data
+import ray
 
 from ldm.config import ConfigError, config_hash, flatten, format_config, load_config, to_dict
 from ldm.latent_scale import LatentScale
@@ -14,7 +14,7 @@ from pipeline.common import storage
 from pipeline.common.errors import DataError
 from pipeline.common.models import text_encoder_path
 from pipeline.common.tracking import open_or_continue_run, redact, register_version
-from pipeline.encode.latent_cache import decoded_bytes, part_files, read_manifest
+from pipeline.encode.latent_cache import decoded_bytes, part_files, part_rows, read_manifest
 from pipeline.train.options import TrainOptions, load_deepspeed_preset
 
 
@@ -193,9 +193,8 @@ def default_inpaint(files: list[str], n: int = 8) -> list:
 
 
 def run_train(opts: TrainOptions, log=print) -> dict:
-    from pipeline.common.runtime import training_stream_context
     from pipeline.train import kit
-    from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
+    from pipeline.train.ldm_loop import LDMJob, TrainData, train_loop_per_worker
 
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
     manifest = read_manifest(opts.latents)
@@ -224,19 +223,16 @@ def run_train(opts: TrainOptions, log=print) -> dict:
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}")
     run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
-    with training_stream_context():
-        ds = ray.data.read_parquet(files, shuffle=ray.data.FileShuffleConfig(seed=opts.seed))
-        columns = stream_columns(cfg, cached_emb)
-        ds = ds.select_columns(columns)
-        est = decoded_bytes(files, columns, manifest["counts"]["kept"]) if opts.in_memory == "auto" else None
-        ds = kit.keep_in_memory(ds, opts.in_memory, est, "train", log)
+    columns = stream_columns(cfg, cached_emb)
+    data = TrainData(tuple(files), tuple(part_rows(opts.latents, manifest)), tuple(columns),
+                     keep_parts(opts, files, columns, manifest["counts"]["kept"], log))
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
                  prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
-                 opts.text_encoder or text_encoder_path(text_id), text_id)
+                 opts.text_encoder or text_encoder_path(text_id), text_id, data)
     log(f"[train] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
         f"ZeRO-{opts.zero_stage} {precision}, run dir {plan.run_dir}")
     t0 = time.time()
-    result = kit.fit(train_loop_per_worker, job, opts, plan, res, {"train": ds})
+    result = kit.fit(train_loop_per_worker, job, opts, plan, res, {})
     summary = summarize(result, plan, run_id, time.time() - t0)
     if opts.mlflow_uri and run_id:
         summary["model_version"] = register_version(opts.mlflow_uri, run_id, opts.register_model or f"ldm-{cfg.name}",
@@ -244,6 +240,21 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     log(f"[train] done: step {summary['step']}, {summary['images_seen']} images, final loss "
         f"{summary['loss']:.4f}, {summary['seconds']} s; export {summary.get('export')}")
     return summary
+
+
+def keep_parts(opts: TrainOptions, files: list[str], columns: list[str], rows: int, log) -> bool:
+    """--in-memory: whether each worker keeps the parts it has read (later epochs read no file); auto: when the
+    decoded cache times the workers fills at most a quarter of the cluster's memory."""
+    if opts.in_memory != "auto":
+        return opts.in_memory == "yes"
+    est = decoded_bytes(files, columns, rows)
+    memory = ray.cluster_resources().get("memory", 0)
+    keep = est * opts.num_workers <= memory / 4
+    log(f"[train] the cache's columns decode to about {est / 2 ** 20:.0f} MiB: "
+        + ("each worker keeps the parts it reads (--in-memory no streams them every epoch)" if keep else
+           f"streamed every epoch (x{opts.num_workers} workers is more than a quarter of the cluster's "
+           f"{memory / 2 ** 30:.1f} GiB)"))
+    return keep
 
 
 def pyfunc_artifact(opts: TrainOptions, run_id: str, summary: dict, job, log) -> str:
@@ -283,7 +294,9 @@ def summarize(result, plan, run_id: str, seconds: float) -> dict:
     metrics = result.metrics or {}
     summary = {"run_dir": plan.run_dir, "name": plan.name, "mlflow_run_id": run_id, "seconds": round(seconds, 1),
                "checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "samples_per_s": metrics.get("steady_samples_per_s")}
+               "samples_per_s": metrics.get("steady_samples_per_s"),
+               # rank 0's reads: part files read from storage, epochs begun or resumed by this run's workers
+               "parts_read": metrics.get("parts_read"), "epochs_begun": metrics.get("epochs_begun")}
     summary.update({k: metrics.get(k) for k in ("step", "loss", "images_seen", "skipped_steps")})
     if result.checkpoint:
         summary["export"] = storage.join(result.checkpoint.path, "export", "model.safetensors")

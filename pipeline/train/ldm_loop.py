@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 
-import ray.train
 import torch
 import torch.distributed as dist
 
@@ -34,7 +33,7 @@ from ldm.latent_scale import LatentScale
 from ldm.model import LatentDiffusion
 from pipeline.common.errors import CheckpointError, NonFiniteLoss
 from pipeline.train.checkpoints import harden_deepspeed, read_state, safe_load
-from pipeline.train.kit import Progress, Worker, WorkerRun, batches, restore_checkpoint, save_checkpoint
+from pipeline.train.kit import Progress, Worker, WorkerRun, restore_checkpoint, save_checkpoint
 from pipeline.train.options import TrainOptions, load_deepspeed_preset, lr_lambda
 
 
@@ -53,6 +52,22 @@ class LDMJob:
     autoencoder_identity: dict           # the cache's, stored in the export
     text_encoder: str                    # frozen text encoder folder ("" = the offline MiniLM)
     text_encoder_identity: dict
+    data: "TrainData"
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The latent cache as the workers read it (pipeline/train/epoch_plan.py): its parts, their rows, the
+    columns a step needs, and whether a worker keeps the parts it has read."""
+    files: tuple[str, ...]
+    rows: tuple[int, ...]
+    columns: tuple[str, ...]
+    keep: bool
+
+    def batches(self, o: TrainOptions, w: "Worker"):
+        from pipeline.train.epoch_plan import PlannedBatches, RayDataParts
+        return PlannedBatches(RayDataParts(self.files, self.rows, self.columns, self.keep), self.rows, w.world,
+                              w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
 
 
 def import_deepspeed(cpu: bool):
@@ -359,9 +374,9 @@ def train_loop_per_worker(config: dict) -> None:
     make = EMAImages(job, w, t.conditioner)
     evaluate = SampleEval(make) if t.ema is not None and o.eval_every else None
     losses, last_loss = [], float("nan")
-    for batch in batches(ray.train.get_dataset_shard("train"), state, o.batch_size, o.shuffle_buffer, o.seed, w.rank):
-        if state["step"] >= o.max_steps:
-            break
+    data = job.data.batches(o, w)
+    # the data position counts a batch as consumed once it is handed out: stop before asking for one more
+    for batch in data(state) if state["step"] < o.max_steps else ():
         loss, n = ldm_loss(t.engine, batch, job, t.conditioner, t.schedule, t.gen, w.device)
         if not guard.finite(loss):
             continue
@@ -391,10 +406,14 @@ def train_loop_per_worker(config: dict) -> None:
                 w.say(f"WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
         if evaluate is not None and progress.due(o.eval_every):
             evaluate(t.ema, step)
-        if step < o.max_steps and step % o.checkpoint_every == 0:
+        if step >= o.max_steps:
+            break
+        if step % o.checkpoint_every == 0:
             checkpoint(job, w, t, state, metrics(state, last_loss))
     w.tracker.flush()
-    checkpoint(job, w, t, state, {**metrics(state, last_loss), "steady_samples_per_s": progress.steady()}, final=True)
+    w.say(f"data: {data.reader.parts_read} part file(s) read over {data.epochs} epoch(s) begun")
+    checkpoint(job, w, t, state, {**metrics(state, last_loss), "steady_samples_per_s": progress.steady(),
+                                  "parts_read": data.reader.parts_read, "epochs_begun": data.epochs}, final=True)
     w.tracker.flush()
 
 

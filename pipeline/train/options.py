@@ -66,8 +66,8 @@ class RunOptions:
     keep_checkpoints: int = 2
     sample_every: int = 500
     log_every: int = 10
-    shuffle_buffer: int = 1000
-    in_memory: str = "auto"              # auto | yes | no: keep the training data in Ray's object store
+    shuffle_buffer: int = 1000           # LDM: rows per shuffled window of the epoch plan; stage 1: Ray Data's buffer
+    in_memory: str = "auto"              # auto | yes | no: LDM: workers keep the parts read; stage 1: object store
     seed: int = 0
     use_gpu: bool = False
     cpus_per_worker: float = 0.0         # 0 = auto

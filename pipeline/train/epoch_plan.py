@@ -1,0 +1,192 @@
+"""The training rows' order, decided up front, and a data position that seeks instead of re-reading.
+
+An epoch's plan is a pure function of (seed, epoch, world size, batch size, the parts' row counts):
+- the cache's parts in a seeded order, their rows laid end to end and cut into `world` equal ranges of whole
+  batches, one per rank (the few rows past the last whole batch sit out this epoch only);
+- a rank's range is a list of slices (part, first row, end row), grouped into windows of whole slices holding at
+  least `shuffle_rows` rows; each window's rows are shuffled by a permutation seeded by (seed, epoch, rank, window).
+Every rank consumes one batch per micro-step, so the data position, (epoch, batches consumed), is the same on all
+ranks: a restart finds the window it stopped in and reads from there, the same rows in the same order as an
+uninterrupted run, having re-read at most that one window. Ray Data still does the reading (`RayDataParts`); the
+plan only decides what it reads and in what order.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.common.errors import DataError
+
+
+@dataclass(frozen=True)
+class Slice:
+    part: int                            # index into the cache's part files
+    start: int                           # first row of the part this rank reads
+    stop: int                            # one past its last
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def rank_slices(rows: Sequence[int], world: int, rank: int, epoch: int, seed: int, batch_size: int) -> list[Slice]:
+    """The slices of the parts that `rank` reads in `epoch`: its equal share of the seeded part order."""
+    share = sum(rows) // world
+    take = share // batch_size * batch_size
+    if take == 0:
+        raise DataError(f"the cache's {sum(rows)} rows give each of {world} worker(s) {share} rows, less than one "
+                        f"batch of {batch_size}: lower --batch-size or --num-workers, or add data")
+    lo, hi = rank * share, rank * share + take
+    out, at = [], 0
+    for p in np.random.default_rng([seed, epoch]).permutation(len(rows)):
+        a, b = max(lo, at), min(hi, at + rows[p])
+        if a < b:
+            out.append(Slice(int(p), a - at, b - at))
+        at += rows[p]
+        if at >= hi:
+            break
+    return out
+
+
+def windows(slices: list[Slice], shuffle_rows: int) -> list[list[Slice]]:
+    """Consecutive slices grouped until each group holds at least `shuffle_rows` rows (the last may hold fewer)."""
+    out, cur, n = [], [], 0
+    for s in slices:
+        cur.append(s)
+        n += s.rows
+        if n >= shuffle_rows:
+            out.append(cur)
+            cur, n = [], 0
+    return out + ([cur] if cur else [])
+
+
+def window_order(n: int, seed: int, epoch: int, rank: int, index: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, rank, index]).permutation(n)
+
+
+def seek(plan: list[list[Slice]], consumed: int) -> tuple[int, int]:
+    """(window, row in it) of the `consumed`-th row of a rank's epoch."""
+    at = 0
+    for i, win in enumerate(plan):
+        n = sum(s.rows for s in win)
+        if consumed < at + n:
+            return i, consumed - at
+        at += n
+    raise DataError(f"the data position ({consumed} rows into the epoch) is past this epoch's {at} rows: the cache "
+                    f"or --batch-size / --num-workers changed since the checkpoint")
+
+
+def to_tensors(table: pa.Table) -> dict:
+    """A pyarrow batch as the (B, D) / (B,) torch tensors a training step takes (fixed-size lists flattened)."""
+    import torch
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            arr = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        else:
+            arr = col.to_numpy(zero_copy_only=False)
+        out[name] = torch.from_numpy(np.require(arr, requirements=["C", "W"]))
+    return out
+
+
+class RayDataParts:
+    """Whole parts, in the order asked, read by Ray Data (its V1 parquet reader, order preserved, no progress
+    bars), split back into parts by the manifest's row counts; with `keep`, each part read is kept in this process
+    and later epochs read no file again."""
+
+    def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False):
+        self.files, self.rows, self.columns, self.keep = list(files), list(rows), list(columns), keep
+        self.kept: dict[int, pa.Table] = {}
+        self.parts_read = 0              # parts this process read from storage (not from `kept`)
+
+    def __call__(self, parts: list[int]) -> Iterator[pa.Table]:
+        stream = self._read([p for p in parts if p not in self.kept])
+        for p in parts:
+            table = self.kept.get(p)
+            if table is None:
+                table = next(stream)
+                if self.keep:
+                    self.kept[p] = table
+            yield table
+
+    def _read(self, parts: list[int]) -> Iterator[pa.Table]:
+        if not parts:
+            return
+        import ray.data
+        ctx = ray.data.DataContext.get_current()
+        old = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.use_datasource_v2
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.use_datasource_v2 = True, False, False
+        try:  # a Dataset copies the context it is made in
+            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=self.columns)
+        finally:
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.use_datasource_v2 = old
+        k, pending, have = 0, [], 0
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            while len(block):
+                if k == len(parts):
+                    raise DataError(f"the cache's parts hold more rows than its manifest says (past "
+                                    f"{self.files[parts[-1]]}): the cache changed under the run; restart it")
+                want = self.rows[parts[k]] - have
+                pending.append(block.slice(0, want))
+                have += min(want, len(block))
+                block = block.slice(want)
+                if have == self.rows[parts[k]]:
+                    self.parts_read += 1
+                    yield pa.concat_tables(pending)
+                    k, pending, have = k + 1, [], 0
+        if k < len(parts):
+            raise DataError(f"{self.files[parts[k]]} holds fewer rows than the cache's manifest says "
+                            f"({self.rows[parts[k]]}): the cache changed under the run; re-encode it")
+
+
+class PlannedBatches:
+    """A rank's endless batches, epoch after epoch, in the plan's order; `state["epoch"]` and
+    `state["batch_in_epoch"]` are the data position a checkpoint keeps, and a restored one is sought, not
+    replayed. `reader(parts)` yields the whole parts' tables in that order (RayDataParts)."""
+
+    def __init__(self, reader, rows: Sequence[int], world: int, rank: int, batch_size: int, shuffle_rows: int,
+                 seed: int, log=lambda _msg: None):
+        self.reader, self.rows, self.world, self.rank = reader, list(rows), world, rank
+        self.batch_size, self.shuffle_rows, self.seed, self.log = batch_size, max(1, shuffle_rows), seed, log
+        self.epochs = 0                  # epochs begun (or resumed) by this process
+
+    def plan(self, epoch: int) -> list[list[Slice]]:
+        return windows(rank_slices(self.rows, self.world, self.rank, epoch, self.seed, self.batch_size),
+                       self.shuffle_rows)
+
+    def tables(self, state: dict) -> Iterator[pa.Table]:
+        epoch, skip, b = state["epoch"], state["batch_in_epoch"], self.batch_size
+        while True:
+            plan = self.plan(epoch)
+            if skip and skip * b == sum(s.rows for win in plan for s in win):  # stopped at the epoch's end
+                epoch, skip = epoch + 1, 0
+                continue
+            first, offset = seek(plan, skip * b)
+            if skip:
+                parts = len(plan[first])
+                self.log(f"data position: epoch {epoch}, batch {skip}: reading from window {first + 1} of "
+                         f"{len(plan)} (its {parts} part(s), {offset} of its rows already trained on)")
+            state["epoch"], state["batch_in_epoch"] = epoch, skip
+            self.epochs += 1
+            todo = plan[first:]
+            tables = self.reader([s.part for win in todo for s in win])
+            buf = None
+            for i, win in enumerate(todo, start=first):
+                rows = pa.concat_tables([next(tables).slice(s.start, s.rows) for s in win])
+                rows = rows.take(window_order(len(rows), self.seed, epoch, self.rank, i))
+                if i == first and offset:
+                    rows = rows.slice(offset)
+                buf = rows if buf is None else pa.concat_tables([buf, rows])
+                while len(buf) >= b:
+                    batch, buf = buf.slice(0, b), buf.slice(b)
+                    state["batch_in_epoch"] += 1
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+    def __call__(self, state: dict) -> Iterator[dict]:
+        for table in self.tables(state):
+            yield to_tensors(table)

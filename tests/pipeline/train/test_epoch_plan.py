@@ -1,0 +1,107 @@
+"""The planned epoch order: each rank an equal, disjoint share of whole batches, a restart that seeks (the same
+rows in the same order as an uninterrupted run, re-reading one window), and Ray Data reading whole parts back in
+the order asked."""
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.common.errors import DataError
+from pipeline.train.epoch_plan import PlannedBatches, RayDataParts, rank_slices, seek, windows
+
+ROWS = [37, 50, 13, 64, 41, 29, 50, 8]  # uneven parts, as a real cache's are
+
+
+def part_tables(rows=ROWS):
+    """Part p's row i has key p * 1000 + i."""
+    return [pa.table({"key": np.arange(n, dtype=np.int64) + p * 1000,
+                      "latent_mean": pa.FixedSizeListArray.from_arrays(
+                          pa.array(np.arange(n * 4, dtype=np.float16)), 4)}) for p, n in enumerate(rows)]
+
+
+class CountingReader:
+    def __init__(self, tables):
+        self.tables, self.parts_read = tables, 0
+
+    def __call__(self, parts):
+        for p in parts:
+            self.parts_read += 1
+            yield self.tables[p]
+
+
+def keys(batches, n):
+    return [b["key"].tolist() for b in itertools.islice(batches, n)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_an_epoch_gives_every_rank_an_equal_disjoint_share(world):
+    b = 8
+    seen = []
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(world):
+            sl = rank_slices(ROWS, world, rank, epoch, seed=3, batch_size=b)
+            per_rank.append([(s.part, r) for s in sl for r in range(s.start, s.stop)])
+        assert len({len(r) for r in per_rank}) == 1 and len(per_rank[0]) % b == 0
+        every = [x for r in per_rank for x in r]
+        assert len(every) == len(set(every)) > sum(ROWS) - world * b  # disjoint; only a partial batch per rank left
+        seen.append(per_rank)
+    assert seen[0] != seen[1]  # a new order every epoch ...
+    assert rank_slices(ROWS, world, 0, 1, 3, b) == rank_slices(ROWS, world, 0, 1, 3, b)  # ... decided by the seed
+
+
+def test_windows_hold_whole_slices_and_seek_finds_the_row():
+    sl = rank_slices(ROWS, 1, 0, 0, seed=0, batch_size=4)
+    plan = windows(sl, 60)
+    assert [s for w in plan for s in w] == sl
+    assert all(sum(s.rows for s in w) >= 60 for w in plan[:-1])
+    n0 = sum(s.rows for s in plan[0])
+    assert seek(plan, 0) == (0, 0) and seek(plan, n0 + 5) == (1, 5)
+    with pytest.raises(DataError, match="past this epoch"):
+        seek(plan, sum(ROWS) + 1)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_gives_the_same_rows_in_the_same_order_reading_one_window(world):
+    tables = part_tables()
+    for stop in (3, 11, 17, 18):  # mid-window, across an epoch boundary, at it (36 batches of 8 per epoch / world)
+        for rank in range(world):
+            straight = keys(PlannedBatches(CountingReader(tables), ROWS, world, rank, 8, 40, seed=5)(
+                {"epoch": 0, "batch_in_epoch": 0}), 40)
+            state = {"epoch": 0, "batch_in_epoch": 0}
+            first = keys(PlannedBatches(CountingReader(tables), ROWS, world, rank, 8, 40, seed=5)(state), stop)
+            saved = dict(state)  # the position a checkpoint after `stop` batches holds
+            reader = CountingReader(tables)
+            rest = PlannedBatches(reader, ROWS, world, rank, 8, 40, seed=5)(saved)
+            after = keys(rest, 1)
+            assert first + after == straight[:stop + 1]
+            assert reader.parts_read <= 3  # the window it stopped in (>= 40 rows of whole parts), not the epoch
+            assert first + after + keys(rest, 40 - stop - 1) == straight
+    # each of two epochs holds every row at most once, all but a partial batch of them, reshuffled
+    e = keys(PlannedBatches(CountingReader(tables), ROWS, 1, 0, 8, 40, seed=5)({"epoch": 0, "batch_in_epoch": 0}),
+             2 * (sum(ROWS) // 8))
+    half = len(e) // 2
+    a, b = sum(e[:half], []), sum(e[half:], [])
+    assert len(set(a)) == len(a) == len(set(b)) > sum(ROWS) - 8
+    assert len(set(a) & set(b)) > sum(ROWS) - 16 and a != b
+
+
+def test_ray_data_reads_whole_parts_in_the_order_asked(ray_local, tmp_path):
+    tables = part_tables()
+    files = []
+    for p, t in enumerate(tables):
+        files.append(str(tmp_path / f"part-{p}.parquet"))
+        pq.write_table(t, files[-1], row_group_size=16)  # several row groups: blocks do not match parts
+    order = [5, 0, 7, 3, 1]
+    reader = RayDataParts(files, ROWS, ["key", "latent_mean"], keep=True)
+    got = list(reader(order))
+    assert [t["key"].to_pylist() for t in got] == [tables[p]["key"].to_pylist() for p in order]
+    assert reader.parts_read == 5
+    again = list(reader([1, 2, 5]))  # kept parts are not read again
+    assert [t["key"].to_pylist() for t in again] == [tables[p]["key"].to_pylist() for p in (1, 2, 5)]
+    assert reader.parts_read == 6
+    short = RayDataParts(files, [n + 1 if p == 3 else n for p, n in enumerate(ROWS)], ["key"])
+    with pytest.raises(DataError, match="part-3.parquet holds fewer rows"):
+        list(short([3]))
