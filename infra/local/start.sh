@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start the local stack: a Ray head with the job server, an `mlflow server` (sqlite backend + local artifact
-# store) and an S3-compatible server (moto). Writes .local-stack/env to source:
+# Start the local stack: a Ray head with the job server (and, with RAY_WORKER_CPUS, a second Ray node), an
+# `mlflow server` (sqlite backend, artifacts in the S3 bucket) and an S3-compatible server (moto). Writes .local-stack/env to source:
 #   bash infra/local/start.sh && source .local-stack/env
 #   ray job submit --working-dir . -- python jobs/encode_latents.py --input s3://ldm/shards/train ...
 #   bash infra/local/stop.sh
@@ -15,7 +15,8 @@
 # group and carries LDM_STACK_ID, by which stop.sh stops exactly this stack (nothing else on the machine),
 # workers and job drivers included.
 # Ports: RAY_PORT (6379), DASHBOARD_PORT (8265), MLFLOW_PORT (5000), S3_PORT (9000); RAY_CLIENT_PORT (10001);
-# DASHBOARD_AGENT_PORT (52365, the head's dashboard agent, which runs submitted jobs).
+# DASHBOARD_AGENT_PORT (52365, the head's dashboard agent, which runs submitted jobs); WORKER_AGENT_PORT (52366,
+# the second node's agent).
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 # a session (and process group) of its own: every service and every process Ray forks stays in it, so stop.sh
@@ -32,7 +33,7 @@ MLFLOW_PORT="${MLFLOW_PORT:-5000}"; S3_PORT="${S3_PORT:-9000}"; RAY_CLIENT_PORT=
 DASHBOARD_AGENT_PORT="${DASHBOARD_AGENT_PORT:-52365}"
 BUCKET="${BUCKET:-ldm}"
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $*"; else "$@"; fi; }
-mkdir -p "$STACK/logs" "$STACK/mlartifacts"
+mkdir -p "$STACK/logs"
 chmod 700 "$STACK"
 
 # one id for every process of this stack (stop.sh finds them by it); a failed start stops what did start
@@ -61,12 +62,6 @@ echo "[stack] S3-compatible server (moto) on 127.0.0.1:$S3_PORT"
 run bash -c "nohup '$BIN/moto_server' -H 127.0.0.1 -p $S3_PORT > '$STACK/logs/s3.log' 2>&1 &"
 wait_http "http://127.0.0.1:$S3_PORT/" "S3" 30
 
-echo "[stack] mlflow server on 127.0.0.1:$MLFLOW_PORT (sqlite $STACK/mlflow.db, artifacts $STACK/mlartifacts)"
-run bash -c "nohup '$BIN/mlflow' server --backend-store-uri 'sqlite:///$STACK/mlflow.db' \
-  --artifacts-destination '$STACK/mlartifacts' --host 127.0.0.1 --port $MLFLOW_PORT --workers 1 \
-  > '$STACK/logs/mlflow.log' 2>&1 &"
-wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "MLflow" 120
-
 # Ray's token: made once per stack directory, readable by this user only
 if [ ! -s "$STACK/ray_token" ]; then
   (umask 077; "$BIN/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STACK/ray_token")
@@ -91,6 +86,14 @@ ENV
 echo "[stack] bucket s3://$BUCKET"
 run "$BIN/python" -c "import s3fs; fs = s3fs.S3FileSystem(); fs.exists('$BUCKET') or fs.mkdir('$BUCKET')"
 
+# MLflow's artifacts live in the same S3 bucket (the server proxies them: clients only talk to MLflow), so S3 is
+# the stack's only shared storage, as on a real cluster
+echo "[stack] mlflow server on 127.0.0.1:$MLFLOW_PORT (sqlite $STACK/mlflow.db, artifacts s3://$BUCKET/mlartifacts)"
+run bash -c "MLFLOW_S3_ENDPOINT_URL='$AWS_ENDPOINT_URL' nohup '$BIN/mlflow' server \
+  --backend-store-uri 'sqlite:///$STACK/mlflow.db' --artifacts-destination 's3://$BUCKET/mlartifacts' \
+  --host 127.0.0.1 --port $MLFLOW_PORT --workers 1 > '$STACK/logs/mlflow.log' 2>&1 &"
+wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "MLflow" 120
+
 # jobs run `python ...` with the head's PATH: put this project's environment first
 export PATH="$BIN:$PATH"
 echo "[stack] Ray head on 127.0.0.1:$RAY_PORT (token auth), dashboard + job server on 127.0.0.1:$DASHBOARD_PORT"
@@ -108,4 +111,13 @@ wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" "Ray job server" 60
 # busy machine the agent comes up later than the job server ("No available agent to submit job"), so wait for it too
 # (it registers right after its HTTP server starts)
 wait_http "http://127.0.0.1:$DASHBOARD_AGENT_PORT/api/healthz" "Ray dashboard agent (runs submitted jobs)" 120
+# RAY_WORKER_CPUS > 0: a second Ray node on this machine (its own CPUs, the custom resource second_node), joined
+# over 127.0.0.1 like the head (infra/local/join_node.py); a job's work can then be placed on two nodes
+if [ "${RAY_WORKER_CPUS:-0}" != 0 ]; then
+  echo "[stack] second Ray node: $RAY_WORKER_CPUS CPU(s), resource second_node, agent on 127.0.0.1:${WORKER_AGENT_PORT:-52366}"
+  run "$BIN/python" "$ROOT/infra/local/join_node.py" --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 \
+    --num-cpus "$RAY_WORKER_CPUS" --resources '{"second_node": 1}' --temp-dir "$RAY_TMP" \
+    --dashboard-agent-listen-port "${WORKER_AGENT_PORT:-52366}" \
+    --object-store-memory "${RAY_WORKER_OBJECT_STORE_BYTES:-268435456}" --disable-usage-stats
+fi
 echo "[stack] ready. source $STACK/env, then use ray job submit (see README)."

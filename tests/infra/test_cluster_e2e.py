@@ -1,9 +1,13 @@
-"""The cluster path end to end: infra/local/start.sh brings up a Ray head, an `mlflow server` and an S3
-server on 127.0.0.1; `ray job submit` runs make_shards, encode_latents and train_ldm against them (shards,
-cache and checkpoints on S3); the jobs SUCCEED and MLflow holds the metrics, the sample grid and the model."""
+"""The cluster path end to end: infra/local/start.sh brings up a two-node Ray cluster (a head and a second node
+with its own CPUs and the custom resource second_node), an `mlflow server` and an S3 server, all on 127.0.0.1;
+`ray job submit` runs make_shards, encode_latents and train_ldm against them, with S3 the only shared storage
+(shards, cache, checkpoints, MLflow's artifacts); encoders and train workers run on both nodes; the jobs SUCCEED
+and MLflow holds the metrics, the sample grid and the model; killing the second node's raylet mid-train costs
+the steps since the last checkpoint, not the run."""
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -37,9 +41,10 @@ def stack_processes(stack_dir: Path) -> list:
 def stack(tmp_path_factory):
     d = tmp_path_factory.mktemp("stack")
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port(),
-             "S3_PORT": free_port(), "RAY_CLIENT_PORT": free_port(), "DASHBOARD_AGENT_PORT": free_port()}
+             "S3_PORT": free_port(), "RAY_CLIENT_PORT": free_port(), "DASHBOARD_AGENT_PORT": free_port(),
+             "WORKER_AGENT_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "STACK_DIR": str(d), "RAY_NUM_CPUS": "2",
-           "VENV": str(BIN.parent)}
+           "RAY_WORKER_CPUS": "1", "VENV": str(BIN.parent)}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the stack makes and hands out its own token
         env.pop(k, None)
     up = subprocess.run(["bash", str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True, text=True,
@@ -76,7 +81,7 @@ def test_every_port_of_the_stack_is_loopback_only(stack):
     pids = {p.pid for p in stack_processes(stack["dir"])}
     listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
     ours = [ln for ln in listening if any(f"pid={pid}," in ln for pid in pids)]
-    assert len(ours) >= 8, ours  # gcs, raylet x2, agents, client server, dashboard, mlflow, s3 at least
+    assert len(ours) >= 10, ours  # gcs, raylet x2 per node, agents, client server, dashboard, mlflow, s3 at least
     for ln in ours:
         local = ln.split()[3]
         assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), ln
@@ -153,8 +158,11 @@ def test_ray_job_submit_encode_then_train(stack):
     submit(env, "jobs/make_shards.py", "--output", "s3://ldm/shards", "--dataset", "fashion-mnist",
            "--limit-train", "240", "--limit-test", "40", "--shard-size", "80")
     log = submit(env, "jobs/encode_latents.py", "--input", "s3://ldm/shards/train", "--output", "s3://ldm/latents",
-                 "--autoencoder", "random:tiny", "--resolution", "16", "--max-length", "16", "--mlflow-uri", mlf)
+                 "--autoencoder", "random:tiny", "--resolution", "16", "--max-length", "16", "--mlflow-uri", mlf,
+                 "--num-encoders", "3", "--cpus-per-encoder", "0.75", "--batch-size", "32")
     assert "3/3 complete" in log
+    # three encoders of 0.75 CPU do not fit on the head's 2 CPUs: one runs on the second node, and says so
+    assert "encoders on 2" in log, log[-3000:]
     import s3fs
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="testing", secret="testing")
     m = json.loads(fs.cat("ldm/latents/manifest.json"))
@@ -163,8 +171,9 @@ def test_ray_job_submit_encode_then_train(stack):
                  "conditioning.text_encoder=hf", "unet.context_dim=384", "--num-workers", "2", "--zero-stage", "2",
                  "--max-steps", "6", "--batch-size", "8", "--checkpoint-every", "3", "--sample-every", "3",
                  "--sample-steps", "3", "--log-every", "1", "--storage-path", "s3://ldm/runs", "--name", "e2e",
-                 "--mlflow-uri", mlf)
+                 "--mlflow-uri", mlf, "--placement-strategy", "SPREAD", "--cpus-per-worker", "0.5")
     assert "done: step 6" in log
+    assert "ranks on 2 Ray node(s)" in log, log[-3000:]
     client = mlflow.MlflowClient(mlf)
     (run,) = client.search_runs([client.get_experiment_by_name("train_ldm").experiment_id])
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
@@ -176,3 +185,52 @@ def test_ray_job_submit_encode_then_train(stack):
     (enc_run,) = client.search_runs([client.get_experiment_by_name("encode_latents").experiment_id],
                                     "tags.latent_cache = 's3://ldm/latents'")
     assert enc_run.data.metrics["kept"] == 240
+
+
+def second_node_raylet():
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "raylet" and "second_node" in " ".join(p.info["cmdline"] or []):
+            return p
+    return None
+
+
+def test_killing_the_second_nodes_raylet_resumes_from_the_last_checkpoint(stack):
+    """Runs last in this module: the second node is gone afterwards."""
+    env = stack["env"]
+    raylet = second_node_raylet()
+    assert raylet is not None, "the stack's second node has no raylet"
+    if not fs_of(env).exists("ldm/latents/manifest.json"):  # run alone (-k): the cache the test above encodes
+        test_ray_job_submit_encode_then_train(stack)
+    sid = f"e2e-kill-{uuid.uuid4().hex[:8]}"
+    args = ["jobs/train_ldm.py", "--latents", "s3://ldm/latents", "--preset", "tiny", "conditioning.text_encoder=hf",
+            "unet.context_dim=384", "--num-workers", "2", "--zero-stage", "2", "--max-steps", "24", "--batch-size", "8",
+            "--checkpoint-every", "4", "--sample-every", "0", "--log-every", "1", "--storage-path", "s3://ldm/runs",
+            "--name", "killed", "--placement-strategy", "SPREAD", "--cpus-per-worker", "0.5", "--max-failures", "2"]
+    ray_bin = [str(BIN / "ray"), "job"]
+    addr = ["--address", env["RAY_API_SERVER_ADDRESS"]]
+    r = subprocess.run([*ray_bin, "submit", *addr, "--submission-id", sid, "--no-wait", "--working-dir", str(ROOT),
+                        "--", "python", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    t0, logs, killed = time.time(), "", False
+    while time.time() - t0 < 600:
+        logs = subprocess.run([*ray_bin, "logs", *addr, sid], env=env, capture_output=True, text=True,
+                              timeout=120).stdout
+        if not killed and "step 10/24" in logs:
+            assert "ranks on 2 Ray node(s)" in logs, logs[-3000:]
+            raylet.kill()  # the second node's raylet: its train worker, and any Ray Data task there, go with it
+            killed = True
+        status = subprocess.run([*ray_bin, "status", *addr, sid], env=env, capture_output=True, text=True,
+                                timeout=120).stdout
+        if any(w in status for w in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(3)
+    assert killed, logs[-3000:]
+    assert f"Job '{sid}' succeeded" in status, status[-500:] + logs[-4000:]
+    resumed = [int(ln.split("resumed at step ")[1].split()[0]) for ln in logs.splitlines() if "resumed at step " in ln]
+    assert resumed and resumed[0] in (4, 8), logs[-4000:]  # the last checkpoint before the kill (8 may be in flight)
+    assert "ranks on 1 Ray node(s)" in logs and "done: step 24" in logs, logs[-3000:]
+
+
+def fs_of(env):
+    import s3fs
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="testing", secret="testing")
