@@ -89,7 +89,7 @@ run "$BIN/python" -c "import s3fs; fs = s3fs.S3FileSystem(); fs.exists('$BUCKET'
 # MLflow's artifacts live in the same S3 bucket (the server proxies them: clients only talk to MLflow), so S3 is
 # the stack's only shared storage, as on a real cluster
 echo "[stack] mlflow server on 127.0.0.1:$MLFLOW_PORT (sqlite $STACK/mlflow.db, artifacts s3://$BUCKET/mlartifacts)"
-run bash -c "MLFLOW_S3_ENDPOINT_URL='$AWS_ENDPOINT_URL' nohup '$BIN/mlflow' server \
+run bash -c "MLFLOW_S3_ENDPOINT_URL='http://127.0.0.1:$S3_PORT' nohup '$BIN/mlflow' server \
   --backend-store-uri 'sqlite:///$STACK/mlflow.db' --artifacts-destination 's3://$BUCKET/mlartifacts' \
   --host 127.0.0.1 --port $MLFLOW_PORT --workers 1 > '$STACK/logs/mlflow.log' 2>&1 &"
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "MLflow" 120

@@ -111,12 +111,15 @@ def test_deepspeed_config_contiguous_gradients_follow_the_device(tmp_path):
 
 
 def test_local_stack_dry_run_stays_on_loopback(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "STACK_DIR": str(tmp_path)}
+    env = {**os.environ, "DRY_RUN": "1", "STACK_DIR": str(tmp_path), "RAY_WORKER_CPUS": "1"}
+    env.pop("AWS_ENDPOINT_URL", None)  # as on a fresh machine: the stack sets it
     out = subprocess.run(["bash", str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "--node-ip-address 127.0.0.1" in text and "--dashboard-host 127.0.0.1" in text
+    (second,) = [ln for ln in text.splitlines() if "join_node.py" in ln]  # the second node joins over loopback
+    assert "--address 127.0.0.1:" in second and "--node-ip-address 127.0.0.1" in second
     assert "-H 127.0.0.1" in text and "--host 127.0.0.1" in text
     assert "0.0.0.0" not in text
     assert (tmp_path / "env").read_text().count("export ") >= 5
