@@ -128,14 +128,14 @@ def commit_costs(tmp: Path, sizes: list[int], repeats: int) -> dict:
         cache = str(tmp / f"commit{n}")
         ledger = ShardLedger(cache, header())
         entry = {"read": 10000, "kept": 9876, "skipped": {"too_small": 100, "corrupt": 24}, "error": None,
-                 "files": [f"parts/abcdef12-{0:07d}-{j:08x}.parquet" for j in range(10)],
+                 "files": [f"parts/abcdef12-{0:07d}-{j:08x}.parquet" for j in range(10)], "part_rows": [987] * 10,
                  "commit": "commits/x.json", "finished": time.time(),
                  "stats": {"sum": [1.0] * 4, "sumsq": [2.0] * 4, "n": 9876 * 1024}}
         ledger.manifest["shards"] = {f"s3://laion/shards/{i:06d}.tar": dict(entry) for i in range(n)}
         uris = [f"s3://laion/new/{i:06d}.tar" for i in range(repeats)]
         ledger.shard_uris = dict(enumerate(uris))
         p = {"got": 1, "total": 1, "error": None, "read": 10000, "kept": 9876, "skipped": {"too_small": 124},
-             "files": entry["files"], "stats": entry["stats"]}
+             "files": entry["files"], "rows": dict.fromkeys(entry["files"], 987), "stats": entry["stats"]}
         t0 = time.perf_counter()
         for i in range(repeats):
             ledger.commit(i, dict(p))
