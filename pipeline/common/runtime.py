@@ -82,21 +82,23 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512, quiet: boo
 
 
 @contextlib.contextmanager
-def training_stream_context():
+def training_stream_context(preserve_order: bool = False):
     """Datasets created inside stream training data, re-run every epoch:
     - without Ray Data progress bars: they would bury the workers' own step/ETA lines (and cost the driver CPU);
-    - through Ray Data's V1 parquet reader, which reads the footers once, here. The V2 reader starts its
-      FooterReader actors (fresh Python processes) on every execution, i.e. every epoch: measured on a 2-core
-      node, the training worker got 84% of the CPUs with V2 and 94% with V1. V1 re-shuffles the file order per
-      epoch from the same FileShuffleConfig seed."""
+    - through Ray Data's V1 parquet reader. The V2 reader starts its FooterReader actors (fresh Python processes)
+      on every execution, i.e. every epoch: measured on a 2-core node, the training worker got 84% of the CPUs
+      with V2 and 94% with V1;
+    - with `preserve_order`, blocks in the order of the files given (the LDM job's planned epochs).
+    The context is restored on exit; a Dataset keeps the copy it was made with."""
     import ray.data
     ctx = ray.data.DataContext.get_current()
-    old = ctx.enable_progress_bars, ctx.use_datasource_v2
-    ctx.enable_progress_bars, ctx.use_datasource_v2 = False, False  # a Dataset copies the context it is made in
+    old = ctx.enable_progress_bars, ctx.use_datasource_v2, ctx.execution_options.preserve_order
+    ctx.enable_progress_bars, ctx.use_datasource_v2 = False, False
+    ctx.execution_options.preserve_order = preserve_order or old[2]
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.use_datasource_v2 = old
+        ctx.enable_progress_bars, ctx.use_datasource_v2, ctx.execution_options.preserve_order = old
 
 
 def node_id() -> str:

@@ -117,13 +117,10 @@ class RayDataParts:
         if not parts:
             return
         import ray.data
-        ctx = ray.data.DataContext.get_current()
-        old = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.use_datasource_v2
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.use_datasource_v2 = True, False, False
-        try:  # a Dataset copies the context it is made in
+
+        from pipeline.common.runtime import training_stream_context
+        with training_stream_context(preserve_order=True):
             ds = ray.data.read_parquet([self.files[p] for p in parts], columns=self.columns)
-        finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.use_datasource_v2 = old
         k, pending, have = 0, [], 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             while len(block):
