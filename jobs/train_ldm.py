@@ -32,6 +32,11 @@ def parse(argv=None):
                    "its identity must match the cache's")
     d.add_argument("--text-encoder", default=D["text_encoder"],
                    help="frozen text encoder folder (default: the cache's)")
+    d.add_argument("--filter", default=D["filter"],
+                   help="train on the cache's rows that pass, without re-encoding: clauses COLUMN OP NUMBER joined by "
+                   "'and', e.g. 'punsafe < 0.1 and aesthetic >= 5 and orig_side >= 256'; columns: punsafe, "
+                   "pwatermark, aesthetic, similarity (the shards' LAION scores), orig_w, orig_h, orig_side (shorter "
+                   "original side), label; a row without the score fails its clause")
     g = add_run_args(p, TrainOptions, "latents")
     t = g["optimisation"]
     t.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="micro-steps per optimizer step")

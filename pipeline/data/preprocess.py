@@ -60,7 +60,9 @@ SCORE_COLUMNS = {"punsafe": ("punsafe", "PUNSAFE"), "pwatermark": ("pwatermark",
                  "similarity": ("similarity", "SIMILARITY")}
 
 
-def _score(meta: dict, name: str):
+def laion_score(meta: dict, name: str):
+    """A record's LAION score `name` from its metadata under any of its column names: a float, None when absent,
+    NaN when unreadable."""
     v = next((meta[c] for c in SCORE_COLUMNS[name] if meta.get(c) is not None), None)
     if v is None:
         return None  # column absent: no filter
@@ -87,7 +89,7 @@ def check_metadata(caption: str, meta_json: str, cfg: PreprocessConfig) -> str |
             return "bad_metadata"
         if not isinstance(meta, dict):
             return "bad_metadata"
-    scores = {n: _score(meta, n) for n in ("punsafe", "pwatermark", "aesthetic", "similarity")}
+    scores = {n: laion_score(meta, n) for n in SCORE_COLUMNS}
     if any(v is not None and not math.isfinite(v) for v in scores.values()):
         return "bad_metadata"
     if scores["punsafe"] is not None and scores["punsafe"] >= cfg.max_punsafe:

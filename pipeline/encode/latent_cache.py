@@ -4,7 +4,8 @@ A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*
 attention_mask, optionally text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
 masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), label_map (uint8 r*r
 class ids), layout (int16 B*5: boxes [class, top, left, h, w] in pixels of the crop, -1 padded), original size, crop
-offsets, label, meta (JSON).
+offsets, label, the LAION scores (punsafe, pwatermark, aesthetic, similarity: float32, null where a record has
+none; what `--filter` reads at train time), meta (JSON).
 
 Who writes what (format version 2):
 - `parts/<run>-<shard>-<id>.parquet`: a write task's rows of one source shard (a shard spans several parts).
@@ -178,6 +179,18 @@ def labels_of(metas) -> list[int | None]:
     return labels
 
 
+def scores_of(metas) -> dict[str, pa.Array]:
+    """The LAION scores of each record's metadata as float32 columns (null where a record has none), so a trainer
+    can filter on them without re-encoding (`--filter`)."""
+    from pipeline.data.preprocess import SCORE_COLUMNS, laion_score
+    parsed = [json.loads(m) if m else {} for m in metas]
+    out = {}
+    for name in SCORE_COLUMNS:
+        vals = [laion_score(m, name) if isinstance(m, dict) else None for m in parsed]
+        out[name] = pa.array([None if v is None or v != v else v for v in vals], pa.float32())
+    return out
+
+
 def _table(batch: dict, rows: np.ndarray) -> pa.Table:
     """The parquet table of `rows` of an encoder output batch, column by column (no per-row dicts)."""
     col = {k: v[rows] for k, v in batch.items() if k not in ROUTING}
@@ -200,6 +213,7 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
     for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
         cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
     cols["label"] = pa.array(labels_of(col["meta"]), pa.int32())
+    cols.update(scores_of(col["meta"]))
     cols["meta"] = pa.array([str(m or "") for m in col["meta"]])
     return pa.table(cols)
 

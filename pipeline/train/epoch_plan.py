@@ -98,8 +98,11 @@ class RayDataParts:
     bars), split back into parts by the manifest's row counts; with `keep`, each part read is kept in this process
     and later epochs read no file again."""
 
-    def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False):
+    def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False,
+                 row_filter=None, filtered_rows: Sequence[int] | None = None):
         self.files, self.rows, self.columns, self.keep = list(files), list(rows), list(columns), keep
+        # --filter (pipeline/train/row_filter.py): a part's rows that pass, `filtered_rows[p]` of them
+        self.filter, self.filtered_rows = row_filter, list(filtered_rows) if filtered_rows is not None else None
         self.kept: dict[int, pa.Table] = {}
         self.parts_read = 0              # parts this process read from storage (not from `kept`)
 
@@ -108,10 +111,20 @@ class RayDataParts:
         for p in parts:
             table = self.kept.get(p)
             if table is None:
-                table = next(stream)
+                table = self._filtered(p, next(stream))
                 if self.keep:
                     self.kept[p] = table
             yield table
+
+    def _filtered(self, p: int, table: pa.Table) -> pa.Table:
+        if not self.filter:
+            return table
+        table = table.filter(pa.array(self.filter.mask(table))).select(self.columns)
+        if len(table) != self.filtered_rows[p]:
+            raise DataError(f"--filter {self.filter} keeps {len(table)} rows of {self.files[p]}, not the "
+                            f"{self.filtered_rows[p]} counted before the run: the cache changed under the run; "
+                            f"restart it")
+        return table
 
     def _read(self, parts: list[int]) -> Iterator[pa.Table]:
         if not parts:
@@ -119,8 +132,9 @@ class RayDataParts:
         import ray.data
 
         from pipeline.common.runtime import training_stream_context
+        columns = self.columns + [c for c in (self.filter.columns if self.filter else []) if c not in self.columns]
         with training_stream_context(preserve_order=True):
-            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=self.columns)
+            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=columns)
         k, pending, have = 0, [], 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             while len(block):

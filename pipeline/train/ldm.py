@@ -4,7 +4,7 @@ exported model."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import ray
 
@@ -97,13 +97,16 @@ def check_labels(labels: dict | None, num_classes: int, cache: str) -> None:
             f"the labels")
 
 
-def check_launch(opts: TrainOptions, manifest: dict) -> None:
-    """What the manifest already tells before any worker starts: a batch no worker can fill, a first stage for
-    the sample grids that is not the one the cache was encoded with."""
-    rows, world = manifest["counts"]["kept"], opts.num_workers
+def check_launch(opts: TrainOptions, manifest: dict, rows: int | None = None) -> None:
+    """What the manifest already tells before any worker starts: a batch no worker can fill (of the cache's rows,
+    or of the `rows` that --filter keeps), a first stage for the sample grids that is not the one the cache was
+    encoded with."""
+    rows, world = manifest["counts"]["kept"] if rows is None else rows, opts.num_workers
     if rows // world < opts.batch_size:
-        raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of the cache ({rows} rows / "
-                        f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data")
+        what = f"the rows --filter '{opts.filter}' keeps" if opts.filter else "the cache"
+        raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of {what} ({rows} rows / "
+                        f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data"
+                        + (" or loosen the filter" if opts.filter else ""))
     if opts.eval_every:
         if not opts.eval_input:
             raise DataError("--eval-every needs --eval-input: held-out shards whose images and conditioning the "
@@ -194,7 +197,7 @@ def default_inpaint(files: list[str], n: int = 8) -> list:
 
 def run_train(opts: TrainOptions, log=print) -> dict:
     from pipeline.train import kit
-    from pipeline.train.ldm_loop import LDMJob, TrainData, train_loop_per_worker
+    from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
 
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
     manifest = read_manifest(opts.latents)
@@ -213,7 +216,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
-    check_launch(opts, manifest)
+    data = train_data(opts, cfg, manifest, files, cached_emb, log)
+    check_launch(opts, manifest, sum(data.filtered_rows) if data.filter else None)
 
     log("[train] config:\n" + format_config(cfg))
     log("[train] options: " + ", ".join(f"{k}={redact(str(v))}" for k, v in asdict(opts).items()
@@ -223,9 +227,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}")
     run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
-    columns = stream_columns(cfg, cached_emb)
-    data = TrainData(tuple(files), tuple(part_rows(opts.latents, manifest)), tuple(columns),
-                     keep_parts(opts, files, columns, manifest["counts"]["kept"], log))
+    data = replace(data, keep=keep_parts(opts, data.files, list(data.columns),
+                                         sum(data.filtered_rows or data.rows), log))
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
                  prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
                  opts.text_encoder or text_encoder_path(text_id), text_id, data)
@@ -240,6 +243,27 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     log(f"[train] done: step {summary['step']}, {summary['images_seen']} images, final loss "
         f"{summary['loss']:.4f}, {summary['seconds']} s; export {summary.get('export')}")
     return summary
+
+
+def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached_emb: bool, log):
+    """What the workers read: the parts, their rows, the columns a step needs; with --filter, the rows of each part
+    it keeps, counted here (parts it empties are left out) and logged clause by clause."""
+    from pipeline.train.ldm_loop import TrainData
+    from pipeline.train.row_filter import RowFilter, count_kept
+    rows = part_rows(opts.latents, manifest)
+    columns = tuple(stream_columns(cfg, cached_emb))
+    flt = RowFilter.parse(opts.filter)
+    if not flt:
+        return TrainData(tuple(files), tuple(rows), columns, False)
+    kept, removed = count_kept(flt, files, log)
+    total = sum(rows)
+    log(f"[train] --filter {flt}: keeps {sum(kept)} of {total} rows ({sum(kept) / max(1, total):.1%}); removed "
+        f"by each clause (a null fails): " + ", ".join(f"{c}: {n}" for c, n in removed.items()))
+    if not sum(kept):
+        raise DataError(f"--filter {flt} keeps no row of the cache {opts.latents}: loosen it")
+    on = [i for i, k in enumerate(kept) if k]
+    return TrainData(tuple(files[i] for i in on), tuple(rows[i] for i in on), columns, False, str(flt),
+                     tuple(kept[i] for i in on))
 
 
 def keep_parts(opts: TrainOptions, files: list[str], columns: list[str], rows: int, log) -> bool:

@@ -58,16 +58,22 @@ class LDMJob:
 @dataclass(frozen=True)
 class TrainData:
     """The latent cache as the workers read it (pipeline/train/epoch_plan.py): its parts, their rows, the
-    columns a step needs, and whether a worker keeps the parts it has read."""
+    columns a step needs, whether a worker keeps the parts it has read, and --filter with the rows of each part
+    it keeps (counted by the driver)."""
     files: tuple[str, ...]
     rows: tuple[int, ...]
     columns: tuple[str, ...]
     keep: bool
+    filter: str = ""
+    filtered_rows: tuple[int, ...] = ()
 
     def batches(self, o: TrainOptions, w: "Worker"):
         from pipeline.train.epoch_plan import PlannedBatches, RayDataParts
-        return PlannedBatches(RayDataParts(self.files, self.rows, self.columns, self.keep), self.rows, w.world,
-                              w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
+        from pipeline.train.row_filter import RowFilter
+        flt = RowFilter.parse(self.filter)
+        rows = self.filtered_rows if flt else self.rows
+        reader = RayDataParts(self.files, self.rows, self.columns, self.keep, flt, self.filtered_rows)
+        return PlannedBatches(reader, rows, w.world, w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
 
 
 def import_deepspeed(cpu: bool):

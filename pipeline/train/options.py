@@ -106,6 +106,7 @@ class TrainOptions(RunOptions):
     autoencoder: str = ""                # for sample grids; default: the cache's autoencoder source
     text_encoder: str = ""               # frozen encoder folder; default: the cache's
     nan_tolerance: int = 5
+    filter: str = ""                     # train-time row filter on the cache's LAION columns (row_filter.py)
     experiment: str = "train_ldm"
     register_model: str = ""             # registered model name ("" = ldm-<preset>)
 

@@ -18,6 +18,7 @@ import torch
 
 from ldm.checkpoint import load_components
 from ldm.config import ConfigError
+from pipeline.common.errors import DataError
 from pipeline.encode.latent_cache import part_files, read_manifest
 from pipeline.train.options import TrainOptions
 from pipeline.train.ldm import CacheConfigMismatch, run_train
@@ -87,6 +88,23 @@ def test_loss_falls_on_a_fixed_cache(tiny_cache, tmp_path):
     loss = metric_history(uri, s["mlflow_run_id"], "loss")
     assert len(loss) == 150
     assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:5]), (loss[:5], loss[-10:])
+
+
+def test_filter_trains_on_the_rows_it_keeps(tiny_cache, tmp_path):
+    """--filter on the cache's LAION columns: the driver counts the rows it keeps and the epoch plan is theirs."""
+    cols = pq.read_table(part_files(tiny_cache), columns=["punsafe", "aesthetic"]).to_pandas()
+    want = int(((cols.punsafe < 0.05) & (cols.aesthetic >= 5)).sum())
+    assert 16 <= want < 200, want
+    lines = []
+    s = run_train(topts(tiny_cache, tmp_path, num_workers=1, zero_stage=0, max_steps=12, sample_every=0,
+                        checkpoint_every=100, name="filtered", filter="punsafe<0.05 and aesthetic>=5"),
+                  log=lines.append)
+    assert any(f"keeps {want} of 320 rows" in x for x in lines), lines
+    assert s["step"] == 12 and s["epochs_begun"] == -(-12 // (want // 8))  # an epoch is the kept rows' batches
+    with pytest.raises(DataError, match="keeps no row"):
+        run_train(topts(tiny_cache, tmp_path, filter="aesthetic > 100"))
+    with pytest.raises(DataError, match=r"share of the rows --filter 'punsafe<0.05 and aesthetic>=5' keeps"):
+        run_train(topts(tiny_cache, tmp_path, batch_size=want, filter="punsafe<0.05 and aesthetic>=5"))
 
 
 def test_compiled_unet_trains_under_deepspeed_and_exports_plain_weights(tiny_cache, tmp_path):
@@ -298,7 +316,6 @@ def test_bad_configs_fail_in_the_driver_within_seconds(tiny_cache, tmp_path, ove
 
 
 def test_launch_checks_from_the_manifest(tiny_cache, tmp_path):
-    from pipeline.common.errors import DataError
     t0 = time.time()
     with pytest.raises(DataError, match=r"--batch-size 200 is larger than a worker's share of the cache \(320 rows"):
         run_train(topts(tiny_cache, tmp_path, batch_size=200))
