@@ -88,6 +88,12 @@ def parse(argv=None):
                          "conditioning.max_boxes). Records without a layout, with a malformed one or with more than N "
                          "boxes left in the crop are skipped and counted (missing_layout, bad_layout, too_many_boxes). "
                          "0 = none")
+    pp.add_argument("--flip-latents", action="store_true",
+                    help="also cache the latent of each image mirrored left-right (columns latent_flip_mean / "
+                         "latent_flip_std; one more encoder pass per image), so training can flip per sample "
+                         "(jobs/train_ldm.py --flip-prob): a cached latent otherwise fixes the image's orientation, "
+                         "and mirroring the latent itself is not the mirrored image's latent (the summary prints by "
+                         "how much)")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
                            min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
                            lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants,
-                           label_maps=a.label_maps, layout_boxes=a.layout_boxes)
+                           label_maps=a.label_maps, layout_boxes=a.layout_boxes, flip_latents=a.flip_latents)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

@@ -37,6 +37,11 @@ def parse(argv=None):
                    "'and', e.g. 'punsafe < 0.1 and aesthetic >= 5 and orig_side >= 256'; columns: punsafe, "
                    "pwatermark, aesthetic, similarity (the shards' LAION scores), orig_w, orig_h, orig_side (shorter "
                    "original side), label; a row without the score fails its clause")
+    d.add_argument("--flip-prob", type=float, default=D["flip_prob"],
+                   help="train on each sample mirrored left-right with this probability, the caption left as is: the "
+                   "latent of the mirrored image comes from the cache (encode with --flip-latents); -1 = auto: 0.5 "
+                   "when the cache has flipped latents and the model's condition is not spatial (a label map, boxes, "
+                   "a low-res or masked image would need mirroring too), else 0")
     g = add_run_args(p, TrainOptions, "latents")
     t = g["optimisation"]
     t.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="micro-steps per optimizer step")

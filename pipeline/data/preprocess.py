@@ -44,6 +44,7 @@ class PreprocessConfig:
     label_maps: bool = False             # also keep each record's per-pixel class map, resized and cropped as its image
     layout_boxes: int = 0                # also keep up to this many of the metadata's layout boxes, moved with the
     #                                      resize and crop (layout-to-image); 0 = none
+    flip_latents: bool = False           # the encoder also keeps the latent of the image mirrored left-right
 
     @property
     def effective_min_size(self) -> int:

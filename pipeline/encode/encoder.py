@@ -27,7 +27,7 @@ class LatentEncoder:
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
                  store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = "",
                  precision: str = "auto", compile: str = "auto", channels_last: bool = False,
-                 cudnn_benchmark: bool = True):
+                 cudnn_benchmark: bool = True, flip: bool = False):
         from pipeline.common.models import load_autoencoder
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -49,6 +49,7 @@ class LatentEncoder:
         on = compile == "on" or (compile == "auto" and self.device == "cuda")
         self.encode = torch.compile(self._encode) if on else self._encode
         self.resolution = resolution
+        self.flip = flip  # also encode each image mirrored left-right (--flip-latents)
         self.text = None
         self.tokenizer = None
         self.store_text_embeddings = store_text_embeddings
@@ -72,6 +73,8 @@ class LatentEncoder:
             mean, std = m.float().flatten(1).cpu().numpy(), s.float().flatten(1).cpu().numpy()
             if "masks" in batch:
                 out.update(self.encode_masked(px, batch["masks"][good], good, m.shape[1:]))
+            if self.flip:
+                out.update(self.encode_flipped(px, m, good))
         elif "masks" in batch:  # no good row: the columns still exist (as latent_mean's below)
             out.update(inpaint_latent=np.zeros((n, 1), np.float16), inpaint_mask=np.zeros((n, 1), np.uint8))
         d = mean.shape[1] if mean is not None else 1
@@ -87,6 +90,19 @@ class LatentEncoder:
             out["attention_mask"] = mask.numpy().astype(np.int8)
             if self.store_text_embeddings:
                 out["text_emb"] = self.embed(ids, mask).reshape(n, -1).astype(np.float16)
+        return out
+
+    def encode_flipped(self, px: torch.Tensor, mean: torch.Tensor, good: np.ndarray) -> dict:
+        """The posterior of each image mirrored left-right (fp16, flat C*h*w), so a trainer can flip per sample:
+        the autoencoder is not flip-equivariant, so mirroring the cached latent would not be the same image. Also
+        each row's squared gap between the two (flip_sq, summed over the latent; the cache reports it)."""
+        n, d = len(good), mean[0].numel()
+        m, s = self.encode(torch.flip(px, dims=[2]))  # NHWC: width is dim 2
+        out = {"latent_flip_mean": np.zeros((n, d), np.float16), "latent_flip_std": np.zeros((n, d), np.float16),
+               "flip_sq": np.zeros(n, np.float64)}
+        out["latent_flip_mean"][good] = m.float().flatten(1).cpu().numpy().astype(np.float16)
+        out["latent_flip_std"][good] = s.float().flatten(1).cpu().numpy().astype(np.float16)
+        out["flip_sq"][good] = (torch.flip(mean.float(), dims=[-1]) - m.float()).pow(2).flatten(1).sum(1).double().cpu()
         return out
 
     def encode_masked(self, px: torch.Tensor, masks: np.ndarray, good: np.ndarray, latent: tuple) -> dict:

@@ -137,7 +137,8 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log):
                                    text_encoder=opts.text_encoder, max_length=opts.max_length,
                                    store_text_embeddings=opts.store_text_embeddings,
                                    resolution=opts.preprocess.resolution, threads=max(1, int(opts.cpus_per_encoder)),
-                                   tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile))
+                                   tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile,
+                                   flip=opts.preprocess.flip_latents))
 
 
 def write_stage(ds, opts: EncodeOptions, channels: int, run: str):
@@ -175,6 +176,9 @@ def format_summary(s: dict) -> str:
     lines += [f"   {k:<20}{v}" for k, v in s["skipped"].items()]
     if "scale_factor" in s:
         lines.append(f" latent std    {s['latent_std']}  (scale_factor {s['scale_factor']})")
+    if "flip_gap" in s:
+        lines.append(f" flipped       latents of the mirrored images kept; mirroring a latent instead would be off by "
+                     f"{s['flip_gap']:.1%} of the latent std (RMS)")
     if s.get("labels"):
         named = {k: v for k, v in s["labels"].items() if k != "none"}
         lines.append(f" class labels  {len(named)} distinct on {sum(named.values())} rows"
@@ -199,8 +203,9 @@ def log_to_mlflow(opts: EncodeOptions, summary: dict, manifest: dict) -> None:
     metrics = {"read": summary["read"], "kept": summary["kept"], "skipped": summary["skipped_total"],
                "images_per_s": summary["images_per_s"], "shards_failed": len(summary["shards_failed"])}
     metrics.update({f"skipped.{k}": v for k, v in summary["skipped"].items()})
-    if "latent_std" in summary:
-        metrics["latent_std"] = summary["latent_std"]
+    for key in ("latent_std", "flip_gap"):
+        if key in summary:
+            metrics[key] = summary[key]
     with mlflow_run(opts.mlflow_uri, opts.experiment, run_name=f"encode {opts.output.rsplit('/', 1)[-1]}") as run:
         import mlflow
         mlflow.log_params(params)

@@ -1,7 +1,8 @@
 """The latent cache: parquet parts written by Ray workers, one commit record per finished shard, a manifest.
 
 A row: key, caption, latent_mean / latent_std (fp16, the posterior, flattened C*h*w), input_ids /
-attention_mask, optionally text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
+attention_mask, optionally latent_flip_mean / latent_flip_std (the posterior of the image mirrored left-right,
+--flip-latents), text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
 masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), label_map (uint8 r*r
 class ids), layout (int16 B*5: boxes [class, top, left, h, w] in pixels of the crop, -1 padded), original size, crop
 offsets, label, the LAION scores (punsafe, pwatermark, aesthetic, similarity: float32, null where a record has
@@ -38,11 +39,11 @@ from pipeline.common.runtime import node_id
 MANIFEST = "manifest.json"
 VERSION = 2
 # the encoder's bookkeeping columns: routed by the driver's ledger, never stored in a part
-ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node")
+ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node", "flip_sq")
 
 
 # preprocess settings that add columns to every part (super-resolution's low-res copies, inpainting's variants)
-CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes")
+CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes", "flip_latents")
 
 
 class CacheMismatch(ValueError):
@@ -141,6 +142,7 @@ def totals(manifest: dict) -> dict:
     skipped: Counter = Counter()
     s = q = None
     n = 0
+    flip_sq = None
     labels: Counter | None = Counter()
     for sh in manifest["shards"].values():
         read += sh["read"]
@@ -150,6 +152,8 @@ def totals(manifest: dict) -> dict:
             ss, qq = np.array(sh["stats"]["sum"]), np.array(sh["stats"]["sumsq"])
             s, q = (ss, qq) if s is None else (s + ss, q + qq)
             n += sh["stats"]["n"]
+            if "flip_sq" in sh["stats"]:
+                flip_sq = (flip_sq or 0.0) + sh["stats"]["flip_sq"]
             if labels is not None and "labels" in sh["stats"]:
                 labels.update(sh["stats"]["labels"])
             else:  # a shard encoded before label counts were kept: the cache's labels are unknown
@@ -164,6 +168,8 @@ def totals(manifest: dict) -> dict:
         overall_std = float(np.sqrt(q.sum() / n / len(s) - (s.sum() / n / len(s)) ** 2))
         out.update(latent_channel_mean=mean.round(6).tolist(), latent_channel_std=np.sqrt(var).round(6).tolist(),
                    latent_std=round(overall_std, 6), scale_factor=round(1.0 / overall_std, 6))
+        if flip_sq is not None:  # RMS of flip(z(x)) - z(flip(x)) over the latent's elements, in latent stds
+            out["flip_gap"] = round(float(np.sqrt(flip_sq / (n * len(s)))) / overall_std, 6)
     return out
 
 
@@ -199,6 +205,9 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
     if "input_ids" in col:
         cols["input_ids"] = _fsl(col["input_ids"], pa.int32())
         cols["attention_mask"] = _fsl(col["attention_mask"], pa.int8())
+    if "latent_flip_mean" in col:  # the posterior of the image mirrored left-right (--flip-latents)
+        cols["latent_flip_mean"] = _fsl(col["latent_flip_mean"], pa.float16())
+        cols["latent_flip_std"] = _fsl(col["latent_flip_std"], pa.float16())
     if "text_emb" in col:
         cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
     if "lowres" in col and len(col["lowres"]):  # the super-resolution condition: uint8 (r/k)x(r/k)x3 per row
@@ -247,6 +256,8 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
                      "n": int(mean.shape[0] * mean.shape[2]),
                      # rows per class label ("none": no label), so a class-conditional run is checked up front
                      "labels": dict(Counter("none" if x is None else str(x) for x in table["label"].to_pylist()))}
+            if "flip_sq" in batch:  # how far mirroring a latent is from the mirrored image's latent
+                stats["flip_sq"] = float(np.asarray(batch["flip_sq"], np.float64)[good].sum())
         out["shard"].append(int(s))
         out["got"].append(len(idx))
         out["total"].append(int(batch["shard_total"][marker[0]]) if len(marker) else -1)
@@ -271,6 +282,8 @@ def _add_stats(a: dict, b: dict) -> dict:
            "n": a["n"] + b["n"]}
     if "labels" in a or "labels" in b:
         out["labels"] = dict(Counter(a.get("labels", {})) + Counter(b.get("labels", {})))
+    if "flip_sq" in a or "flip_sq" in b:
+        out["flip_sq"] = a.get("flip_sq", 0.0) + b.get("flip_sq", 0.0)
     return out
 
 

@@ -216,6 +216,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
     precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
+    opts = replace(opts, flip_prob=flip_prob(opts, cfg, manifest, log))
     data = train_data(opts, cfg, manifest, files, cached_emb, log)
     check_launch(opts, manifest, sum(data.filtered_rows) if data.filter else None)
 
@@ -224,7 +225,9 @@ def run_train(opts: TrainOptions, log=print) -> dict:
                                         if v not in ("", (), None)))
     log(f"[train] cache {opts.latents}: {manifest['counts']['kept']} rows in {len(files)} parts, latent "
         f"{manifest['latent_shape']}, scale {scale.scale:.5f}, shift {scale.shift:.5f}; conditioning "
-        f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}")
+        f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}"
+        + (f"; each sample mirrored with probability {opts.flip_prob:g} (cached flipped latents)"
+           if opts.flip_prob > 0 else ""))
     run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
     data = replace(data, keep=keep_parts(opts, data.files, list(data.columns),
@@ -245,13 +248,40 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     return summary
 
 
+SPATIAL = ("lowres", "inpaint", "semantic", "layout")  # conditions laid out on the image: a flip would move them
+
+
+def flip_prob(opts: TrainOptions, cfg, manifest: dict, log) -> float:
+    """--flip-prob resolved against the cache: auto (-1) is 0.5 where the cache has flipped latents and the condition
+    is not spatial, else 0; an explicit probability the cache or the condition cannot honour is refused."""
+    have = bool(manifest.get("preprocess", {}).get("flip_latents"))
+    kind, p = cfg.conditioning.kind, opts.flip_prob
+    if p < 0:
+        p = 0.5 if have and kind not in SPATIAL else 0.0
+        if have and kind in SPATIAL:
+            log(f"[train] the cache has flipped latents, but conditioning.kind={kind} is laid out on the image: "
+                f"no flips (--flip-prob auto)")
+        return p
+    if p > 1:
+        raise ValueError(f"--flip-prob {p} is a probability: 0..1 (or -1 for auto)")
+    if p > 0 and not have:
+        raise CacheConfigMismatch(f"--flip-prob {p} needs the latents of the mirrored images, but the cache "
+                                  f"{opts.latents} was encoded without them: re-encode into a new --output with "
+                                  f"--flip-latents (or --flip-prob 0)")
+    if p > 0 and kind in SPATIAL:
+        raise CacheConfigMismatch(f"--flip-prob {p}: conditioning.kind={kind} is laid out on the image and its "
+                                  f"condition is not mirrored with it; use --flip-prob 0")
+    return p
+
+
 def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached_emb: bool, log):
     """What the workers read: the parts, their rows, the columns a step needs; with --filter, the rows of each part
     it keeps, counted here (parts it empties are left out) and logged clause by clause."""
     from pipeline.train.ldm_loop import TrainData
     from pipeline.train.row_filter import RowFilter, count_kept
     rows = part_rows(opts.latents, manifest)
-    columns = tuple(stream_columns(cfg, cached_emb))
+    columns = tuple(stream_columns(cfg, cached_emb)) + (("latent_flip_mean", "latent_flip_std") if opts.flip_prob > 0
+                                                        else ())
     flt = RowFilter.parse(opts.filter)
     if not flt:
         return TrainData(tuple(files), tuple(rows), columns, False)

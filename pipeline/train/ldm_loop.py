@@ -288,12 +288,23 @@ class NanGuard:
                                 f"lower the learning rate or check the latent cache for NaN/Inf, then --resume")
 
 
+def flipped_posterior(batch: dict, p: float, gen, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' cached posterior (mean, std), each row mirrored left-right with probability p: the latent the
+    encoder made of the mirrored image (--flip-latents), the caption left as is."""
+    mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    if p <= 0:
+        return mean, std
+    flip = (torch.rand(mean.shape[0], generator=gen, device=device) < p)[:, None]
+    return (torch.where(flip, batch["latent_flip_mean"].to(device), mean),
+            torch.where(flip, batch["latent_flip_std"].to(device), std))
+
+
 def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedule: Schedule, gen, device):
     """L_LDM (eq. 2) on z ~ q(z|x) drawn from the cached posterior and rescaled to unit variance (§4.3.2), with
     the condition dropped for classifier-free guidance training."""
     shape = job.latent_shape
-    posterior = DiagonalGaussian(mean=batch["latent_mean"].to(device).float().view(-1, *shape),
-                                 std=batch["latent_std"].to(device).float().view(-1, *shape))
+    mean, std = flipped_posterior(batch, job.opts.flip_prob, gen, device)
+    posterior = DiagonalGaussian(mean=mean.float().view(-1, *shape), std=std.float().view(-1, *shape))
     z0 = job.latent_scale.to_diffusion(posterior.sample(gen))
     drop = drop_mask(z0.shape[0], job.cfg.conditioning.cond_drop_prob, gen, device)
     return diffusion_loss(engine, z0, job.cfg.diffusion, schedule, generator=gen,

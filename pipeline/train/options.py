@@ -107,6 +107,7 @@ class TrainOptions(RunOptions):
     text_encoder: str = ""               # frozen encoder folder; default: the cache's
     nan_tolerance: int = 5
     filter: str = ""                     # train-time row filter on the cache's LAION columns (row_filter.py)
+    flip_prob: float = -1.0              # per-sample left-right flip from the cached flipped latents; -1 = auto
     experiment: str = "train_ldm"
     register_model: str = ""             # registered model name ("" = ldm-<preset>)
 

@@ -72,6 +72,47 @@ def test_encode_real_shards_and_decode_back(ray_local, fmnist_shards, tiny_ae_ck
     assert s2["encoded_this_run"] == 0 and read_cache(out)[2] == keys
 
 
+def test_flipped_latents_are_the_mirrored_images(ray_local, fmnist_shards, tiny_ae_ckpt, tmp_path):
+    """--flip-latents: each row also holds the posterior of its image mirrored left-right, which decodes to the
+    mirrored image; the summary reports how far mirroring the latent itself would be from it."""
+    out = tmp_path / "flipped"
+    pre = PreprocessConfig(resolution=16, flip_latents=True)
+    s = run_encode(opts(fmnist_shards["webdataset"], out, tiny_ae_ckpt, preprocess=pre, max_shards=1))
+    m, tables, _ = read_cache(out)
+    assert m["preprocess"]["flip_latents"] and 0 < s["flip_gap"] == m["totals"]["flip_gap"]
+    t = tables[0]
+    assert t["latent_flip_mean"].type == t["latent_mean"].type
+    shards = discover_shards(fmnist_shards["webdataset"])
+    originals = {r["key"]: r for sh in shards.shards for r in read_shard({"uri": sh, "shard": 0}, shards.layout)}
+    rows = t.slice(0, 16).to_pylist()
+    x = torch.stack([torch.from_numpy(resize_crop(decode_image(originals[r["key"]]["image"], pre)[0], pre, r["key"])[0])
+                     .permute(2, 0, 1).float() / 127.5 - 1 for r in rows])
+    ae = load_autoencoder(tiny_ae_ckpt).model
+    with torch.no_grad():
+        flipped = ae.decode(torch.tensor(np.array([r["latent_flip_mean"] for r in rows], np.float32)).view(-1, 4, 8, 8))
+    to_mirrored, to_original = psnr(flipped, x.flip(-1)).mean(), psnr(flipped, x).mean()
+    assert to_mirrored > 18 and to_mirrored > to_original, (to_mirrored, to_original)
+    mirrored = torch.tensor(np.array([r["latent_mean"] for r in rows], np.float32)).view(-1, 4, 8, 8).flip(-1)
+    stored = torch.tensor(np.array([r["latent_flip_mean"] for r in rows], np.float32)).view(-1, 4, 8, 8)
+    gap = (mirrored - stored).pow(2).mean().sqrt() / m["totals"]["latent_std"]
+    assert abs(gap - s["flip_gap"]) < 0.1 * s["flip_gap"], (gap, s["flip_gap"])  # fp16 rows vs the encoder's fp32
+    with pytest.raises(CacheMismatch, match="flip_latents=True but this run has flip_latents=False"):
+        run_encode(opts(fmnist_shards["webdataset"], out, tiny_ae_ckpt))
+    # training flips half the samples by default (auto) from this cache, and refuses flips from a cache without them
+    from pipeline.train.ldm import CacheConfigMismatch, run_train
+    from pipeline.train.options import TrainOptions
+    lines = []
+    train = dict(preset="tiny", overrides=("conditioning.text_encoder=hf", "unet.context_dim=384",
+                                           "conditioning.max_length=16"), num_workers=1, zero_stage=0, max_steps=3,
+                 batch_size=8, checkpoint_every=10, sample_every=0, storage_path=str(tmp_path / "runs"))
+    r = run_train(TrainOptions(latents=str(out), **train), log=lines.append)
+    assert r["step"] == 3 and np.isfinite(r["loss"])
+    assert any("each sample mirrored with probability 0.5" in x for x in lines), lines
+    run_encode(opts(fmnist_shards["webdataset"], tmp_path / "plain", tiny_ae_ckpt, max_shards=1))
+    with pytest.raises(CacheConfigMismatch, match="encoded without them: re-encode .* --flip-latents"):
+        run_train(TrainOptions(latents=str(tmp_path / "plain"), flip_prob=0.5, **train))
+
+
 def test_salted_records_counted_by_reason_and_bad_shard_named(ray_local, tmp_path):
     expect = write_salted_webdataset(tmp_path / "salted")
     pre = PreprocessConfig(resolution=16, min_aesthetic=4.5)
