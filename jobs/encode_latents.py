@@ -94,6 +94,18 @@ def parse(argv=None):
                          "(jobs/train_ldm.py --flip-prob): a cached latent otherwise fixes the image's orientation, "
                          "and mirroring the latent itself is not the mirrored image's latent (the summary prints by "
                          "how much)")
+    pp.add_argument("--dedup", choices=["off", "exact", "near"], default="off",
+                    help="drop records whose image an earlier record of this cache already has, across shards and "
+                         "across resumed runs: exact = the same decoded pixels (skip reason duplicate_image); near = "
+                         "also a perceptual hash within --dedup-distance bits: resized, recompressed or lightly edited "
+                         "copies (near_duplicate). The first copy to be processed is kept. Every cache keeps each "
+                         "row's fingerprints (image_hash, phash), so dedup can be turned on for a later run")
+    pp.add_argument("--dedup-distance", type=int, default=4, metavar="BITS",
+                    help="--dedup near: how many of the 64 phash bits two copies may differ in")
+    pp.add_argument("--dedup-by", choices=["image", "image+caption"], default="image",
+                    help="image: a duplicate image is dropped whatever its caption; image+caption: only when its "
+                         "caption is the same too (case and spaces ignored), so one image with several captions "
+                         "keeps them all")
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
@@ -135,7 +147,8 @@ def main(argv=None) -> int:
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
                            min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
                            lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants,
-                           label_maps=a.label_maps, layout_boxes=a.layout_boxes, flip_latents=a.flip_latents)
+                           label_maps=a.label_maps, layout_boxes=a.layout_boxes, flip_latents=a.flip_latents,
+                           dedup=a.dedup, dedup_distance=a.dedup_distance, dedup_by=a.dedup_by)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

@@ -11,12 +11,14 @@ from pipeline.data.sources import discover_shards, read_shard
 
 
 def preprocessed_records(shards: list[str], layout: str, pre: PreprocessConfig, cpus_per_task: float = 0.5,
-                         batch_size: int = 64):
-    """Every record of `shards`, good or bad (bad ones carry their `skip` reason), in preprocessed form."""
+                         batch_size: int = 64, dedup=None):
+    """Every record of `shards`, good or bad (bad ones carry their `skip` reason), in preprocessed form; with
+    `dedup` (a DedupIndex actor) duplicates of records kept before are skipped too."""
     import ray
     ds = ray.data.from_items([{"uri": u, "shard": i} for i, u in enumerate(shards)], override_num_blocks=len(shards))
     ds = ds.flat_map(read_shard, fn_kwargs={"layout": layout}, num_cpus=cpus_per_task)
-    return ds.map_batches(preprocess_batch, fn_kwargs={"cfg": pre}, batch_size=batch_size, batch_format="numpy",
+    return ds.map_batches(preprocess_batch, fn_kwargs={"cfg": pre, "dedup": dedup}, batch_size=batch_size,
+                          batch_format="numpy",
                           num_cpus=cpus_per_task)
 
 

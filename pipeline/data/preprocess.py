@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pipeline.data.dedup import caption_hash, image_hash, phash
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
 SKIP_REASONS = ("missing_image", "missing_caption", "caption_too_long", "bad_metadata", "unsafe", "watermark",
                 "low_aesthetic", "low_similarity", "not_an_image", "corrupt_image", "too_small", "too_large",
                 "bad_aspect", "missing_label_map", "bad_label_map", "missing_layout", "bad_layout", "too_many_boxes",
-                "shard_error", "empty_shard")
+                "duplicate_image", "near_duplicate", "shard_error", "empty_shard")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class PreprocessConfig:
     layout_boxes: int = 0                # also keep up to this many of the metadata's layout boxes, moved with the
     #                                      resize and crop (layout-to-image); 0 = none
     flip_latents: bool = False           # the encoder also keeps the latent of the image mirrored left-right
+    dedup: str = "off"                   # off | exact | near: drop records whose image an earlier one has (dedup.py)
+    dedup_distance: int = 4              # near: phash bits two copies may differ in
+    dedup_by: str = "image"              # image | image+caption: a duplicate must also have the same caption
 
     @property
     def effective_min_size(self) -> int:
@@ -244,8 +249,25 @@ def inpaint_masks(key: str, cfg: PreprocessConfig) -> np.ndarray:
     return np.stack([random_mask(r, r, rng) for _ in range(cfg.inpaint_variants)])
 
 
-def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
-    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, with
+def drop_duplicates(index, batch: dict, skip: np.ndarray, image_hashes, phashes, cfg: PreprocessConfig) -> None:
+    """Claim the good records' fingerprints in the run's DedupIndex (one call per batch); a record an earlier one
+    already holds gets its skip reason."""
+    import ray
+    good = np.flatnonzero(skip == "")
+    if not len(good):
+        return
+    ns = [caption_hash(batch["caption"][i]) if cfg.dedup_by == "image+caption" else 0 for i in good]
+    reasons = ray.get(index.claim.remote([str(batch["key"][i]) for i in good], image_hashes[good].tolist(),
+                                         phashes[good].tolist(), ns))
+    for i, r in zip(good, reasons):
+        if r:
+            skip[i] = r
+
+
+def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
+    """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, the decoded
+    image's fingerprints (image_hash, phash: pipeline/data/dedup.py; with `dedup`, a DedupIndex actor, records whose
+    image an earlier record has are skipped as duplicate_image / near_duplicate), with
     lowres_factor the crop downscaled (lowres, uint8 bytes), with inpaint_variants its masks (masks, uint8 bytes),
     with label_maps its class map cropped alike (label_map, uint8 bytes), with layout_boxes its boxes moved alike
     (layout, int16 bytes)."""
@@ -257,6 +279,7 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
     layouts = np.full(n, b"", dtype=object)
     orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    image_hashes, phashes = np.zeros(n, np.int64), np.zeros(n, np.int64)
     skip = np.array(batch["skip"], dtype=object)
     for i in range(n):
         pixels[i] = b""
@@ -269,6 +292,7 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
             skip[i] = reason
             continue
         orig_w[i], orig_h[i] = im.size
+        image_hashes[i], phashes[i] = image_hash(im), phash(im)
         arr, crop_top[i], crop_left[i] = resize_crop(im, cfg, str(batch["key"][i]))
         if cfg.label_maps:
             seg, reason = crop_label_map(batch["label_map"][i] if "label_map" in batch else b"", im.size, cfg,
@@ -288,8 +312,12 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig) -> dict:
             lowres[i] = downscale(arr, cfg.lowres_factor).tobytes()
         if cfg.inpaint_variants:
             masks[i] = inpaint_masks(str(batch["key"][i]), cfg).astype(np.uint8).tobytes()
+    if dedup is not None:
+        drop_duplicates(dedup, batch, skip, image_hashes, phashes, cfg)
+        pixels[skip != ""] = b""
     out = {k: v for k, v in batch.items() if k not in ("image", "label_map")}
-    out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left)
+    out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left,
+               image_hash=image_hashes, phash=phashes)
     if cfg.lowres_factor:
         out["lowres"] = lowres
     if cfg.inpaint_variants:

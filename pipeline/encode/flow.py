@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.common import storage
-from pipeline.encode.latent_cache import ShardLedger, write_parts
+from pipeline.encode.latent_cache import ShardLedger, part_files, write_parts
 from pipeline.common.models import load_autoencoder, text_encoder_identity
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.data.sources import discover_shards
@@ -79,6 +79,7 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
                          f"inside the resized image (0 = resize to --resolution)")
     if opts.preprocess.layout_boxes < 0:
         raise ValueError(f"--layout-boxes {opts.preprocess.layout_boxes} must be >= 0 (boxes kept per image)")
+    check_dedup(opts.preprocess)
     if opts.preprocess.inpaint_variants < 0:
         raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]
@@ -99,8 +100,10 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
         log(f"[encode] removed {swept} file(s) of an interrupted run that no commit names")
     t0 = time.time()
     try:
-        kept = write_encoded(write_stage(encoded_records(opts, todo, shard_set.layout, log), opts, latent_shape[0],
-                                         ledger.run), ledger, len(todo), log) if todo else 0
+        kept = 0
+        if todo:
+            records = encoded_records(opts, todo, shard_set.layout, log, part_files(opts.output, ledger.manifest))
+            kept = write_encoded(write_stage(records, opts, latent_shape[0], ledger.run), ledger, len(todo), log)
     finally:
         ledger.write_manifest()  # the commits so far, compacted, whatever happened
     ledger.sweep()  # parts of write tasks that Ray Data retried: written, but no commit names them
@@ -116,8 +119,49 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     return summary
 
 
-def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log):
-    """The Ray Data chain: preprocessed records of `shards`, encoded by a pool of LatentEncoder actors."""
+def check_dedup(pre: PreprocessConfig) -> None:
+    from pipeline.data.dedup import BY, MODES
+    if pre.dedup not in MODES:
+        raise ValueError(f"--dedup {pre.dedup!r}: use one of {', '.join(MODES)}")
+    if pre.dedup_by not in BY:
+        raise ValueError(f"--dedup-by {pre.dedup_by!r}: use one of {', '.join(BY)}")
+    if not 0 <= pre.dedup_distance <= 16:
+        raise ValueError(f"--dedup-distance {pre.dedup_distance}: bits of the 64-bit phash two copies may differ in, "
+                         f"0..16 (4 finds resized and recompressed copies)")
+
+
+def start_dedup(pre: PreprocessConfig, done_files: list[str], log):
+    """The run's DedupIndex actor, seeded with the fingerprints of the rows the cache already holds (a resumed run
+    drops duplicates of them too)."""
+    import ray
+    import pyarrow.parquet as pq
+
+    from pipeline.data.dedup import DedupIndex, caption_hash
+    index = ray.remote(num_cpus=0)(DedupIndex).remote(pre.dedup, pre.dedup_distance)
+    columns = ["key", "image_hash", "phash"] + (["caption"] if pre.dedup_by == "image+caption" else [])
+    seeded, unknown, refs = 0, 0, []
+    for f in done_files:
+        fs, path = storage.fs_and_path(f)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if not set(columns) <= set(pf.schema_arrow.names):  # a part written before fingerprints were kept
+                unknown += pf.metadata.num_rows
+                continue
+            t = pf.read(columns=columns)
+        ns = [caption_hash(c) for c in t["caption"].to_pylist()] if "caption" in columns else [0] * len(t)
+        refs.append(index.claim.remote(t["key"].to_pylist(), t["image_hash"].to_pylist(), t["phash"].to_pylist(), ns))
+        seeded += len(t)
+    ray.get(refs)
+    log(f"[encode] dedup {pre.dedup} by {pre.dedup_by}" + (f" (phash within {pre.dedup_distance} bits)"
+                                                           if pre.dedup == "near" else "")
+        + f": the index holds the {seeded} row(s) already in the cache"
+        + (f"; {unknown} row(s) of parts written before fingerprints were kept are not in it" if unknown else ""))
+    return index
+
+
+def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, done_files: list[str] = ()):
+    """The Ray Data chain: preprocessed records of `shards` (without duplicates of the cache's rows, `done_files`,
+    or of each other, with --dedup), encoded by a pool of LatentEncoder actors."""
     import ray
 
     from pipeline.common.runtime import init_ray
@@ -129,7 +173,8 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log):
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
         f"{gpus} GPU), batch {opts.batch_size}")
-    ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size)
+    dedup = start_dedup(opts.preprocess, list(done_files), log) if opts.preprocess.dedup != "off" else None
+    ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size, dedup)
     return ds.map_batches(
         LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder, num_gpus=gpus,

@@ -5,7 +5,8 @@ attention_mask, optionally latent_flip_mean / latent_flip_std (the posterior of 
 --flip-latents), text_emb (fp16, L*d), lowres (uint8, (r/k)*(r/k)*3) and inpaint_latent / inpaint_mask (K
 masked images' latent means, fp16 K*C*h*w, and their holes at the latent's size, uint8 K*h*w), label_map (uint8 r*r
 class ids), layout (int16 B*5: boxes [class, top, left, h, w] in pixels of the crop, -1 padded), original size, crop
-offsets, label, the LAION scores (punsafe, pwatermark, aesthetic, similarity: float32, null where a record has
+offsets, the decoded image's fingerprints (image_hash, phash: int64, pipeline/data/dedup.py), label, the LAION
+scores (punsafe, pwatermark, aesthetic, similarity: float32, null where a record has
 none; what `--filter` reads at train time), meta (JSON).
 
 Who writes what (format version 2):
@@ -221,6 +222,9 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["inpaint_mask"] = _fsl(col["inpaint_mask"], pa.uint8())
     for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
         cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
+    for c in ("image_hash", "phash"):  # the decoded image's fingerprints: a later --dedup run is seeded from them
+        if c in col:
+            cols[c] = pa.array(np.asarray(col[c], np.int64), pa.int64())
     cols["label"] = pa.array(labels_of(col["meta"]), pa.int32())
     cols.update(scores_of(col["meta"]))
     cols["meta"] = pa.array([str(m or "") for m in col["meta"]])
