@@ -50,6 +50,12 @@ def parse(argv=None):
     p.add_argument("--size", type=_size, default=None, metavar="HxW",
                    help="image size in pixels (default: the training size); larger sizes sample the convolutional "
                    "UNet beyond its training canvas (paper 4.3.2); a multiple of f x the UNet's downsampling")
+    p.add_argument("--orig-size", type=_size, default=None, metavar="HxW",
+                   help="a micro-conditioned model (unet.micro_cond, SDXL): draw as if from an original image of "
+                   "this size (default: the sample's own size; a small one asks for the look of an upscaled image)")
+    p.add_argument("--crop", type=_pair, default=(0, 0), metavar="TOP,LEFT",
+                   help="a micro-conditioned model: draw as if cropped at this offset from the original (default "
+                   "0,0: an uncropped, centred subject)")
     p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--autoencoder", default="", help="first stage (default: the one recorded in the export)")
@@ -64,6 +70,14 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size {text!r}: give HEIGHTxWIDTH in pixels, e.g. 64x128") from None
     return h, w
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        top, left = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--crop {text!r}: give TOP,LEFT in pixels, e.g. 0,32") from None
+    return top, left
 
 
 def read_file(path: str, flag: str, reader=None):
@@ -129,7 +143,8 @@ def main(argv=None) -> int:
     prompts, what = conditions(a)
     images, used = sample_images(local_file(a.model), prompts, a.n, a.autoencoder, a.text_encoder, a.steps,
                                  a.cfg_scale, a.seed, a.sampler, eta=a.eta, size=a.size,
-                                 noise_level=None if a.noise_level < 0 else a.noise_level)
+                                 noise_level=None if a.noise_level < 0 else a.noise_level, orig_size=a.orig_size,
+                                 crop=a.crop)
     save_grid(images, a.out, nrow=a.n, upscale=a.upscale)
     print(f"[sample] {len(used)} images of {images.shape[-2]}x{images.shape[-1]} ({len(prompts)} {what} x {a.n}) "
           f"-> {a.out}")

@@ -184,8 +184,10 @@ class Conditioner:
     """
 
     def __init__(self, cfg: ConditioningConfig, text: FrozenHFTextEncoder | None = None, tokenize=None,
-                 device="cpu", downsample_factor: int = 1, latent_scale=None, encode=None, latent_channels: int = 4):
+                 device="cpu", downsample_factor: int = 1, latent_scale=None, encode=None, latent_channels: int = 4,
+                 micro: bool = False):
         self.cfg, self.text, self.tokenize, self.device = cfg, text, tokenize, torch.device(device)
+        self.micro = micro  # SDXL micro-conditioning (unet.micro_cond): sizes and crop beside any condition
         self.channels = latent_channels  # C of the cache's flat latents: a layout's canvas is their side x f
         self.f = downsample_factor  # the first stage's f: a low-res image is resized to the latent's size
         self.latent_scale, self.encode = latent_scale, encode
@@ -215,7 +217,7 @@ class Conditioner:
             text = FrozenHFTextEncoder(text_encoder_path or cfg.text_encoder_path, cfg.max_length).to(device)
         tokenize = getattr(getattr(model, "cond_stage", None), "tokenize", None)  # the trainable text transformer
         return cls(cfg, text, tokenize, device, model.cfg.autoencoder.downsample_factor, latent_scale, encode,
-                   model.cfg.autoencoder.embed_dim)
+                   model.cfg.autoencoder.embed_dim, model.cfg.unet.micro_cond)
 
     def _encode(self, prompts: list) -> dict:
         dev = self.device
@@ -323,7 +325,35 @@ class Conditioner:
         latent = self.encode(mask_out(images, masks).to(dev))
         return self.inpaint(latent, latent_mask(masks[:, None], self.f).to(dev))
 
+    def with_micro(self, cond: dict, uncond: dict | None, n: int, size: tuple[int, int],
+                   orig_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0)) -> tuple:
+        """Sampling's micro-conditions (SDXL): the image as if it were `orig_size` (default: the sample's own size,
+        i.e. a full-resolution original) cropped at `crop` to `size`; the null is zeros where training dropped them
+        with the condition (cond_drop_prob > 0), else the same values (guidance then leaves them alone)."""
+        o = orig_size or size
+        micro = torch.tensor([[o[0], o[1], crop[0], crop[1], size[0], size[1]]], dtype=torch.float32,
+                             device=self.device).expand(n, -1)
+        null = torch.zeros_like(micro) if self.cfg.cond_drop_prob else micro
+        return {**cond, "micro": micro}, None if uncond is None else {**uncond, "micro": null}
+
     def batch(self, batch: dict, drop: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """A training batch's condition (see `_batch`); micro-conditioned, also each row's original size, crop and
+        target size (the cache's orig_h, orig_w, crop_top, crop_left, and the latent's size x f), zeros where
+        dropped."""
+        out = self._batch(batch, drop, generator)
+        if self.micro:
+            n, dev = drop.shape[0], self.device
+            if "target_h" in batch:
+                th, tw = batch["target_h"].to(dev), batch["target_w"].to(dev)
+            else:  # square latents: the side from the flat latent
+                side = int(round((batch["latent_mean"].shape[1] // self.channels) ** 0.5)) * self.f
+                th = tw = torch.full((n,), side, device=dev)
+            micro = torch.stack([batch["orig_h"].to(dev), batch["orig_w"].to(dev), batch["crop_top"].to(dev),
+                                 batch["crop_left"].to(dev), th, tw], 1).float()
+            out["micro"] = torch.where(drop.to(dev)[:, None], torch.zeros_like(micro), micro)
+        return out
+
+    def _batch(self, batch: dict, drop: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """A training batch's condition, with the samples in `drop` set to the null condition (CFG training).
         Reads the cache's columns: text_emb (cached embeddings) or input_ids + attention_mask, label, lowres
         (with `generator` drawing its noise-augmentation level and noise), or inpaint_latent + inpaint_mask (with

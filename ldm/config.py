@@ -82,6 +82,7 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int | None = 768        # d_tau; None = no cross-attention (self-attention blocks)
     num_classes: int | None = None       # class-conditional embedding added to the time embedding
+    micro_cond: bool = False             # SDXL micro-conditioning: original size, crop, target size -> time embedding
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
     norm_groups: int = 32

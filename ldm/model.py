@@ -27,9 +27,9 @@ class LatentDiffusion(nn.Module):
     def forward(self, zt: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, concat: torch.Tensor | None = None,
-                layout: torch.Tensor | None = None) -> torch.Tensor:
+                layout: torch.Tensor | None = None, micro: torch.Tensor | None = None) -> torch.Tensor:
         if layout is not None:  # tau_theta(boxes), trained with the UNet
             context, mask = self.cond_stage(layout)
         elif self.cond_stage is not None:  # tau_theta(y) trained with the UNet
             context = self.cond_stage.encode(input_ids, mask)
-        return self.unet(zt, t, context=context, mask=mask, y=y, concat=concat)
+        return self.unet(zt, t, context=context, mask=mask, y=y, concat=concat, micro=micro)

@@ -166,12 +166,14 @@ SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2
 def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts: list, shape: tuple, alphas_cumprod:
              torch.Tensor, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
              parameterization: str = "eps", device="cpu", seeds: list[int] | None = None,
-             eta: float = 0.0) -> torch.Tensor:
+             eta: float = 0.0, orig_size: tuple[int, int] | None = None,
+             crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Images in [-1, 1] for `prompts` (paper §3.3, §4.3): z_T ~ N(0, I), a sampler with classifier-free
     guidance on the conditional LDM `net`, back to the first stage's latent scale, decoded by `decode`.
     `seeds` (one per prompt) draws each z_T from its own seed, so an image does not depend on its batch. `shape` may
     be larger than the training latents: the UNet is convolutional (§4.3.2). `eta` is DDIM's noise (0: deterministic,
-    1: DDPM-like)."""
+    1: DDPM-like). A micro-conditioned model (SDXL) is told the image is cropped at `crop` from an original of
+    `orig_size` (default: the sample's size, uncropped)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     if eta and sampler != "ddim":
@@ -183,6 +185,9 @@ def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts
         x_t = torch.stack([torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)),
                                        device=device) for s in seeds])
     cond, uncond = conditioner.prompts(prompts)
+    if getattr(conditioner, "micro", False):  # SDXL micro-conditioning: as if cropped at `crop` from `orig_size`
+        cond, uncond = conditioner.with_micro(cond, uncond, len(prompts), (shape[-2] * conditioner.f,
+                                                                           shape[-1] * conditioner.f), orig_size, crop)
     if uncond is None:  # a condition without a null (an image never dropped in training): no guidance
         fn = lambda x, t: net(x, t, **cond)  # noqa: E731
     else:

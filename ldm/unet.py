@@ -92,6 +92,9 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+MICRO = 6  # micro-conditioning values: original (h, w), crop (top, left), target (h, w)
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -101,6 +104,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
+        if cfg.micro_cond:  # SDXL §2.2: each size/crop value's Fourier features, an MLP, added to the time embedding
+            self.micro_embed = nn.Sequential(nn.Linear(MICRO * mc, ted), nn.SiLU(), nn.Linear(ted, ted))
 
         def res(ch_in, ch_out):
             return ResBlock(ch_in, ted, ch_out, cfg.dropout, cfg.use_scale_shift_norm, g)
@@ -142,8 +147,9 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                concat: torch.Tensor | None = None) -> torch.Tensor:
-        """x: z_t (B,C,h,w); t: (B,) steps; context: tau(y) (B,L,d); y: class labels; concat: dense cond."""
+                concat: torch.Tensor | None = None, micro: torch.Tensor | None = None) -> torch.Tensor:
+        """x: z_t (B,C,h,w); t: (B,) steps; context: tau(y) (B,L,d); y: class labels; concat: dense cond; micro:
+        (B, 6) original height/width, crop top/left, target height/width in pixels (zeros: the null)."""
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # dense conditions enter by concatenation (paper §3.3)
         if t.ndim == 0:
@@ -156,6 +162,11 @@ class UNetModel(nn.Module):
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass y (class labels)")
             emb = emb + self.label_emb(y)
+        if self.cfg.micro_cond:
+            if micro is None:
+                raise ValueError("this UNet is micro-conditioned: pass micro (original size, crop, target size)")
+            feats = timestep_embedding(micro.reshape(-1).float(), self.cfg.model_channels).view(x.shape[0], -1)
+            emb = emb + self.micro_embed(feats.to(dtype))
         hs, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context, mask)

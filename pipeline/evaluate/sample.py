@@ -121,7 +121,11 @@ class LDMSampler:
     @torch.no_grad()
     def __call__(self, prompts: list, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
                  sampler: str = "ddim", seeds: list[int] | None = None, eta: float = 0.0,
-                 size: tuple[int, int] | None = None) -> torch.Tensor:
+                 size: tuple[int, int] | None = None, orig_size: tuple[int, int] | None = None,
+                 crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        if (orig_size is not None or crop != (0, 0)) and not self.conditioner.micro:
+            raise ValueError("--orig-size / --crop set a micro-conditioned model's size and crop conditions "
+                             "(unet.micro_cond); this model was trained without them")
         if self.mode == "lowres":  # the output is the low-res images' size times the factor (any size: §4.3.2)
             sizes = {tuple(np.asarray(p).shape) for p in prompts}
             shape = next(iter(sizes))
@@ -150,7 +154,7 @@ class LDMSampler:
         images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
                           self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
                           sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
-                          device=self.device, seeds=seeds, eta=eta)
+                          device=self.device, seeds=seeds, eta=eta, orig_size=orig_size, crop=crop)
         if self.mode == "inpaint":  # the known pixels as given, the generated ones in the hole (§4.5)
             known = torch.from_numpy(np.stack([p["image"] for p in prompts])).permute(0, 3, 1, 2).float() / 127.5 - 1
             hole = torch.from_numpy(np.stack([np.asarray(p["mask"], bool) for p in prompts]))[:, None].to(images.device)
@@ -193,13 +197,15 @@ class LDMSampler:
 def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
                   steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
                   device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None,
-                  noise_level: int | None = None) -> tuple[torch.Tensor, list]:
+                  noise_level: int | None = None, orig_size: tuple[int, int] | None = None,
+                  crop: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, list]:
     """Images for each prompt (a caption, a class id, a low-res image or an image and its mask), n_per_prompt each;
-    noise_level overrides a
-    super-resolution model's lowres_noise_sample."""
+    noise_level overrides a super-resolution model's lowres_noise_sample; orig_size and crop set a micro-conditioned
+    model's size and crop conditions (default: an uncropped original of the sample's size)."""
     full = [p for p in prompts for _ in range(n_per_prompt)]
     model = LDMSampler(export, autoencoder, text_encoder, device)
     if noise_level is not None:
         model.set_noise_level(noise_level)
-    images = model(full, steps=steps, cfg_scale=cfg_scale, seed=seed, sampler=sampler, eta=eta, size=size)
+    images = model(full, steps=steps, cfg_scale=cfg_scale, seed=seed, sampler=sampler, eta=eta, size=size,
+                   orig_size=orig_size, crop=crop)
     return images, full

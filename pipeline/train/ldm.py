@@ -341,6 +341,8 @@ def stream_columns(cfg, cached_emb: bool) -> list[str]:
         columns.append("label_map")
     if cfg.conditioning.kind == "layout":
         columns.append("layout")
+    if cfg.unet.micro_cond:  # SDXL micro-conditioning: each row's original size and crop offsets
+        columns += ["orig_h", "orig_w", "crop_top", "crop_left"]
     return columns
 
 

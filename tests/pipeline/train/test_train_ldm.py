@@ -107,6 +107,24 @@ def test_filter_trains_on_the_rows_it_keeps(tiny_cache, tmp_path):
         run_train(topts(tiny_cache, tmp_path, batch_size=want, filter="punsafe<0.05 and aesthetic>=5"))
 
 
+def test_micro_conditioned_model_trains_and_samples_as_from_a_chosen_original(tiny_cache, tmp_path):
+    """unet.micro_cond: the cache's original sizes and crops reach the UNet in training, and jobs/sample.py's
+    --orig-size / --crop reach it in sampling (a model without them refuses those flags)."""
+    from pipeline.evaluate.sample import sample_images
+    s = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=4, checkpoint_every=4, sample_every=4,
+                        name="micro", overrides=TINY_TEXT + ("unet.micro_cond=true",)))
+    assert s["step"] == 4 and np.isfinite(s["loss"])
+    comps, _, _ = load_components(s["export"])
+    assert any(k.startswith("micro_embed.") for k in comps["unet"])
+    small, _ = sample_images(s["export"], ["a photo"], 2, steps=3, orig_size=(8, 8), crop=(2, 0))
+    full, _ = sample_images(s["export"], ["a photo"], 2, steps=3)
+    assert small.shape == full.shape and not torch.equal(small, full)
+    plain = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=1, checkpoint_every=1, sample_every=0,
+                            name="plain"))
+    with pytest.raises(ValueError, match="trained without them"):
+        sample_images(plain["export"], ["a photo"], 1, steps=2, orig_size=(8, 8))
+
+
 def test_compiled_unet_trains_under_deepspeed_and_exports_plain_weights(tiny_cache, tmp_path):
     """--compile: the UNet compiled in place trains under ZeRO-2 and the export loads into an uncompiled UNet."""
     from ldm.config import apply_overrides, get_preset
