@@ -94,6 +94,16 @@ def parse(argv=None):
                          "(jobs/train_ldm.py --flip-prob): a cached latent otherwise fixes the image's orientation, "
                          "and mirroring the latent itself is not the mirrored image's latent (the summary prints by "
                          "how much)")
+    pp.add_argument("--bucket", action="store_true",
+                    help="aspect-ratio buckets instead of square crops: each image goes to the bucket of about "
+                         "--resolution^2 pixels (sides multiples of --bucket-step, aspect up to --max-aspect) whose "
+                         "aspect is nearest its own, resized to cover it and cropped only by the rounding; its latent "
+                         "has the bucket's shape. One part per shard and bucket; training draws each batch from one "
+                         "bucket. Not with a task's square condition (--lowres-factor, --inpaint-variants, "
+                         "--label-maps, --layout-boxes)")
+    pp.add_argument("--bucket-step", type=int, default=64,
+                    help="bucket sides are multiples of this many pixels: the autoencoder's f times the UNet's "
+                         "downsampling (64 for f=8 and a 4-level UNet, as SDXL)")
     pp.add_argument("--dedup", choices=["off", "exact", "near"], default="off",
                     help="drop records whose image an earlier record of this cache already has, across shards and "
                          "across resumed runs: exact = the same decoded pixels (skip reason duplicate_image); near = "
@@ -148,7 +158,8 @@ def main(argv=None) -> int:
                            min_caption_chars=a.min_caption_chars, max_caption_chars=a.max_caption_chars, seed=a.seed,
                            lowres_factor=a.lowres_factor, inpaint_variants=a.inpaint_variants,
                            label_maps=a.label_maps, layout_boxes=a.layout_boxes, flip_latents=a.flip_latents,
-                           dedup=a.dedup, dedup_distance=a.dedup_distance, dedup_by=a.dedup_by)
+                           bucket=a.bucket, bucket_step=a.bucket_step, dedup=a.dedup,
+                           dedup_distance=a.dedup_distance, dedup_by=a.dedup_by)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,

@@ -49,7 +49,8 @@ def parse(argv=None):
                    help="DDIM noise: 0 deterministic (the default), 1 DDPM-like; ddim sampler only")
     p.add_argument("--size", type=_size, default=None, metavar="HxW",
                    help="image size in pixels (default: the training size); larger sizes sample the convolutional "
-                   "UNet beyond its training canvas (paper 4.3.2); a multiple of f x the UNet's downsampling")
+                   "UNet beyond its training canvas (paper 4.3.2); a multiple of f x the UNet's downsampling. A "
+                   "model trained on aspect buckets (encode --bucket) samples at the bucket nearest this aspect")
     p.add_argument("--orig-size", type=_size, default=None, metavar="HxW",
                    help="a micro-conditioned model (unet.micro_cond, SDXL): draw as if from an original image of "
                    "this size (default: the sample's own size; a small one asks for the look of an upscaled image)")

@@ -47,6 +47,8 @@ class PreprocessConfig:
     layout_boxes: int = 0                # also keep up to this many of the metadata's layout boxes, moved with the
     #                                      resize and crop (layout-to-image); 0 = none
     flip_latents: bool = False           # the encoder also keeps the latent of the image mirrored left-right
+    bucket: bool = False                 # aspect-ratio buckets of ~resolution^2 pixels instead of square crops
+    bucket_step: int = 64                # bucket sides are multiples of this (pixels)
     dedup: str = "off"                   # off | exact | near: drop records whose image an earlier one has (dedup.py)
     dedup_distance: int = 4              # near: phash bits two copies may differ in
     dedup_by: str = "image"              # image | image+caption: a duplicate must also have the same caption
@@ -178,6 +180,22 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
     return arr, top, left
 
 
+def bucket_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.ndarray, int, int]:
+    """Aspect-ratio bucketing (pipeline/data/buckets.py): resized (bicubic, antialiased) to cover the bucket nearest
+    the image's aspect, then cropped by what the rounding leaves (centred, or seeded with --crop random)."""
+    from pipeline.data.buckets import buckets, cover, nearest
+    bh, bw = nearest(*im.size, buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect))
+    nw, nh = cover(*im.size, (bh, bw))
+    if (nw, nh) != im.size:
+        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    if cfg.crop == "random":
+        rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
+        top, left = int(rng.integers(0, nh - bh + 1)), int(rng.integers(0, nw - bw + 1))
+    else:
+        top, left = (nh - bh) // 2, (nw - bw) // 2
+    return np.asarray(im.crop((left, top, left + bw, top + bh)), dtype=np.uint8), top, left
+
+
 def crop_label_map(data: bytes, size: tuple[int, int], cfg: PreprocessConfig, top: int, left: int):
     """A record's label map (PNG of class ids, the image's size) resized (nearest: ids stay ids) and cropped exactly as
     its image: (uint8 r x r, None), or (None, skip reason)."""
@@ -280,6 +298,7 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
     orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
     image_hashes, phashes = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    bucket_h, bucket_w = np.zeros(n, np.int32), np.zeros(n, np.int32)  # the crop's size (a bucket's, or r x r)
     skip = np.array(batch["skip"], dtype=object)
     for i in range(n):
         pixels[i] = b""
@@ -293,7 +312,8 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
             continue
         orig_w[i], orig_h[i] = im.size
         image_hashes[i], phashes[i] = image_hash(im), phash(im)
-        arr, crop_top[i], crop_left[i] = resize_crop(im, cfg, str(batch["key"][i]))
+        arr, crop_top[i], crop_left[i] = (bucket_crop if cfg.bucket else resize_crop)(im, cfg, str(batch["key"][i]))
+        bucket_h[i], bucket_w[i] = arr.shape[:2]
         if cfg.label_maps:
             seg, reason = crop_label_map(batch["label_map"][i] if "label_map" in batch else b"", im.size, cfg,
                                          int(crop_top[i]), int(crop_left[i]))
@@ -317,7 +337,7 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
         pixels[skip != ""] = b""
     out = {k: v for k, v in batch.items() if k not in ("image", "label_map")}
     out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left,
-               image_hash=image_hashes, phash=phashes)
+               image_hash=image_hashes, phash=phashes, bucket_h=bucket_h, bucket_w=bucket_w)
     if cfg.lowres_factor:
         out["lowres"] = lowres
     if cfg.inpaint_variants:

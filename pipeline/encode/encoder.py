@@ -27,7 +27,7 @@ class LatentEncoder:
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
                  store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = "",
                  precision: str = "auto", compile: str = "auto", channels_last: bool = False,
-                 cudnn_benchmark: bool = True, flip: bool = False):
+                 cudnn_benchmark: bool = True, flip: bool = False, bucket: bool = False):
         from pipeline.common.models import load_autoencoder
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -37,7 +37,7 @@ class LatentEncoder:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark  # this actor's process only
-        self._staging: torch.Tensor | None = None  # pinned uint8 pixels, grown to the largest batch seen
+        self._staging: torch.Tensor | None = None  # pinned flat uint8 pixels, grown to the largest batch seen
         if precision == "auto":
             precision = "bf16" if self.device == "cuda" else "fp32"
         self.autocast = precision == "autocast"
@@ -50,6 +50,7 @@ class LatentEncoder:
         self.encode = torch.compile(self._encode) if on else self._encode
         self.resolution = resolution
         self.flip = flip  # also encode each image mirrored left-right (--flip-latents)
+        self.bucket = bucket  # rows of several sizes (aspect buckets): latents as one flat array per row
         self.text = None
         self.tokenizer = None
         self.store_text_embeddings = store_text_embeddings
@@ -66,6 +67,9 @@ class LatentEncoder:
         good = np.array([not s for s in batch["skip"]], dtype=bool)
         out = {k: v for k, v in batch.items() if k not in ("pixels", "masks")}
         out["encoder_node"] = np.full(n, self.node, dtype=object)  # where the work ran, for the job's summary
+        if self.bucket:
+            out.update(self.encode_buckets(batch, good))
+            return self.add_text(batch, out)
         mean = std = None
         if good.any():
             px = self.pixels_to_device(batch["pixels"][good])
@@ -83,6 +87,36 @@ class LatentEncoder:
         if mean is not None:
             out["latent_mean"][good] = mean.astype(np.float16)
             out["latent_std"][good] = std.astype(np.float16)
+        return self.add_text(batch, out)
+
+    def encode_buckets(self, batch: dict, good: np.ndarray) -> dict:
+        """Rows of several sizes (aspect buckets), each size encoded as one batch: the posterior (and, with flip,
+        the mirrored image's) as one flat fp16 array per row."""
+        n = len(good)
+        cols = ("latent_mean", "latent_std") + (("latent_flip_mean", "latent_flip_std") if self.flip else ())
+        out = {c: np.empty(n, dtype=object) for c in cols}
+        for c in cols:
+            out[c][:] = [np.zeros(0, np.float16)] * n
+        if self.flip:
+            out["flip_sq"] = np.zeros(n, np.float64)
+        sizes = np.stack([np.asarray(batch["bucket_h"]), np.asarray(batch["bucket_w"])], 1)
+        for h, w in {tuple(int(v) for v in sizes[i]) for i in np.flatnonzero(good)}:
+            rows = good & (sizes[:, 0] == h) & (sizes[:, 1] == w)
+            px = self.pixels_to_device(batch["pixels"][rows], (h, w))
+            m, s = self.encode(px)
+            got = {"latent_mean": m.float().flatten(1).cpu().numpy().astype(np.float16),
+                   "latent_std": s.float().flatten(1).cpu().numpy().astype(np.float16)}
+            if self.flip:
+                flipped = self.encode_flipped(px, m, np.ones(int(rows.sum()), bool))
+                out["flip_sq"][rows] = flipped.pop("flip_sq")
+                got.update(flipped)
+            for c, arr in got.items():
+                for i, row in zip(np.flatnonzero(rows), arr):
+                    out[c][i] = row
+        return out
+
+    def add_text(self, batch: dict, out: dict) -> dict:
+        n = len(batch["key"])
         if self.text is not None:
             captions = [str(c) for c in batch["caption"]]
             ids, mask = self.text.tokenize(captions)
@@ -119,15 +153,16 @@ class LatentEncoder:
         out["inpaint_mask"][good] = latent_mask(hole, r // h).reshape(-1, k * h * w).numpy().astype(np.uint8)
         return out
 
-    def pixels_to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        """The rows' RGB bytes as one (n, r, r, 3) uint8 tensor on the device (through a pinned buffer on a GPU)."""
-        r, n = self.resolution, len(pixels)
-        rows = [np.frombuffer(b, np.uint8).reshape(r, r, 3) for b in pixels]
+    def pixels_to_device(self, pixels: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The rows' RGB bytes as one (n, h, w, 3) uint8 tensor on the device (through a pinned buffer on a GPU);
+        size (h, w) defaults to the square resolution."""
+        (h, w), n = size or (self.resolution, self.resolution), len(pixels)
+        rows = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in pixels]
         if self.device != "cuda":
             return torch.from_numpy(np.stack(rows))
-        if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty((n, r, r, 3), dtype=torch.uint8, pin_memory=True)
-        stage = self._staging[:n]
+        if self._staging is None or self._staging.numel() < n * h * w * 3:  # flat: any bucket's shape fits
+            self._staging = torch.empty(n * h * w * 3, dtype=torch.uint8, pin_memory=True)
+        stage = self._staging[: n * h * w * 3].view(n, h, w, 3)
         np.stack(rows, out=stage.numpy())
         # the copy runs on the compute stream: the outputs' .cpu() in __call__ waits for it and for the encoder,
         # so the buffer is free again when the next call refills it

@@ -80,6 +80,7 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     if opts.preprocess.layout_boxes < 0:
         raise ValueError(f"--layout-boxes {opts.preprocess.layout_boxes} must be >= 0 (boxes kept per image)")
     check_dedup(opts.preprocess)
+    check_buckets(opts.preprocess, f)
     if opts.preprocess.inpaint_variants < 0:
         raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]
@@ -87,6 +88,9 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
                                                                                opts.store_text_embeddings),
               "resolution": res, "latent_shape": latent_shape, "layout": shard_set.layout,
               "preprocess": opts.preprocess.to_dict()}
+    if opts.preprocess.bucket:
+        from pipeline.data.buckets import buckets
+        header["buckets"] = [list(b) for b in buckets(res, opts.preprocess.bucket_step, opts.preprocess.max_aspect)]
     ledger = ShardLedger(opts.output, header, opts.compact_seconds)
     todo = [s for s in shard_set.shards if s not in ledger.completed]
     already = len(shard_set.shards) - len(todo)
@@ -128,6 +132,24 @@ def check_dedup(pre: PreprocessConfig) -> None:
     if not 0 <= pre.dedup_distance <= 16:
         raise ValueError(f"--dedup-distance {pre.dedup_distance}: bits of the 64-bit phash two copies may differ in, "
                          f"0..16 (4 finds resized and recompressed copies)")
+
+
+def check_buckets(pre: PreprocessConfig, f: int) -> None:
+    if not pre.bucket:
+        return
+    if pre.bucket_step <= 0 or pre.bucket_step % f:
+        raise ValueError(f"--bucket-step {pre.bucket_step} must be a positive multiple of the autoencoder's f={f} (and "
+                         f"of f x 2^(UNet downsamplings) to train on: 64 for an f=8 autoencoder and a 4-level UNet)")
+    if pre.resolution % pre.bucket_step:
+        raise ValueError(f"--resolution {pre.resolution} is not a multiple of --bucket-step {pre.bucket_step}")
+    spatial = [flag for flag, on in (("--lowres-factor", pre.lowres_factor), ("--inpaint-variants",
+                                     pre.inpaint_variants), ("--label-maps", pre.label_maps),
+                                     ("--layout-boxes", pre.layout_boxes)) if on]
+    if spatial:
+        raise ValueError(f"--bucket crops each image to its aspect bucket; {', '.join(spatial)} caches a square "
+                         f"condition: encode without --bucket for that task")
+    if pre.crop == "tile":
+        raise ValueError("--bucket with --crop tile: a bucket's crop is the rounding left over (center or random)")
 
 
 def start_dedup(pre: PreprocessConfig, done_files: list[str], log):
@@ -183,7 +205,7 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
                                    store_text_embeddings=opts.store_text_embeddings,
                                    resolution=opts.preprocess.resolution, threads=max(1, int(opts.cpus_per_encoder)),
                                    tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile,
-                                   flip=opts.preprocess.flip_latents))
+                                   flip=opts.preprocess.flip_latents, bucket=opts.preprocess.bucket))
 
 
 def write_stage(ds, opts: EncodeOptions, channels: int, run: str):
@@ -224,6 +246,8 @@ def format_summary(s: dict) -> str:
     if "flip_gap" in s:
         lines.append(f" flipped       latents of the mirrored images kept; mirroring a latent instead would be off by "
                      f"{s['flip_gap']:.1%} of the latent std (RMS)")
+    if s.get("buckets"):
+        lines.append(" buckets       " + ", ".join(f"{k}: {v}" for k, v in s["buckets"].items()))
     if s.get("labels"):
         named = {k: v for k, v in s["labels"].items() if k != "none"}
         lines.append(f" class labels  {len(named)} distinct on {sum(named.values())} rows"

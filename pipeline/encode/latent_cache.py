@@ -44,7 +44,7 @@ ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node",
 
 
 # preprocess settings that add columns to every part (super-resolution's low-res copies, inpainting's variants)
-CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes", "flip_latents")
+CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes", "flip_latents", "bucket")
 
 
 class CacheMismatch(ValueError):
@@ -115,6 +115,16 @@ def part_rows(cache_uri: str, manifest: dict | None = None) -> list[int]:
     return out
 
 
+def part_buckets(manifest: dict) -> list[tuple[int, int]] | None:
+    """Each part's aspect bucket (height, width), in part_files order; None for a cache without buckets."""
+    if not manifest.get("preprocess", {}).get("bucket"):
+        return None
+    out = []
+    for _, s in sorted(manifest["shards"].items()):
+        out += [tuple(int(v) for v in b.split("x")) for b in s.get("part_buckets", [])]
+    return out
+
+
 def footer_rows(uri: str) -> int:
     fs, path = storage.fs_and_path(uri)
     with fs.open(path, "rb") as f:
@@ -132,9 +142,21 @@ def decoded_bytes(files: list[str], columns: list[str], rows: int) -> int:
     return int(wanted / max(1, meta.num_rows) * rows)
 
 
-def _fsl(arr: np.ndarray, typ) -> pa.FixedSizeListArray:
+def _fsl(arr: np.ndarray, typ) -> pa.Array:
+    """Rows of equal length as a fixed-size list column; rows of one bucket's latents (an object array of flat
+    arrays, all of one length in a part) as a list column, so parts of different buckets share one schema."""
+    if arr.dtype == object:
+        rows = [np.asarray(r) for r in arr]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+        values = np.concatenate(rows) if rows else np.zeros(0)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
     arr = np.ascontiguousarray(arr)
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), type=typ), arr.shape[1])
+
+
+def bucket_aspect(name: str) -> float:
+    h, w = name.split("x")
+    return int(w) / int(h)
 
 
 def totals(manifest: dict) -> dict:
@@ -144,6 +166,7 @@ def totals(manifest: dict) -> dict:
     s = q = None
     n = 0
     flip_sq = None
+    buckets: Counter = Counter()
     labels: Counter | None = Counter()
     for sh in manifest["shards"].values():
         read += sh["read"]
@@ -155,12 +178,16 @@ def totals(manifest: dict) -> dict:
             n += sh["stats"]["n"]
             if "flip_sq" in sh["stats"]:
                 flip_sq = (flip_sq or 0.0) + sh["stats"]["flip_sq"]
+            if "buckets" in sh["stats"]:
+                buckets.update(sh["stats"]["buckets"])
             if labels is not None and "labels" in sh["stats"]:
                 labels.update(sh["stats"]["labels"])
             else:  # a shard encoded before label counts were kept: the cache's labels are unknown
                 labels = None
     out = {"read": read, "kept": kept, "skipped": dict(sorted(skipped.items())),
            "skipped_total": sum(skipped.values())}
+    if buckets:  # rows per aspect bucket "HxW", tall to wide
+        out["buckets"] = dict(sorted(buckets.items(), key=lambda kv: bucket_aspect(kv[0])))
     if labels is not None:
         out["labels"] = dict(sorted(labels.items(), key=lambda kv: (kv[0] == "none", len(kv[0]), kv[0])))
     if n:
@@ -174,7 +201,7 @@ def totals(manifest: dict) -> dict:
     return out
 
 
-SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "stats", "nodes")
+SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "bucket", "stats", "nodes")
 
 
 def labels_of(metas) -> list[int | None]:
@@ -222,6 +249,9 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
         cols["inpaint_mask"] = _fsl(col["inpaint_mask"], pa.uint8())
     for c in ("orig_w", "orig_h", "crop_top", "crop_left"):
         cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
+    if np.asarray(col["latent_mean"]).dtype == object:  # aspect buckets: the crop's (= the bucket's) size
+        for c in ("bucket_h", "bucket_w"):
+            cols[c] = pa.array(np.asarray(col[c], np.int32), pa.int32())
     for c in ("image_hash", "phash"):  # the decoded image's fingerprints: a later --dedup run is seeded from them
         if c in col:
             cols[c] = pa.array(np.asarray(col[c], np.int64), pa.int64())
@@ -240,41 +270,60 @@ def write_parts(batch: dict, output: str, channels: int, run: str) -> dict:
     keys = np.array([str(k) for k in batch["key"]], dtype=object)
     skip = np.array([str(k) for k in batch["skip"]], dtype=object)
     out = {k: [] for k in SUMMARY}
+    bucketed = np.asarray(batch["latent_mean"]).dtype == object
     for s in np.unique(shard):
         idx = np.flatnonzero(shard == s)
         real = idx[keys[idx] != ""]  # the marker row of an empty or unreadable shard is no record
         good = real[skip[real] == ""]
         marker = idx[np.asarray(batch["shard_total"])[idx] >= 0]  # the row that carries the shard's total
-        file, stats = "", {}
-        if len(good):
-            good = good[np.argsort(keys[good], kind="stable")]
-            buf = io.BytesIO()
-            table = _table(batch, good)
-            pq.write_table(table, buf, compression="zstd")
-            file = f"parts/{run}-{s:07d}-{uuid.uuid4().hex[:8]}.parquet"
-            storage.write_bytes_atomic(storage.join(output, file), buf.getvalue())
-            mean = np.asarray(batch["latent_mean"])[good].astype(np.float64).reshape(len(good), channels, -1)
-            std = np.asarray(batch["latent_std"])[good].astype(np.float64).reshape(len(good), channels, -1)
-            stats = {"sum": mean.sum(axis=(0, 2)).tolist(),
-                     "sumsq": (mean ** 2 + std ** 2).sum(axis=(0, 2)).tolist(),  # E[z^2], z ~ q(z|x)
-                     "n": int(mean.shape[0] * mean.shape[2]),
-                     # rows per class label ("none": no label), so a class-conditional run is checked up front
-                     "labels": dict(Counter("none" if x is None else str(x) for x in table["label"].to_pylist()))}
-            if "flip_sq" in batch:  # how far mirroring a latent is from the mirrored image's latent
-                stats["flip_sq"] = float(np.asarray(batch["flip_sq"], np.float64)[good].sum())
-        out["shard"].append(int(s))
-        out["got"].append(len(idx))
-        out["total"].append(int(batch["shard_total"][marker[0]]) if len(marker) else -1)
-        out["error"].append(str(batch["shard_error"][marker[0]]) if len(marker) else "")
-        out["read"].append(len(real))
-        out["kept"].append(len(good))
-        out["skipped"].append(json.dumps(Counter(skip[real][skip[real] != ""].tolist())))
-        out["file"].append(file)
-        out["stats"].append(json.dumps(stats))
-        encoders = sorted(set(str(x) for x in batch["encoder_node"][idx])) if "encoder_node" in batch else []
-        out["nodes"].append(json.dumps({"encoder": encoders, "writer": [writer] if writer else []}))
-    return {k: np.array(v, dtype=object if k in ("error", "skipped", "file", "stats", "nodes") else np.int64)
-            for k, v in out.items()}
+        # one part per aspect bucket (a bucketed cache), else one; the shard's counts go with the last, so the
+        # ledger, which commits a shard when its counts add up, has every part of it by then
+        groups = [good]
+        if bucketed and len(good):
+            size = np.asarray(batch["bucket_h"], np.int64)[good] * 100_000 + np.asarray(batch["bucket_w"])[good]
+            groups = [good[size == v] for v in np.unique(size)]
+        for g, rows in enumerate(groups, start=1 - len(groups)):  # ..., -1, 0: the counts go with g == 0
+            file, bucket, stats = "", "", {}
+            if len(rows):
+                file, stats = _write_part(batch, rows, keys, output, run, int(s), channels)
+                if bucketed:
+                    bucket = f"{int(batch['bucket_h'][rows[0]])}x{int(batch['bucket_w'][rows[0]])}"
+                    stats["buckets"] = {bucket: len(rows)}
+            out["shard"].append(int(s))
+            out["got"].append(len(idx) if g == 0 else 0)
+            out["total"].append(int(batch["shard_total"][marker[0]]) if len(marker) and g == 0 else -1)
+            out["error"].append(str(batch["shard_error"][marker[0]]) if len(marker) and g == 0 else "")
+            out["read"].append(len(real) if g == 0 else 0)
+            out["kept"].append(len(rows))
+            out["skipped"].append(json.dumps(Counter(skip[real][skip[real] != ""].tolist()) if g == 0 else {}))
+            out["file"].append(file)
+            out["bucket"].append(bucket)
+            out["stats"].append(json.dumps(stats))
+            encoders = sorted(set(str(x) for x in batch["encoder_node"][idx])) if "encoder_node" in batch else []
+            out["nodes"].append(json.dumps({"encoder": encoders, "writer": [writer] if writer else []}))
+    text = ("error", "skipped", "file", "bucket", "stats", "nodes")
+    return {k: np.array(v, dtype=object if k in text else np.int64) for k, v in out.items()}
+
+
+def _write_part(batch: dict, rows: np.ndarray, keys: np.ndarray, output: str, run: str, shard: int,
+                channels: int) -> tuple[str, dict]:
+    """One part (rows by key, atomic) and its statistics: per-channel latent sums, class labels, flip gap."""
+    rows = rows[np.argsort(keys[rows], kind="stable")]
+    buf = io.BytesIO()
+    table = _table(batch, rows)
+    pq.write_table(table, buf, compression="zstd")
+    file = f"parts/{run}-{shard:07d}-{uuid.uuid4().hex[:8]}.parquet"
+    storage.write_bytes_atomic(storage.join(output, file), buf.getvalue())
+    mean = np.stack(list(np.asarray(batch["latent_mean"])[rows])).astype(np.float64).reshape(len(rows), channels, -1)
+    std = np.stack(list(np.asarray(batch["latent_std"])[rows])).astype(np.float64).reshape(len(rows), channels, -1)
+    stats = {"sum": mean.sum(axis=(0, 2)).tolist(),
+             "sumsq": (mean ** 2 + std ** 2).sum(axis=(0, 2)).tolist(),  # E[z^2], z ~ q(z|x)
+             "n": int(mean.shape[0] * mean.shape[2]),
+             # rows per class label ("none": no label), so a class-conditional run is checked up front
+             "labels": dict(Counter("none" if x is None else str(x) for x in table["label"].to_pylist()))}
+    if "flip_sq" in batch:  # how far mirroring a latent is from the mirrored image's latent
+        stats["flip_sq"] = float(np.asarray(batch["flip_sq"], np.float64)[rows].sum())
+    return file, stats
 
 
 def _add_stats(a: dict, b: dict) -> dict:
@@ -288,6 +337,8 @@ def _add_stats(a: dict, b: dict) -> dict:
         out["labels"] = dict(Counter(a.get("labels", {})) + Counter(b.get("labels", {})))
     if "flip_sq" in a or "flip_sq" in b:
         out["flip_sq"] = a.get("flip_sq", 0.0) + b.get("flip_sq", 0.0)
+    if "buckets" in a or "buckets" in b:
+        out["buckets"] = dict(Counter(a.get("buckets", {})) + Counter(b.get("buckets", {})))
     return out
 
 
@@ -360,7 +411,8 @@ class ShardLedger:
         for i in range(len(summary["shard"])):
             s = int(summary["shard"][i])
             p = self.pending.setdefault(s, {"got": 0, "total": None, "error": None, "read": 0, "kept": 0,
-                                            "skipped": Counter(), "files": [], "rows": {}, "stats": {}})
+                                            "skipped": Counter(), "files": [], "rows": {}, "buckets": {},
+                                            "stats": {}})
             p["got"] += int(summary["got"][i])
             if summary["total"][i] >= 0:
                 p["total"], p["error"] = int(summary["total"][i]), str(summary["error"][i]) or None
@@ -370,6 +422,8 @@ class ShardLedger:
             if summary["file"][i]:
                 p["files"].append(str(summary["file"][i]))
                 p["rows"][str(summary["file"][i])] = int(summary["kept"][i])
+                if "bucket" in summary and summary["bucket"][i]:
+                    p["buckets"][str(summary["file"][i])] = str(summary["bucket"][i])
             p["stats"] = _add_stats(p["stats"], json.loads(summary["stats"][i]))
             for role, ids in json.loads(summary["nodes"][i]).items():
                 self.nodes[role].update(n for n in ids if n)
@@ -385,6 +439,8 @@ class ShardLedger:
                  "error": p["error"], "files": sorted(p["files"]),
                  "part_rows": [p["rows"][f] for f in sorted(p["files"])], "commit": commit_name(uri),
                  "finished": time.time()}
+        if p["buckets"]:  # a bucketed cache: each part's aspect bucket "HxW"
+            entry["part_buckets"] = [p["buckets"][f] for f in sorted(p["files"])]
         if p["stats"]:
             entry["stats"] = p["stats"]
         storage.write_json_atomic(storage.join(self.output, entry["commit"]), {"uri": uri, "entry": entry})

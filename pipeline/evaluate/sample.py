@@ -33,7 +33,9 @@ def load_ldm(export: str, use_ema: bool = True, device="cpu") -> tuple[LatentDif
             "autoencoder": json.loads(meta.get("autoencoder", "{}")),
             "text_encoder": json.loads(meta.get("text_encoder", "{}")), "step": meta.get("step"),
             "mlflow_run_id": meta.get("mlflow_run_id", ""),
-            "latent_shape": tuple(json.loads(meta["latent_shape"]))}
+            "latent_shape": tuple(json.loads(meta["latent_shape"])),
+            # the aspect buckets it was trained on ((h, w) pixels; [] = square crops): --size picks the nearest
+            "buckets": [tuple(b) for b in json.loads(meta.get("buckets", "[]"))]}
     return net.to(device).eval(), info
 
 
@@ -151,6 +153,9 @@ class LDMSampler:
             size = shape
         if self.mode == "layout":
             prompts, size = self.layout_size(prompts, size)
+        if size is not None and self.info["buckets"] and size not in self.info["buckets"]:
+            from pipeline.data.buckets import nearest
+            size = nearest(size[1], size[0], self.info["buckets"])  # a bucketed model: the bucket of that aspect
         images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
                           self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
                           sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,

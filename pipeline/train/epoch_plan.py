@@ -87,6 +87,8 @@ def to_tensors(table: pa.Table) -> dict:
         col = table.column(name).combine_chunks()
         if pa.types.is_fixed_size_list(col.type):
             arr = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        elif pa.types.is_list(col.type):  # a bucketed cache's latents: one bucket per batch, so rows of one length
+            arr = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         else:
             arr = col.to_numpy(zero_copy_only=False)
         out[name] = torch.from_numpy(np.require(arr, requirements=["C", "W"]))
@@ -201,3 +203,90 @@ class PlannedBatches:
     def __call__(self, state: dict) -> Iterator[dict]:
         for table in self.tables(state):
             yield to_tensors(table)
+
+
+class BucketedBatches:
+    """PlannedBatches for a cache of aspect buckets (each part holds one bucket): every batch is drawn from one
+    bucket, the same bucket on every rank at every step. An epoch plans each bucket as above (its parts, its equal
+    per-rank shares, windows, seeded shuffles; a bucket holding less than a batch per rank sits the epoch out), then
+    interleaves the buckets' batches in an order seeded by (seed, epoch): the same on every rank, and the data
+    position (epoch, batches consumed) still says where each bucket's stream stands. Windows are read one at a
+    time, as a bucket's stream reaches them."""
+
+    def __init__(self, reader, rows: Sequence[int], buckets: Sequence[tuple[int, int]], world: int, rank: int,
+                 batch_size: int, shuffle_rows: int, seed: int, log=lambda _msg: None):
+        self.reader, self.rows, self.world, self.rank = reader, list(rows), world, rank
+        self.batch_size, self.shuffle_rows, self.seed, self.log = batch_size, max(1, shuffle_rows), seed, log
+        self.parts: dict[tuple[int, int], list[int]] = {}
+        for p, b in enumerate(buckets):
+            self.parts.setdefault(tuple(b), []).append(p)
+        self.buckets = sorted(self.parts)
+        self.epochs = 0
+        left_out = [b for b in self.buckets if sum(self.rows[p] for p in self.parts[b]) // world < batch_size]
+        if len(left_out) == len(self.buckets):
+            raise DataError(f"no aspect bucket holds a batch of {batch_size} for each of {world} worker(s) (rows per "
+                            f"bucket: {self.sizes()}): lower --batch-size or --num-workers, or add data")
+        if left_out:
+            log(f"aspect buckets {', '.join(f'{h}x{w}' for h, w in left_out)} hold less than a batch per worker and "
+                f"sit every epoch out")
+        self.active = [b for b in self.buckets if b not in left_out]
+
+    def sizes(self) -> dict[str, int]:
+        return {f"{h}x{w}": sum(self.rows[p] for p in self.parts[(h, w)]) for h, w in self.buckets}
+
+    def plan(self, epoch: int) -> tuple[list[int], list[list[list[Slice]]]]:
+        """(the bucket index of each batch of the epoch, each active bucket's windows of slices into its parts)."""
+        plans, order = [], []
+        for i, b in enumerate(self.active):
+            parts = self.parts[b]
+            sl = rank_slices([self.rows[p] for p in parts], self.world, self.rank, epoch, self.seed * 7919 + i,
+                             self.batch_size)
+            plans.append(windows([Slice(parts[s.part], s.start, s.stop) for s in sl], self.shuffle_rows))
+            order += [i] * (sum(s.rows for s in sl) // self.batch_size)
+        return list(np.random.default_rng([self.seed, epoch, 1]).permutation(np.array(order, np.int64))), plans
+
+    def _stream(self, plan: list[list[Slice]], skip_rows: int, epoch: int, index: int) -> Iterator[pa.Table]:
+        """One bucket's batches in this epoch, after its first `skip_rows` rows."""
+        first, offset = seek(plan, skip_rows) if skip_rows < sum(s.rows for w in plan for s in w) else (len(plan), 0)
+        buf = None
+        for i in range(first, len(plan)):
+            win = plan[i]
+            tables = list(self.reader([s.part for s in win]))
+            rows = pa.concat_tables([t.slice(s.start, s.rows) for t, s in zip(tables, win)])
+            rows = rows.take(window_order(len(rows), self.seed, epoch, self.rank, index * 100_003 + i))
+            if i == first and offset:
+                rows = rows.slice(offset)
+            buf = rows if buf is None else pa.concat_tables([buf, rows])
+            while len(buf) >= self.batch_size:
+                batch, buf = buf.slice(0, self.batch_size), buf.slice(self.batch_size)
+                yield batch
+
+    def tables(self, state: dict) -> Iterator[tuple[pa.Table, tuple[int, int]]]:
+        epoch, skip = state["epoch"], state["batch_in_epoch"]
+        while True:
+            order, plans = self.plan(epoch)
+            if skip and skip == len(order):  # stopped at the epoch's end
+                epoch, skip = epoch + 1, 0
+                continue
+            if skip > len(order):
+                raise DataError(f"the data position (batch {skip} of epoch {epoch}) is past this epoch's {len(order)} "
+                                f"batches: the cache or --batch-size / --num-workers changed since the checkpoint")
+            done = np.bincount(np.asarray(order[:skip], np.int64), minlength=len(plans))
+            if skip:
+                self.log(f"data position: epoch {epoch}, batch {skip}: each bucket's stream sought to its own "
+                         f"position ({', '.join(f'{h}x{w}: {n}' for (h, w), n in zip(self.active, done))} batches)")
+            state["epoch"], state["batch_in_epoch"] = epoch, skip
+            self.epochs += 1
+            streams = [self._stream(plans[i], int(done[i]) * self.batch_size, epoch, i) for i in range(len(plans))]
+            for i in order[skip:]:
+                state["batch_in_epoch"] += 1
+                yield next(streams[i]), self.active[i]
+            epoch, skip = epoch + 1, 0
+
+    def __call__(self, state: dict) -> Iterator[dict]:
+        import torch
+        for table, (h, w) in self.tables(state):
+            batch = to_tensors(table)
+            batch["target_h"] = torch.full((len(table),), h, dtype=torch.int32)  # the bucket's size in pixels
+            batch["target_w"] = torch.full((len(table),), w, dtype=torch.int32)
+            yield batch

@@ -14,7 +14,7 @@ from pipeline.common import storage
 from pipeline.common.errors import DataError
 from pipeline.common.models import text_encoder_path
 from pipeline.common.tracking import open_or_continue_run, redact, register_version
-from pipeline.encode.latent_cache import decoded_bytes, part_files, part_rows, read_manifest
+from pipeline.encode.latent_cache import decoded_bytes, part_buckets, part_files, part_rows, read_manifest
 from pipeline.train.options import TrainOptions, load_deepspeed_preset
 
 
@@ -39,6 +39,12 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
     if manifest["latent_shape"][1] % (2 ** levels):
         raise CacheConfigMismatch(f"latent size {manifest['latent_shape'][1:]} is not divisible by 2^{levels} "
                                   f"(the UNet's downsampling); change unet.channel_mult or --resolution")
+    f, m = cfg.autoencoder.downsample_factor, cfg.autoencoder.downsample_factor * 2 ** levels
+    odd = [b for b in manifest.get("totals", {}).get("buckets", {}) if any(int(v) % m for v in b.split("x"))]
+    if odd:
+        raise CacheConfigMismatch(f"aspect buckets {', '.join(odd)} of the cache {cache} are not multiples of {m} "
+                                  f"pixels (f={f} x the UNet's 2^{levels} downsampling): re-encode with --bucket-step "
+                                  f"{m}, or change unet.channel_mult")
     text = manifest.get("text_encoder", {})
     if cfg.conditioning.kind == "text":
         if text.get("kind") != "hf":
@@ -102,6 +108,12 @@ def check_launch(opts: TrainOptions, manifest: dict, rows: int | None = None) ->
     or of the `rows` that --filter keeps), a first stage for the sample grids that is not the one the cache was
     encoded with."""
     rows, world = manifest["counts"]["kept"] if rows is None else rows, opts.num_workers
+    if manifest["totals"].get("buckets") and not opts.filter:  # a batch is drawn from one aspect bucket
+        rows = max(manifest["totals"]["buckets"].values())
+        if rows // world < opts.batch_size:
+            raise DataError(f"--batch-size {opts.batch_size}: a batch comes from one aspect bucket, and none holds a "
+                            f"batch for each of {world} worker(s) (rows per bucket: {manifest['totals']['buckets']}); "
+                            f"lower --batch-size or --num-workers, or add data")
     if rows // world < opts.batch_size:
         what = f"the rows --filter '{opts.filter}' keeps" if opts.filter else "the cache"
         raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of {what} ({rows} rows / "
@@ -227,7 +239,9 @@ def run_train(opts: TrainOptions, log=print) -> dict:
         f"{manifest['latent_shape']}, scale {scale.scale:.5f}, shift {scale.shift:.5f}; conditioning "
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}"
         + (f"; each sample mirrored with probability {opts.flip_prob:g} (cached flipped latents)"
-           if opts.flip_prob > 0 else ""))
+           if opts.flip_prob > 0 else "")
+        + (f"; aspect buckets (rows): {manifest['totals']['buckets']}, a batch from one bucket"
+           if data.buckets else ""))
     run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
     data = replace(data, keep=keep_parts(opts, data.files, list(data.columns),
@@ -280,11 +294,12 @@ def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached
     from pipeline.train.ldm_loop import TrainData
     from pipeline.train.row_filter import RowFilter, count_kept
     rows = part_rows(opts.latents, manifest)
+    sizes = part_buckets(manifest) or ()
     columns = tuple(stream_columns(cfg, cached_emb)) + (("latent_flip_mean", "latent_flip_std") if opts.flip_prob > 0
                                                         else ())
     flt = RowFilter.parse(opts.filter)
     if not flt:
-        return TrainData(tuple(files), tuple(rows), columns, False)
+        return TrainData(tuple(files), tuple(rows), columns, False, buckets=tuple(sizes))
     kept, removed = count_kept(flt, files, log)
     total = sum(rows)
     log(f"[train] --filter {flt}: keeps {sum(kept)} of {total} rows ({sum(kept) / max(1, total):.1%}); removed "
@@ -293,7 +308,7 @@ def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached
         raise DataError(f"--filter {flt} keeps no row of the cache {opts.latents}: loosen it")
     on = [i for i, k in enumerate(kept) if k]
     return TrainData(tuple(files[i] for i in on), tuple(rows[i] for i in on), columns, False, str(flt),
-                     tuple(kept[i] for i in on))
+                     tuple(kept[i] for i in on), tuple(sizes[i] for i in on) if sizes else ())
 
 
 def keep_parts(opts: TrainOptions, files: list[str], columns: list[str], rows: int, log) -> bool:

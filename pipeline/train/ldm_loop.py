@@ -66,13 +66,17 @@ class TrainData:
     keep: bool
     filter: str = ""
     filtered_rows: tuple[int, ...] = ()
+    buckets: tuple[tuple[int, int], ...] = ()  # each part's aspect bucket (h, w) in pixels; () = square crops
 
     def batches(self, o: TrainOptions, w: "Worker"):
-        from pipeline.train.epoch_plan import PlannedBatches, RayDataParts
+        from pipeline.train.epoch_plan import BucketedBatches, PlannedBatches, RayDataParts
         from pipeline.train.row_filter import RowFilter
         flt = RowFilter.parse(self.filter)
         rows = self.filtered_rows if flt else self.rows
         reader = RayDataParts(self.files, self.rows, self.columns, self.keep, flt, self.filtered_rows)
+        if self.buckets:
+            return BucketedBatches(reader, rows, self.buckets, w.world, w.rank, o.batch_size, o.shuffle_buffer,
+                                   o.seed, log=w.say)
         return PlannedBatches(reader, rows, w.world, w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
 
 
@@ -153,7 +157,8 @@ def export(job: LDMJob, engine, ema: EMA | None, step: int, out_dir: str) -> str
     meta = {"step": str(step), "latent_scale": job.latent_scale.to_json(),
             "latent_shape": json.dumps(list(job.latent_shape)),
             "autoencoder": json.dumps(job.autoencoder_identity), "text_encoder": json.dumps(job.text_encoder_identity),
-            "mlflow_run_id": job.run.mlflow_run_id or ""}  # jobs/evaluate.py files its run under this one
+            "mlflow_run_id": job.run.mlflow_run_id or "",  # jobs/evaluate.py files its run under this one
+            "buckets": json.dumps(sorted({tuple(b) for b in job.data.buckets}))}  # sample.py --size picks one
     save_components(path, comps, to_dict(job.cfg), meta)
     return path
 
@@ -303,6 +308,9 @@ def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedul
     """L_LDM (eq. 2) on z ~ q(z|x) drawn from the cached posterior and rescaled to unit variance (§4.3.2), with
     the condition dropped for classifier-free guidance training."""
     shape = job.latent_shape
+    if "target_h" in batch:  # an aspect bucket's batch: its latents have the bucket's shape
+        f = job.cfg.autoencoder.downsample_factor
+        shape = (shape[0], int(batch["target_h"][0]) // f, int(batch["target_w"][0]) // f)
     mean, std = flipped_posterior(batch, job.opts.flip_prob, gen, device)
     posterior = DiagonalGaussian(mean=mean.float().view(-1, *shape), std=std.float().view(-1, *shape))
     z0 = job.latent_scale.to_diffusion(posterior.sample(gen))

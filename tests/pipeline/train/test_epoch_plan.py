@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.common.errors import DataError
-from pipeline.train.epoch_plan import PlannedBatches, RayDataParts, rank_slices, seek, windows
+from pipeline.train.epoch_plan import BucketedBatches, PlannedBatches, RayDataParts, rank_slices, seek, windows
 
 ROWS = [37, 50, 13, 64, 41, 29, 50, 8]  # uneven parts, as a real cache's are
 
@@ -105,3 +105,43 @@ def test_ray_data_reads_whole_parts_in_the_order_asked(ray_local, tmp_path):
     short = RayDataParts(files, [n + 1 if p == 3 else n for p, n in enumerate(ROWS)], ["key"])
     with pytest.raises(DataError, match="part-3.parquet holds fewer rows"):
         list(short([3]))
+
+
+BUCKETS = [(16, 16), (12, 20), (16, 16), (20, 12), (12, 20), (16, 16), (20, 12), (12, 20)]  # one per part
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_bucketed_epochs_draw_each_batch_from_one_bucket_the_same_on_every_rank(world):
+    tables = part_tables()
+    b = 4
+
+    def run(rank, state, n):
+        got = []
+        for batch in itertools.islice(BucketedBatches(CountingReader(tables), ROWS, BUCKETS, world, rank, b, 20,
+                                                      seed=2)(state), n):
+            parts = {k // 1000 for k in batch["key"].tolist()}
+            assert len({BUCKETS[p] for p in parts}) == 1  # one bucket per batch ...
+            assert {(batch["target_h"][0].item(), batch["target_w"][0].item())} == {BUCKETS[min(parts)]}
+            got.append(batch["key"].tolist())
+        return got
+
+    per_epoch = sum(sum(ROWS[p] for p in range(8) if BUCKETS[p] == k) // world // b for k in set(BUCKETS))
+    epochs = {r: run(r, {"epoch": 0, "batch_in_epoch": 0}, 2 * per_epoch) for r in range(world)}
+    for r in range(world):  # ... the same bucket at every step on every rank
+        assert [BUCKETS[e[0] // 1000] for e in epochs[r]] == [BUCKETS[e[0] // 1000] for e in epochs[0]]
+    for half in (slice(0, per_epoch), slice(per_epoch, 2 * per_epoch)):  # an epoch sees each row at most once,
+        rows = [k for r in range(world) for e in epochs[r][half] for k in e]  # all but < a batch per rank and bucket
+        assert len(rows) == len(set(rows)) > sum(ROWS) - world * b * len(set(BUCKETS))
+    assert epochs[0][:per_epoch] != epochs[0][per_epoch:]
+    for stop in (1, 7, per_epoch - 1, per_epoch, per_epoch + 3):  # a restart seeks, the same batches follow
+        state = {"epoch": 0, "batch_in_epoch": 0}
+        run(0, state, stop)
+        assert run(0, dict(state), 5) == epochs[0][stop:stop + 5]
+
+
+def test_a_bucket_without_a_batch_per_worker_sits_out():
+    lines = []
+    bb = BucketedBatches(CountingReader(part_tables()), ROWS, BUCKETS, 2, 0, 40, 20, seed=0, log=lines.append)
+    assert bb.active == [(12, 20), (20, 12)] and "16x16 hold less than a batch per worker" in lines[0]  # 79 rows
+    with pytest.raises(DataError, match="no aspect bucket holds a batch of 90"):
+        BucketedBatches(CountingReader(part_tables()), ROWS, BUCKETS, 2, 0, 90, 20, seed=0)
