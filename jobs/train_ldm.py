@@ -42,6 +42,14 @@ def parse(argv=None):
                    "latent of the mirrored image comes from the cache (encode with --flip-latents); -1 = auto: 0.5 "
                    "when the cache has flipped latents and the model's condition is not spatial (a label map, boxes, "
                    "a low-res or masked image would need mirroring too), else 0")
+    d.add_argument("--resolution", type=int, default=D["resolution"],
+                   help="train on this resolution of a multi-resolution cache (encode --resolutions 256,512); rows "
+                   "whose image is smaller than it are left out (0 = the cache's first resolution)")
+    d.add_argument("--resume-from", default=D["resume_from"],
+                   help="start a new phase from another run (a run dir, a checkpoint dir or mlflow:RUN_ID), e.g. a "
+                   "256 px run continued at --resolution 512: its weights, optimizer, EMA and step carry over and the "
+                   "data position restarts; this run gets its own --name and MLflow run, filed under the other's. "
+                   "--max-steps counts on from the other's steps")
     g = add_run_args(p, TrainOptions, "latents")
     t = g["optimisation"]
     t.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="micro-steps per optimizer step")

@@ -47,6 +47,8 @@ class PreprocessConfig:
     layout_boxes: int = 0                # also keep up to this many of the metadata's layout boxes, moved with the
     #                                      resize and crop (layout-to-image); 0 = none
     flip_latents: bool = False           # the encoder also keeps the latent of the image mirrored left-right
+    extra_resolutions: tuple[int, ...] = ()  # also crop (and encode) each image at these sizes, multiples of
+    #                                      resolution, in the same pass; left out where the image is smaller
     bucket: bool = False                 # aspect-ratio buckets of ~resolution^2 pixels instead of square crops
     bucket_step: int = 64                # bucket sides are multiples of this (pixels)
     dedup: str = "off"                   # off | exact | near: drop records whose image an earlier one has (dedup.py)
@@ -196,6 +198,24 @@ def bucket_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
     return np.asarray(im.crop((left, top, left + bw, top + bh)), dtype=np.uint8), top, left
 
 
+def crop_at(im: Image.Image, cfg: PreprocessConfig, size: tuple[int, int], base: tuple[int, int, int, int],
+            r: int) -> bytes:
+    """The crop of the same region at resolution `r` (a multiple of cfg.resolution): the base crop (h, w, top, left)
+    scaled by r / resolution, from the image resized to cover it; b"" where that needs upscaling (the image is
+    smaller than this resolution asks)."""
+    k = r // cfg.resolution
+    bh, bw, top, left = (v * k for v in base)
+    w, h = size
+    s = max(bw / w, bh / h) if cfg.bucket else max(cfg.resize * k, r) / min(w, h)
+    if s > 1.0 + 1e-9:
+        return b""
+    nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+    if (nw, nh) != im.size:
+        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    top, left = min(top, nh - bh), min(left, nw - bw)
+    return np.asarray(im.crop((left, top, left + bw, top + bh)), dtype=np.uint8).tobytes()
+
+
 def crop_label_map(data: bytes, size: tuple[int, int], cfg: PreprocessConfig, top: int, left: int):
     """A record's label map (PNG of class ids, the image's size) resized (nearest: ids stay ids) and cropped exactly as
     its image: (uint8 r x r, None), or (None, skip reason)."""
@@ -299,6 +319,7 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
     crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
     image_hashes, phashes = np.zeros(n, np.int64), np.zeros(n, np.int64)
     bucket_h, bucket_w = np.zeros(n, np.int32), np.zeros(n, np.int32)  # the crop's size (a bucket's, or r x r)
+    extra = {r: np.full(n, b"", dtype=object) for r in cfg.extra_resolutions}  # the same crop at each resolution
     skip = np.array(batch["skip"], dtype=object)
     for i in range(n):
         pixels[i] = b""
@@ -314,6 +335,9 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
         image_hashes[i], phashes[i] = image_hash(im), phash(im)
         arr, crop_top[i], crop_left[i] = (bucket_crop if cfg.bucket else resize_crop)(im, cfg, str(batch["key"][i]))
         bucket_h[i], bucket_w[i] = arr.shape[:2]
+        for r in cfg.extra_resolutions:
+            extra[r][i] = crop_at(im, cfg, (int(orig_w[i]), int(orig_h[i])),
+                                  (int(bucket_h[i]), int(bucket_w[i]), int(crop_top[i]), int(crop_left[i])), r)
         if cfg.label_maps:
             seg, reason = crop_label_map(batch["label_map"][i] if "label_map" in batch else b"", im.size, cfg,
                                          int(crop_top[i]), int(crop_left[i]))
@@ -338,6 +362,9 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
     out = {k: v for k, v in batch.items() if k not in ("image", "label_map")}
     out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left,
                image_hash=image_hashes, phash=phashes, bucket_h=bucket_h, bucket_w=bucket_w)
+    for r in cfg.extra_resolutions:
+        extra[r][skip != ""] = b""
+        out[f"pixels_{r}"] = extra[r]
     if cfg.lowres_factor:
         out["lowres"] = lowres
     if cfg.inpaint_variants:

@@ -27,7 +27,8 @@ class LatentEncoder:
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
                  store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = "",
                  precision: str = "auto", compile: str = "auto", channels_last: bool = False,
-                 cudnn_benchmark: bool = True, flip: bool = False, bucket: bool = False):
+                 cudnn_benchmark: bool = True, flip: bool = False, bucket: bool = False,
+                 extra_resolutions: tuple[int, ...] = ()):
         from pipeline.common.models import load_autoencoder
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -51,6 +52,7 @@ class LatentEncoder:
         self.resolution = resolution
         self.flip = flip  # also encode each image mirrored left-right (--flip-latents)
         self.bucket = bucket  # rows of several sizes (aspect buckets): latents as one flat array per row
+        self.extra = tuple(extra_resolutions)  # the same crops at these resolutions too (a multi-resolution cache)
         self.text = None
         self.tokenizer = None
         self.store_text_embeddings = store_text_embeddings
@@ -65,8 +67,14 @@ class LatentEncoder:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         good = np.array([not s for s in batch["skip"]], dtype=bool)
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "masks")}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "masks") and not k.startswith("pixels_")}
         out["encoder_node"] = np.full(n, self.node, dtype=object)  # where the work ran, for the job's summary
+        for r in self.extra:  # rows whose image is smaller than r have no latent there (an empty one)
+            k = r // self.resolution
+            has = good & np.array([len(b) > 0 for b in batch[f"pixels_{r}"]], bool)
+            got = self.encode_buckets({"pixels": batch[f"pixels_{r}"], "bucket_h": np.asarray(batch["bucket_h"]) * k,
+                                       "bucket_w": np.asarray(batch["bucket_w"]) * k}, has)
+            out.update({f"{c}_{r}": v for c, v in got.items() if c != "flip_sq"})
         if self.bucket:
             out.update(self.encode_buckets(batch, good))
             return self.add_text(batch, out)

@@ -81,6 +81,15 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
         raise ValueError(f"--layout-boxes {opts.preprocess.layout_boxes} must be >= 0 (boxes kept per image)")
     check_dedup(opts.preprocess)
     check_buckets(opts.preprocess, f)
+    for r in opts.preprocess.extra_resolutions:
+        if r <= res or r % res:
+            raise ValueError(f"--resolutions: {r} is not a multiple of the first resolution {res} (e.g. 256,512): "
+                             f"each extra crop is the same region at k times the size")
+    if opts.preprocess.extra_resolutions and (opts.preprocess.crop == "tile" or any(
+            (opts.preprocess.lowres_factor, opts.preprocess.inpaint_variants, opts.preprocess.label_maps,
+             opts.preprocess.layout_boxes))):
+        raise ValueError("--resolutions with several sizes caches the latents only: not with --crop tile or a task's "
+                         "condition (--lowres-factor, --inpaint-variants, --label-maps, --layout-boxes)")
     if opts.preprocess.inpaint_variants < 0:
         raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
     latent_shape = [ae.cfg.embed_dim, res // f, res // f]
@@ -88,6 +97,9 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
                                                                                opts.store_text_embeddings),
               "resolution": res, "latent_shape": latent_shape, "layout": shard_set.layout,
               "preprocess": opts.preprocess.to_dict()}
+    if opts.preprocess.extra_resolutions:  # a multi-resolution cache: latent_mean_R ... beside the first one's
+        header["resolutions"] = [res, *opts.preprocess.extra_resolutions]
+        header["latent_shapes"] = {str(r): [ae.cfg.embed_dim, r // f, r // f] for r in header["resolutions"]}
     if opts.preprocess.bucket:
         from pipeline.data.buckets import buckets
         header["buckets"] = [list(b) for b in buckets(res, opts.preprocess.bucket_step, opts.preprocess.max_aspect)]
@@ -205,7 +217,8 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
                                    store_text_embeddings=opts.store_text_embeddings,
                                    resolution=opts.preprocess.resolution, threads=max(1, int(opts.cpus_per_encoder)),
                                    tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile,
-                                   flip=opts.preprocess.flip_latents, bucket=opts.preprocess.bucket))
+                                   flip=opts.preprocess.flip_latents, bucket=opts.preprocess.bucket,
+                                   extra_resolutions=opts.preprocess.extra_resolutions))
 
 
 def write_stage(ds, opts: EncodeOptions, channels: int, run: str):
@@ -248,6 +261,9 @@ def format_summary(s: dict) -> str:
                      f"{s['flip_gap']:.1%} of the latent std (RMS)")
     if s.get("buckets"):
         lines.append(" buckets       " + ", ".join(f"{k}: {v}" for k, v in s["buckets"].items()))
+    if s.get("resolutions"):
+        lines.append(" resolutions   " + ", ".join(f"{r}px: {v} rows" for r, v in s["resolutions"].items())
+                     + " (an image smaller than a resolution is left out of it)")
     if s.get("labels"):
         named = {k: v for k, v in s["labels"].items() if k != "none"}
         lines.append(f" class labels  {len(named)} distinct on {sum(named.values())} rows"

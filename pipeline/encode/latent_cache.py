@@ -44,7 +44,8 @@ ROUTING = ("skip", "shard_total", "shard_error", "shard", "ext", "encoder_node",
 
 
 # preprocess settings that add columns to every part (super-resolution's low-res copies, inpainting's variants)
-CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes", "flip_latents", "bucket")
+CONDITION_COLUMNS = ("lowres_factor", "inpaint_variants", "label_maps", "layout_boxes", "flip_latents", "bucket",
+                     "extra_resolutions")
 
 
 class CacheMismatch(ValueError):
@@ -167,6 +168,7 @@ def totals(manifest: dict) -> dict:
     n = 0
     flip_sq = None
     buckets: Counter = Counter()
+    resolutions: Counter = Counter()
     labels: Counter | None = Counter()
     for sh in manifest["shards"].values():
         read += sh["read"]
@@ -180,12 +182,17 @@ def totals(manifest: dict) -> dict:
                 flip_sq = (flip_sq or 0.0) + sh["stats"]["flip_sq"]
             if "buckets" in sh["stats"]:
                 buckets.update(sh["stats"]["buckets"])
+            if "resolutions" in sh["stats"]:
+                resolutions.update(sh["stats"]["resolutions"])
             if labels is not None and "labels" in sh["stats"]:
                 labels.update(sh["stats"]["labels"])
             else:  # a shard encoded before label counts were kept: the cache's labels are unknown
                 labels = None
     out = {"read": read, "kept": kept, "skipped": dict(sorted(skipped.items())),
            "skipped_total": sum(skipped.values())}
+    if manifest.get("resolutions"):  # rows with a latent at each resolution
+        out["resolutions"] = {str(manifest["resolutions"][0]): kept, **{r: resolutions.get(r, 0) for r in
+                                                                        map(str, manifest["resolutions"][1:])}}
     if buckets:  # rows per aspect bucket "HxW", tall to wide
         out["buckets"] = dict(sorted(buckets.items(), key=lambda kv: bucket_aspect(kv[0])))
     if labels is not None:
@@ -233,6 +240,11 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
     if "input_ids" in col:
         cols["input_ids"] = _fsl(col["input_ids"], pa.int32())
         cols["attention_mask"] = _fsl(col["attention_mask"], pa.int8())
+    for name in sorted(col):  # a multi-resolution cache: latent_mean_R ... (empty where the image is smaller)
+        if name.split("_")[-1].isdigit() and name.startswith(("latent_mean_", "latent_std_", "latent_flip_")):
+            cols[name] = _fsl(col[name], pa.float16())
+            if name.startswith("latent_mean_"):  # whether the row has it: what training at R filters on, cheaply
+                cols[f"has_{name.split('_')[-1]}"] = pa.array([len(v) > 0 for v in col[name]], pa.bool_())
     if "latent_flip_mean" in col:  # the posterior of the image mirrored left-right (--flip-latents)
         cols["latent_flip_mean"] = _fsl(col["latent_flip_mean"], pa.float16())
         cols["latent_flip_std"] = _fsl(col["latent_flip_std"], pa.float16())
@@ -323,6 +335,10 @@ def _write_part(batch: dict, rows: np.ndarray, keys: np.ndarray, output: str, ru
              "labels": dict(Counter("none" if x is None else str(x) for x in table["label"].to_pylist()))}
     if "flip_sq" in batch:  # how far mirroring a latent is from the mirrored image's latent
         stats["flip_sq"] = float(np.asarray(batch["flip_sq"], np.float64)[rows].sum())
+    extra = [c for c in batch if c.startswith("latent_mean_") and c.split("_")[-1].isdigit()]
+    if extra:  # rows that have a latent at each extra resolution
+        stats["resolutions"] = {c.split("_")[-1]: int(sum(len(v) > 0 for v in np.asarray(batch[c])[rows]))
+                                for c in extra}
     return file, stats
 
 
@@ -337,8 +353,9 @@ def _add_stats(a: dict, b: dict) -> dict:
         out["labels"] = dict(Counter(a.get("labels", {})) + Counter(b.get("labels", {})))
     if "flip_sq" in a or "flip_sq" in b:
         out["flip_sq"] = a.get("flip_sq", 0.0) + b.get("flip_sq", 0.0)
-    if "buckets" in a or "buckets" in b:
-        out["buckets"] = dict(Counter(a.get("buckets", {})) + Counter(b.get("buckets", {})))
+    for key in ("buckets", "resolutions"):
+        if key in a or key in b:
+            out[key] = dict(Counter(a.get(key, {})) + Counter(b.get(key, {})))
     return out
 
 
@@ -349,6 +366,11 @@ def summarise(m: dict) -> None:
     m["totals"] = totals(m)
     m["counts"] = {k: m["totals"][k] for k in ("read", "kept", "skipped_total")}
     m["skipped"] = m["totals"]["skipped"]
+
+
+def _setting(v):
+    """A preprocess setting as JSON gives it back (a tuple is a list; off, absent and empty are 0)."""
+    return list(v) if isinstance(v, (list, tuple)) and v else (v or 0)
 
 
 class ShardLedger:
@@ -369,8 +391,8 @@ class ShardLedger:
                     from pipeline.common.models import first_stage_key
                     old, new = first_stage_key(old), first_stage_key(new)
                 if key in CONDITION_COLUMNS:  # the columns a part holds: every part of a cache has the same
-                    old = self.manifest.get("preprocess", {}).get(key, 0)
-                    new = header.get("preprocess", {}).get(key, 0)
+                    old = _setting(self.manifest.get("preprocess", {}).get(key))
+                    new = _setting(header.get("preprocess", {}).get(key))
                 if old != new:
                     raise CacheMismatch(
                         f"{output} already holds a latent cache with {key}={old} but this run has {key}={new}; "

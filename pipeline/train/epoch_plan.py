@@ -101,8 +101,9 @@ class RayDataParts:
     and later epochs read no file again."""
 
     def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False,
-                 row_filter=None, filtered_rows: Sequence[int] | None = None):
+                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None):
         self.files, self.rows, self.columns, self.keep = list(files), list(rows), list(columns), keep
+        self.rename = rename or {}  # cache column -> the name a step reads it by (another resolution's latents)
         # --filter (pipeline/train/row_filter.py): a part's rows that pass, `filtered_rows[p]` of them
         self.filter, self.filtered_rows = row_filter, list(filtered_rows) if filtered_rows is not None else None
         self.kept: dict[int, pa.Table] = {}
@@ -119,9 +120,12 @@ class RayDataParts:
             yield table
 
     def _filtered(self, p: int, table: pa.Table) -> pa.Table:
+        if self.filter:
+            table = table.filter(pa.array(self.filter.mask(table))).select(self.columns)
+        if self.rename:
+            table = table.rename_columns([self.rename.get(c, c) for c in table.column_names])
         if not self.filter:
             return table
-        table = table.filter(pa.array(self.filter.mask(table))).select(self.columns)
         if len(table) != self.filtered_rows[p]:
             raise DataError(f"--filter {self.filter} keeps {len(table)} rows of {self.files[p]}, not the "
                             f"{self.filtered_rows[p]} counted before the run: the cache changed under the run; "

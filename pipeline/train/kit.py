@@ -30,6 +30,7 @@ class RunPlan:
     name: str
     run_dir: str
     resume_from: str = ""                # an explicit checkpoint dir ("" = the run dir's newest intact one)
+    phase_start: bool = False            # resume_from is another run's (--resume-from): a new phase starts there
 
     @property
     def known_checkpoints(self) -> tuple[str, ...]:
@@ -43,6 +44,7 @@ class WorkerRun:
     resume_from: str
     known_checkpoints: tuple[str, ...]
     threads: int
+    phase_start: bool = False            # resume_from starts a new phase: the data position restarts
 
 
 def resolve_resume(resume: str, storage_path: str, name: str, mlflow_uri: str = "") -> tuple[str, str, str]:
@@ -114,7 +116,7 @@ def keep_in_memory(ds, mode: str, tag: str, log):
 
 
 def worker_run(plan: RunPlan, res: Resources, mlflow_run_id: str) -> WorkerRun:
-    return WorkerRun(mlflow_run_id, plan.resume_from, plan.known_checkpoints, res.threads)
+    return WorkerRun(mlflow_run_id, plan.resume_from, plan.known_checkpoints, res.threads, plan.phase_start)
 
 
 def fit(loop, job, opts: RunOptions, plan: RunPlan, res: Resources, datasets: dict):

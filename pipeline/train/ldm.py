@@ -88,6 +88,26 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
                                   f"(e.g. 4 masks per image)")
 
 
+def at_resolution(manifest: dict, resolution: int, cache: str) -> dict:
+    """The manifest as training at `resolution` sees it: that resolution's latent shape (a multi-resolution cache,
+    encoded with --resolutions), with `base_resolution` the first one, whose crops, buckets and statistics the
+    others scale."""
+    base = manifest["resolution"]
+    if not resolution or resolution == base:
+        return {**manifest, "base_resolution": base}
+    shapes = manifest.get("latent_shapes", {})
+    if str(resolution) not in shapes:
+        have = ", ".join(str(r) for r in manifest.get("resolutions", [base]))
+        raise CacheConfigMismatch(f"--resolution {resolution}: the cache {cache} holds latents at {have} px; encode "
+                                  f"with --resolutions {base},{resolution} (one pass writes both)")
+    k = resolution // base
+    out = {**manifest, "resolution": resolution, "base_resolution": base, "latent_shape": shapes[str(resolution)]}
+    if manifest["totals"].get("buckets"):
+        buckets = {"x".join(str(int(v) * k) for v in b.split("x")): n for b, n in manifest["totals"]["buckets"].items()}
+        out["totals"] = {**manifest["totals"], "buckets": buckets}
+    return out
+
+
 def check_labels(labels: dict | None, num_classes: int, cache: str) -> None:
     """A class-conditional run needs a label in [0, num_classes) on every cached row (the encode job counts them
     from the records' metadata "label"); None: a cache encoded before the counts were kept, not checked."""
@@ -107,15 +127,17 @@ def check_launch(opts: TrainOptions, manifest: dict, rows: int | None = None) ->
     """What the manifest already tells before any worker starts: a batch no worker can fill (of the cache's rows,
     or of the `rows` that --filter keeps), a first stage for the sample grids that is not the one the cache was
     encoded with."""
+    filtered = rows is not None
     rows, world = manifest["counts"]["kept"] if rows is None else rows, opts.num_workers
-    if manifest["totals"].get("buckets") and not opts.filter:  # a batch is drawn from one aspect bucket
+    if manifest["totals"].get("buckets") and not filtered:  # a batch is drawn from one aspect bucket
         rows = max(manifest["totals"]["buckets"].values())
         if rows // world < opts.batch_size:
             raise DataError(f"--batch-size {opts.batch_size}: a batch comes from one aspect bucket, and none holds a "
                             f"batch for each of {world} worker(s) (rows per bucket: {manifest['totals']['buckets']}); "
                             f"lower --batch-size or --num-workers, or add data")
     if rows // world < opts.batch_size:
-        what = f"the rows --filter '{opts.filter}' keeps" if opts.filter else "the cache"
+        what = (f"the rows --filter '{opts.filter}' keeps" if opts.filter else
+                f"the rows with a latent at {manifest['resolution']}px" if filtered else "the cache")
         raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of {what} ({rows} rows / "
                         f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data"
                         + (" or loosen the filter" if opts.filter else ""))
@@ -212,7 +234,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
 
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
-    manifest = read_manifest(opts.latents)
+    manifest = at_resolution(read_manifest(opts.latents), opts.resolution, opts.latents)
     check_cache(cfg, manifest, opts.latents)
     totals = manifest["totals"]
     scale = LatentScale.choose(cfg.scale_factor, totals["latent_channel_mean"], totals["scale_factor"])
@@ -231,6 +253,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     opts = replace(opts, flip_prob=flip_prob(opts, cfg, manifest, log))
     data = train_data(opts, cfg, manifest, files, cached_emb, log)
     check_launch(opts, manifest, sum(data.filtered_rows) if data.filter else None)
+    plan = resume_from(opts, plan, log)
 
     log("[train] config:\n" + format_config(cfg))
     log("[train] options: " + ", ".join(f"{k}={redact(str(v))}" for k, v in asdict(opts).items()
@@ -242,13 +265,13 @@ def run_train(opts: TrainOptions, log=print) -> dict:
            if opts.flip_prob > 0 else "")
         + (f"; aspect buckets (rows): {manifest['totals']['buckets']}, a batch from one bucket"
            if data.buckets else ""))
-    run_id = open_mlflow_run(opts, cfg, plan.run_dir, manifest, scale, log) if opts.mlflow_uri else ""
+    run_id = open_mlflow_run(opts, cfg, plan, manifest, scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
     data = replace(data, keep=keep_parts(opts, data.files, list(data.columns),
                                          sum(data.filtered_rows or data.rows), log))
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
                  prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
-                 opts.text_encoder or text_encoder_path(text_id), text_id, data)
+                 opts.text_encoder or text_encoder_path(text_id), text_id, data, plan.name)
     log(f"[train] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
         f"ZeRO-{opts.zero_stage} {precision}, run dir {plan.run_dir}")
     t0 = time.time()
@@ -294,21 +317,53 @@ def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached
     from pipeline.train.ldm_loop import TrainData
     from pipeline.train.row_filter import RowFilter, count_kept
     rows = part_rows(opts.latents, manifest)
-    sizes = part_buckets(manifest) or ()
+    k = manifest["resolution"] // manifest["base_resolution"]
+    sizes = tuple((h * k, w * k) for h, w in part_buckets(manifest) or ())
     columns = tuple(stream_columns(cfg, cached_emb)) + (("latent_flip_mean", "latent_flip_std") if opts.flip_prob > 0
                                                         else ())
     flt = RowFilter.parse(opts.filter)
+    rename = {}
+    if k > 1:  # another resolution of a multi-resolution cache: its latents, read by the names a step knows
+        r = manifest["resolution"]
+        rename = {f"{c}_{r}": c for c in columns if c.startswith("latent_")}
+        columns = tuple(f"{c}_{r}" if c.startswith("latent_") else c for c in columns)
+        flt = flt.requiring(r)
     if not flt:
-        return TrainData(tuple(files), tuple(rows), columns, False, buckets=tuple(sizes))
+        return TrainData(tuple(files), tuple(rows), columns, False, buckets=sizes)
     kept, removed = count_kept(flt, files, log)
     total = sum(rows)
-    log(f"[train] --filter {flt}: keeps {sum(kept)} of {total} rows ({sum(kept) / max(1, total):.1%}); removed "
-        f"by each clause (a null fails): " + ", ".join(f"{c}: {n}" for c, n in removed.items()))
+    log(f"[train] rows that pass {flt}: {sum(kept)} of {total} ({sum(kept) / max(1, total):.1%}); removed by each "
+        f"clause (a null fails): " + ", ".join(f"{c}: {n}" for c, n in removed.items()))
     if not sum(kept):
         raise DataError(f"--filter {flt} keeps no row of the cache {opts.latents}: loosen it")
-    on = [i for i, k in enumerate(kept) if k]
+    on = [i for i, n in enumerate(kept) if n]
     return TrainData(tuple(files[i] for i in on), tuple(rows[i] for i in on), columns, False, str(flt),
-                     tuple(kept[i] for i in on), tuple(sizes[i] for i in on) if sizes else ())
+                     tuple(kept[i] for i in on), tuple(sizes[i] for i in on) if sizes else (), tuple(rename.items()),
+                     k)
+
+
+def resume_from(opts: TrainOptions, plan, log):
+    """--resume-from: a new phase (e.g. 256 -> 512 px) that starts from another run's latest checkpoint, its weights,
+    optimizer, EMA and step carried over and the data position restarted; a rerun of the phase, whose run dir has
+    checkpoints of its own by then, continues from those instead."""
+    if not opts.resume_from:
+        return plan
+    from pipeline.train import kit
+    from pipeline.train.checkpoints import list_checkpoints
+    if opts.resume:
+        raise ValueError("--resume continues a run, --resume-from starts a new phase from another run: give one")
+    if plan.known_checkpoints:
+        log(f"[train] --resume-from {opts.resume_from}: this run dir has checkpoints of its own; continuing it")
+        return plan
+    parent, name, ckpt = kit.resolve_resume(opts.resume_from, opts.storage_path, "", opts.mlflow_uri)
+    if not ckpt:  # a run dir: its newest checkpoint
+        found = list_checkpoints(storage.join(parent, name))
+        if not found:
+            raise FileNotFoundError(f"--resume-from {opts.resume_from}: that run has no checkpoint yet")
+        ckpt = found[0]
+    log(f"[train] a new phase from {ckpt}: its weights, optimizer, EMA and step carried over, the data position "
+        f"restarted")
+    return replace(plan, resume_from=ckpt, phase_start=True)
 
 
 def keep_parts(opts: TrainOptions, files: list[str], columns: list[str], rows: int, log) -> bool:
@@ -374,13 +429,20 @@ def summarize(result, plan, run_id: str, seconds: float) -> dict:
     return summary
 
 
-def open_mlflow_run(opts: TrainOptions, cfg, run_dir: str, manifest: dict, scale: LatentScale, log) -> str:
-    """A new MLflow run with the full config as params, or the run this run dir already has (resume)."""
+def open_mlflow_run(opts: TrainOptions, cfg, plan, manifest: dict, scale: LatentScale, log) -> str:
+    """A new MLflow run with the full config as params, or the run this run dir already has (resume); a new phase
+    (--resume-from) is filed under the run it continues (mlflow.parentRunId), so the curriculum is one lineage."""
+    run_dir, parent, tags = plan.run_dir, "", {}
+    if plan.phase_start:
+        src = plan.resume_from.rstrip("/").rsplit("/", 1)[0]  # the checkpoint's run dir
+        marker = storage.join(src, "mlflow_run_id")
+        parent = storage.read_bytes(marker).decode().strip() if storage.exists(marker) else ""
+        tags = {"phase_of": src, "phase_start_checkpoint": plan.resume_from}
     params = {f"ldm.{k}": v for k, v in flatten(to_dict(cfg))}
     params.update({f"train.{k}": v for k, v in asdict(opts).items()})
     params.update({"cache.autoencoder_config_hash": manifest["autoencoder"]["config_hash"],
                    "cache.autoencoder_weights": manifest["autoencoder"]["weights_sha256"],
                    "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": scale.scale,
-                   "latent.shift": scale.shift})
+                   "latent.shift": scale.shift, "resolution": manifest["resolution"]})
     return open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
-                                {"latent_cache": opts.latents, "preset": cfg.name}, log)
+                                {"latent_cache": opts.latents, "preset": cfg.name, **tags}, log, parent_run_id=parent)

@@ -53,6 +53,7 @@ class LDMJob:
     text_encoder: str                    # frozen text encoder folder ("" = the offline MiniLM)
     text_encoder_identity: dict
     data: "TrainData"
+    run_name: str = ""                   # the run dir's name, kept in checkpoints (a new phase tells its start)
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,16 @@ class TrainData:
     filter: str = ""
     filtered_rows: tuple[int, ...] = ()
     buckets: tuple[tuple[int, int], ...] = ()  # each part's aspect bucket (h, w) in pixels; () = square crops
+    rename: tuple[tuple[str, str], ...] = ()   # another resolution's latent columns -> the names a step reads
+    scale: int = 1                       # that resolution / the cache's first (crop offsets are the first's)
 
     def batches(self, o: TrainOptions, w: "Worker"):
         from pipeline.train.epoch_plan import BucketedBatches, PlannedBatches, RayDataParts
         from pipeline.train.row_filter import RowFilter
         flt = RowFilter.parse(self.filter)
         rows = self.filtered_rows if flt else self.rows
-        reader = RayDataParts(self.files, self.rows, self.columns, self.keep, flt, self.filtered_rows)
+        reader = RayDataParts(self.files, self.rows, self.columns, self.keep, flt, self.filtered_rows,
+                              dict(self.rename))
         if self.buckets:
             return BucketedBatches(reader, rows, self.buckets, w.world, w.rank, o.batch_size, o.shuffle_buffer,
                                    o.seed, log=w.say)
@@ -126,11 +130,18 @@ def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int) -> None:
+def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int, job: "LDMJob", w: "Worker") -> None:
     path, _ = t.engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{d} holds no DeepSpeed checkpoint 'ds'")
-    state.update(read_state(d))
+    saved = read_state(d)
+    state.update(saved)
+    here = job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor
+    if job.run.phase_start and saved.get("run") != job.run_name:  # --resume-from: a new phase starts here
+        state.update(epoch=0, batch_in_epoch=0)
+        w.say(f"new phase at {here}px from a run at {saved.get('resolution', '?')}px (step {saved['step']}): weights, "
+              f"optimizer, EMA and step carried over; the data position restarts")
+    state.update(resolution=here, run=job.run_name)
     rng = os.path.join(d, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         t.gen.set_state(safe_load(rng))
@@ -311,6 +322,9 @@ def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedul
     if "target_h" in batch:  # an aspect bucket's batch: its latents have the bucket's shape
         f = job.cfg.autoencoder.downsample_factor
         shape = (shape[0], int(batch["target_h"][0]) // f, int(batch["target_w"][0]) // f)
+    if job.data.scale > 1 and "crop_top" in batch:  # micro-conditioning: crop offsets at this resolution
+        k = job.data.scale
+        batch = {**batch, "crop_top": batch["crop_top"] * k, "crop_left": batch["crop_left"] * k}
     mean, std = flipped_posterior(batch, job.opts.flip_prob, gen, device)
     posterior = DiagonalGaussian(mean=mean.float().view(-1, *shape), std=std.float().view(-1, *shape))
     z0 = job.latent_scale.to_diffusion(posterior.sample(gen))
@@ -382,10 +396,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- set-up
     t = Trainee.build(job, w)
-    state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
+    state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
+             "resolution": job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor, "run": job.run_name}
 
     # ---- restore
-    if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank), w):
+    if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank, job=job, w=w), w):
         w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
               f"batch {state['batch_in_epoch']} of it)")
     nodes = w.nodes()

@@ -108,6 +108,8 @@ class TrainOptions(RunOptions):
     nan_tolerance: int = 5
     filter: str = ""                     # train-time row filter on the cache's LAION columns (row_filter.py)
     flip_prob: float = -1.0              # per-sample left-right flip from the cached flipped latents; -1 = auto
+    resolution: int = 0                  # train on this resolution of a multi-resolution cache; 0 = its first
+    resume_from: str = ""                # start a new phase from another run's latest checkpoint (curriculum)
     experiment: str = "train_ldm"
     register_model: str = ""             # registered model name ("" = ldm-<preset>)
 

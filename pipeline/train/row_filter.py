@@ -22,11 +22,12 @@ import pyarrow as pa
 from pipeline.common.errors import DataError
 
 # the columns a filter can name: the cache's LAION scores, original size and class label, and orig_side, the
-# shorter original side
+# shorter original side; and latents@R, 1 where a row has a latent at resolution R of a multi-resolution cache
+# (0 where its image was smaller): training at R adds `latents@R > 0` by itself
 COLUMNS = ("punsafe", "pwatermark", "aesthetic", "similarity", "orig_w", "orig_h", "orig_side", "label")
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
        "!=": operator.ne}
-_CLAUSE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|==|!=|<|>)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_CLAUSE = re.compile(r"^\s*([a-z_]+(?:@\d+)?)\s*(<=|>=|==|!=|<|>)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class RowFilter:
             if not m:
                 raise ValueError(f"--filter {text!r}: cannot read {p.strip()!r}; write COLUMN OP NUMBER clauses joined "
                                  f"by 'and', e.g. 'punsafe < 0.1 and aesthetic >= 5' (OP: {' '.join(OPS)})")
-            if m.group(1) not in COLUMNS:
+            if m.group(1) not in COLUMNS and not re.fullmatch(r"latents@\d+", m.group(1)):
                 raise ValueError(f"--filter {text!r}: no column {m.group(1)!r}; a filter can use {', '.join(COLUMNS)}")
             out.append(Clause(m.group(1), m.group(2), float(m.group(3))))
         return cls(tuple(out))
@@ -63,10 +64,15 @@ class RowFilter:
     def __str__(self) -> str:
         return " and ".join(map(str, self.clauses))
 
+    def requiring(self, resolution: int) -> "RowFilter":
+        """This filter and `latents@R > 0`: only rows that have a latent at resolution R (a multi-resolution
+        cache leaves an image out of a resolution it is smaller than)."""
+        return RowFilter(self.clauses + (Clause(f"latents@{resolution}", ">", 0),))
+
     @property
     def columns(self) -> list[str]:
         """The cache columns the filter reads."""
-        need = {c.column for c in self.clauses}
+        need = {_source(c.column) for c in self.clauses}
         if "orig_side" in need:
             need = (need - {"orig_side"}) | {"orig_w", "orig_h"}
         return sorted(need)
@@ -90,8 +96,13 @@ class RowFilter:
         return keep
 
 
+def _source(column: str) -> str:
+    """The cache column behind a filter column: latents@R reads has_R (1 where the row has a latent at R)."""
+    return f"has_{column.split('@')[1]}" if column.startswith("latents@") else column
+
+
 def _values(table: pa.Table, name: str) -> np.ndarray:
-    col = table.column(name).combine_chunks()
+    col = table.column(_source(name)).combine_chunks()
     return col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
 
 
