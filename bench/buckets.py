@@ -11,7 +11,7 @@ upright, so every shape is there:
 4. the bucketed run continued at 64 px (`--resume-from`, `--resolution 64`): the 256 -> 512 curriculum in small;
 5. a grid of wide, tall and square samples from it (`docs/figures/buckets_grid.png` with --figure).
 
-  python bench/buckets.py --ae-steps 600 --ldm-steps 300 --phase2-steps 150
+  python bench/buckets.py --ae-steps 400 --ldm-steps 300 --phase2-steps 150
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def photo_shards(out: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ae-steps", type=int, default=600, help="stage-1 steps (batch 16)")
+    p.add_argument("--ae-steps", type=int, default=400, help="stage-1 steps (batch 16)")
     p.add_argument("--ldm-steps", type=int, default=300, help="LDM steps at 32 px, each feed")
     p.add_argument("--phase2-steps", type=int, default=150, help="LDM steps at 64 px after the 32 px phase")
     p.add_argument("--batch-size", type=int, default=16)
@@ -72,7 +72,8 @@ def main() -> None:
     ae = run_train_autoencoder(AETrainOptions(
         input=str(out / "shards"), eval_input=str(out / "shards"), preset="demo", overrides=("loss.rec_loss=l2",),
         max_steps=a.ae_steps, batch_size=16, lr=2e-3, warmup_steps=20, checkpoint_every=a.ae_steps, sample_every=0,
-        log_every=1000, storage_path=str(out / "runs"), name="stage1", eval_max_images=64, eval_fd=False), quiet)
+        log_every=1000, storage_path=str(out / "runs"), name="stage1", eval_max_images=64, eval_fd=False,
+        in_memory="yes"), quiet)
     print(f"stage 1: {a.ae_steps} steps, {time.time() - t0:.0f} s, PSNR {ae['eval']['psnr']:.1f} dB (on the training "
           f"photos, square 32 px crops)")
 
