@@ -44,7 +44,14 @@ def parse(argv=None):
     m.add_argument("--store-text-embeddings", action="store_true",
                    help="also store the frozen encoder's fp16 last hidden states (L x d per row; large)")
     pp = p.add_argument_group("preprocessing and filters (LAION defaults)")
-    pp.add_argument("--resolution", type=int, default=256, help="square training resolution in pixels")
+    pp.add_argument("--resolution", type=int, default=256, help="square training resolution in pixels (with "
+                    "--bucket: the buckets hold about this squared)")
+    pp.add_argument("--resolutions", default="", metavar="R1,R2,...",
+                    help="several resolutions in one pass, e.g. 256,512 (each a multiple of the first, which replaces "
+                         "--resolution): every image is cropped once at the first and the same region is encoded at "
+                         "each larger size (columns latent_mean_R, latent_std_R); an image smaller than a resolution "
+                         "is left out of it, not upscaled, and counted. Train at one with jobs/train_ldm.py "
+                         "--resolution R, and continue a run at the next with --resume-from (a curriculum)")
     pp.add_argument("--resize", type=int, default=0,
                     help="resize the shorter side to this before the --resolution crop (0 = to --resolution, so the "
                          "crop spans it); larger with --crop random trains on crops of bigger images, as the paper's "
@@ -149,9 +156,21 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def resolutions(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--resolutions {text!r}: give pixel sizes separated by commas, e.g. 256,512") from None
+    if not sizes or sizes != sorted(set(sizes)):
+        raise ValueError(f"--resolutions {text!r}: give increasing sizes, e.g. 256,512")
+    return sizes
+
+
 def main(argv=None) -> int:
     a = parse(argv)
-    pre = PreprocessConfig(resolution=a.resolution, resize=a.resize, crop=a.crop, min_size=a.min_size,
+    sizes = resolutions(a.resolutions) if a.resolutions else [a.resolution]
+    pre = PreprocessConfig(resolution=sizes[0], extra_resolutions=tuple(sizes[1:]), resize=a.resize, crop=a.crop,
+                           min_size=a.min_size,
                            max_pixels=a.max_pixels, max_aspect=a.max_aspect, max_punsafe=a.max_punsafe,
                            max_pwatermark=a.max_pwatermark,
                            min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,

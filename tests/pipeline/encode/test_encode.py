@@ -161,6 +161,21 @@ def test_clear_errors(ray_local, fmnist_shards, tmp_path):
                         preprocess=PreprocessConfig(resolution=16, inpaint_variants=2)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_autoencoder(str(tmp_path / "missing.safetensors"))
+    # the web-data settings name the flag and the fix
+    for pre, message in ((PreprocessConfig(resolution=16, extra_resolutions=(24,)), "24 is not a multiple of the "
+                          "first resolution 16"),
+                         (PreprocessConfig(resolution=16, bucket=True, bucket_step=4, label_maps=True),
+                          "--label-maps caches a square condition"),
+                         (PreprocessConfig(resolution=16, bucket=True, bucket_step=3), "--bucket-step 3 must be a "
+                          "positive multiple of the autoencoder's f=2"),
+                         (PreprocessConfig(resolution=16, dedup="fuzzy"), "--dedup 'fuzzy': use one of off, exact")):
+        with pytest.raises(ValueError, match=message):
+            run_encode(opts(fmnist_shards["webdataset"], tmp_path / "o3", "random:tiny", preprocess=pre))
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from encode_latents import resolutions
+    assert resolutions("256,512") == [256, 512]
+    with pytest.raises(ValueError, match="give increasing sizes"):
+        resolutions("512,256")
 
 
 def test_s3_input_and_output(ray_local, s3_server, fmnist_shards, tmp_path):
