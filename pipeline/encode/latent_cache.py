@@ -391,9 +391,9 @@ class ShardLedger:
                     from pipeline.common.models import first_stage_key
                     old, new = first_stage_key(old), first_stage_key(new)
                 if key in CONDITION_COLUMNS:  # the columns a part holds: every part of a cache has the same
-                    old = _setting(self.manifest.get("preprocess", {}).get(key))
-                    new = _setting(header.get("preprocess", {}).get(key))
-                if old != new:
+                    old = self.manifest.get("preprocess", {}).get(key, 0)
+                    new = header.get("preprocess", {}).get(key, 0)
+                if _setting(old) != _setting(new):
                     raise CacheMismatch(
                         f"{output} already holds a latent cache with {key}={old} but this run has {key}={new}; "
                         f"write to a new --output (latents of different encoders, or rows with and without a task's "
