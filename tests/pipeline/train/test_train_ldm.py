@@ -99,7 +99,7 @@ def test_filter_trains_on_the_rows_it_keeps(tiny_cache, tmp_path):
     s = run_train(topts(tiny_cache, tmp_path, num_workers=1, zero_stage=0, max_steps=12, sample_every=0,
                         checkpoint_every=100, name="filtered", filter="punsafe<0.05 and aesthetic>=5"),
                   log=lines.append)
-    assert any(f"keeps {want} of 320 rows" in x for x in lines), lines
+    assert any(f"rows that pass punsafe < 0.05 and aesthetic >= 5: {want} of 320" in x for x in lines), lines
     assert s["step"] == 12 and s["epochs_begun"] == -(-12 // (want // 8))  # an epoch is the kept rows' batches
     with pytest.raises(DataError, match="keeps no row"):
         run_train(topts(tiny_cache, tmp_path, filter="aesthetic > 100"))
