@@ -325,6 +325,10 @@ class Conditioner:
         latent = self.encode(mask_out(images, masks).to(dev))
         return self.inpaint(latent, latent_mask(masks[:, None], self.f).to(dev))
 
+    def square_side(self, batch: dict) -> int:
+        """The pixel side of a batch's square latents (flat C*h*w in the cache), h x the first stage's f."""
+        return int(round((batch["latent_mean"].shape[1] // self.channels) ** 0.5)) * self.f
+
     def with_micro(self, cond: dict, uncond: dict | None, n: int, size: tuple[int, int],
                    orig_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0)) -> tuple:
         """Sampling's micro-conditions (SDXL): the image as if it were `orig_size` (default: the sample's own size,
@@ -346,7 +350,7 @@ class Conditioner:
             if "target_h" in batch:
                 th, tw = batch["target_h"].to(dev), batch["target_w"].to(dev)
             else:  # square latents: the side from the flat latent
-                side = int(round((batch["latent_mean"].shape[1] // self.channels) ** 0.5)) * self.f
+                side = self.square_side(batch)
                 th = tw = torch.full((n,), side, device=dev)
             micro = torch.stack([batch["orig_h"].to(dev), batch["orig_w"].to(dev), batch["crop_top"].to(dev),
                                  batch["crop_left"].to(dev), th, tw], 1).float()
@@ -382,7 +386,7 @@ class Conditioner:
         if self.mode == "layout":  # the cache's layout column: (B, max_boxes*5) pixel boxes of the crop, -1 padded
             boxes = batch["layout"].to(dev).view(n, -1, 5).clone()
             boxes[drop] = -1  # a dropped layout has no boxes: the null condition
-            side = int(round((batch["latent_mean"].shape[1] // self.channels) ** 0.5)) * self.f
+            side = self.square_side(batch)
             return self.layout(boxes, side, side)
         if self.mode == "class":
             return {"y": apply_drop(batch["label"].to(dev).long(), self.null["y"], drop)}

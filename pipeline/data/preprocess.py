@@ -157,6 +157,11 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image | None
         return None, "corrupt_image"
 
 
+def keyed_rng(cfg: PreprocessConfig, key: str) -> np.random.Generator:
+    """A generator seeded by --seed and the record's key: a rerun draws the same crops and masks."""
+    return np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
+
+
 def resized(w: int, h: int, cfg: PreprocessConfig) -> tuple[int, int]:
     """The size an image of w x h is resized to before its crop: shorter side -> resize (or resolution)."""
     side = max(cfg.resize, cfg.resolution)
@@ -171,7 +176,7 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
     if (nw, nh) != im.size:
         im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
     if cfg.crop in ("random", "tile"):
-        rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
+        rng = keyed_rng(cfg, key)
         if cfg.crop == "tile":
             top, left = r * int(rng.integers(0, nh // r)), r * int(rng.integers(0, nw // r))
         else:
@@ -191,7 +196,7 @@ def bucket_crop(im: Image.Image, cfg: PreprocessConfig, key: str) -> tuple[np.nd
     if (nw, nh) != im.size:
         im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
     if cfg.crop == "random":
-        rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:{key}".encode()).hexdigest()[:12], 16))
+        rng = keyed_rng(cfg, key)
         top, left = int(rng.integers(0, nh - bh + 1)), int(rng.integers(0, nw - bw + 1))
     else:
         top, left = (nh - bh) // 2, (nw - bw) // 2
@@ -282,7 +287,7 @@ def inpaint_masks(key: str, cfg: PreprocessConfig) -> np.ndarray:
     """The record's inpainting masks, (inpaint_variants, r, r) bool: LaMa-style strokes and boxes (paper §4.5), drawn
     from a generator seeded by the key, so a rerun draws the same ones."""
     from ldm.masks import random_mask
-    rng = np.random.default_rng(int(hashlib.sha256(f"{cfg.seed}:mask:{key}".encode()).hexdigest()[:12], 16))
+    rng = keyed_rng(cfg, f"mask:{key}")
     r = cfg.resolution
     return np.stack([random_mask(r, r, rng) for _ in range(cfg.inpaint_variants)])
 

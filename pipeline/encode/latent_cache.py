@@ -211,23 +211,28 @@ def totals(manifest: dict) -> dict:
 SUMMARY = ("shard", "got", "total", "error", "read", "kept", "skipped", "file", "bucket", "stats", "nodes")
 
 
-def labels_of(metas) -> list[int | None]:
-    """The class label each record's metadata carries (img2dataset-style "label"), None where it has none."""
+def parsed_meta(metas) -> list[dict]:
+    """Each record's metadata JSON as a dict ({} where it has none or it is not an object)."""
+    out = [json.loads(m) if m else {} for m in metas]
+    return [m if isinstance(m, dict) else {} for m in out]
+
+
+def labels_of(metas: list[dict]) -> list[int | None]:
+    """The class label each record's parsed metadata carries (img2dataset-style "label"), None where it has none."""
     labels = []
     for meta in metas:
-        lab = json.loads(meta).get("label") if meta else None
+        lab = meta.get("label")
         labels.append(int(lab) if isinstance(lab, (int, float)) and lab == lab else None)
     return labels
 
 
-def scores_of(metas) -> dict[str, pa.Array]:
-    """The LAION scores of each record's metadata as float32 columns (null where a record has none), so a trainer
-    can filter on them without re-encoding (`--filter`)."""
+def scores_of(metas: list[dict]) -> dict[str, pa.Array]:
+    """The LAION scores of each record's parsed metadata as float32 columns (null where a record has none), so a
+    trainer can filter on them without re-encoding (`--filter`)."""
     from pipeline.data.preprocess import SCORE_COLUMNS, laion_score
-    parsed = [json.loads(m) if m else {} for m in metas]
     out = {}
     for name in SCORE_COLUMNS:
-        vals = [laion_score(m, name) if isinstance(m, dict) else None for m in parsed]
+        vals = [laion_score(m, name) for m in metas]
         out[name] = pa.array([None if v is None or v != v else v for v in vals], pa.float32())
     return out
 
@@ -267,8 +272,9 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
     for c in ("image_hash", "phash"):  # the decoded image's fingerprints: a later --dedup run is seeded from them
         if c in col:
             cols[c] = pa.array(np.asarray(col[c], np.int64), pa.int64())
-    cols["label"] = pa.array(labels_of(col["meta"]), pa.int32())
-    cols.update(scores_of(col["meta"]))
+    metas = parsed_meta(col["meta"])  # each record's JSON parsed once, for its label and its scores
+    cols["label"] = pa.array(labels_of(metas), pa.int32())
+    cols.update(scores_of(metas))
     cols["meta"] = pa.array([str(m or "") for m in col["meta"]])
     return pa.table(cols)
 
