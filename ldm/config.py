@@ -517,10 +517,14 @@ def _demo_semantic() -> LDMConfig:
     """The CPU demo's semantic synthesis LDM (paper §4.3.2): 64x64 scenes of Fashion-MNIST items, their label map
     (background + 10 classes) one-hot and pooled to the latent (the spatial rescaler), concatenated to z_t; dropped
     (zeros) 10% of the time so that sampling can guide on it.
-    The first stage is the demo's, trained on 32x32 crops: convolutional, it encodes the 64x64 canvas as it is."""
+    The first stage is the demo's, trained on 32x32 crops: convolutional, it encodes the 64x64 canvas as it is.
+    Min-SNR-5 loss weighting (Hang et al. 2023) and self-attention only at the 4x4 level: on one cache, 600 steps
+    judged on 200 held-out 64x64 maps gave 74.1% region agreement with L_simple and attention at 8x8 and 4x4, 78.9%
+    with min-SNR, 79.9% (in 20% less time) with min-SNR and attention at 4x4 alone, 80.1% at 750 steps."""
     d = _demo()
     return replace(d, name="demo-semantic",
-                   unet=replace(d.unet, in_channels=15, context_dim=None),
+                   unet=replace(d.unet, in_channels=15, context_dim=None, attention_resolutions=(2,)),
+                   diffusion=replace(d.diffusion, loss_weighting="min_snr"),
                    conditioning=ConditioningConfig(kind="semantic", num_classes=11, concat_channels=11,
                                                    cond_drop_prob=0.1))
 
@@ -532,11 +536,15 @@ def _demo_layout() -> LDMConfig:
     cross-attended, and the boxes drawn per class and concatenated (4 + 10 input channels); the layout dropped 10% of
     the time for guidance. The UNet downsamples to 4x4 and cross-attends there (at the demo's 8x8 attention a 16x16
     latent costs 2.4x as much per step). With cross-attention alone (layout_concat=false, the paper's model) 500 steps
-    left the UNet's output all but independent of the layout: the queries have no position to bind a box to."""
+    left the UNet's output all but independent of the layout: the queries have no position to bind a box to.
+    Min-SNR-5 loss weighting (Hang et al. 2023): on one cache, 500 steps judged on 200 held-out layouts at CFG 8 gave
+    57% box agreement with L_simple and 73% with min-SNR (77% sampled with DDIM eta 1); one residual block per level
+    (the preset) trains 25% faster per step, and 650 such steps gave 79% (eta 1)."""
     d = _demo()
     return replace(d, name="demo-layout",
-                   unet=replace(d.unet, in_channels=14, channel_mult=(1, 2, 2), attention_resolutions=(4,),
-                                context_dim=128),
+                   unet=replace(d.unet, in_channels=14, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                attention_resolutions=(4,), context_dim=128),
+                   diffusion=replace(d.diffusion, loss_weighting="min_snr"),
                    conditioning=ConditioningConfig(kind="layout", num_classes=10, max_boxes=4, n_embed=128,
                                                    n_layer=2, n_head=4, cond_drop_prob=0.1, layout_concat=True,
                                                    concat_channels=10))
