@@ -101,6 +101,23 @@ def training_stream_context(preserve_order: bool = False):
         ctx.enable_progress_bars, ctx.use_datasource_v2, ctx.execution_options.preserve_order = old
 
 
+def job_actor_nodes(class_name: str) -> list[str] | None:
+    """The nodes this job's actors of `class_name` were placed on (alive or done), from Ray's state API; None on
+    the embedded Ray (one node, and no dashboard to ask) or where the API does not answer."""
+    import ray
+    if _STARTED_HERE or not ray.is_initialized():
+        return None
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+    try:
+        actors = list_actors(filters=[("job_id", "=", ray.get_runtime_context().get_job_id()),
+                                      ("class_name", "=", class_name)], limit=10_000, timeout=10,
+                             raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError):
+        return None
+    return sorted({a.node_id for a in actors})
+
+
 def node_id() -> str:
     """The Ray node this process runs on ("" outside Ray): for summaries of where the work ran. A process that Ray
     runs has imported it; elsewhere (a benchmark on a machine without Ray) there is no node to name."""

@@ -8,12 +8,14 @@ name in the manifest (`failed_shards`) and retried by the next run, the others g
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.common import storage
 from pipeline.encode.latent_cache import ShardLedger, part_files, write_parts
 from pipeline.common.models import load_autoencoder, text_encoder_identity
+from pipeline.common.runtime import job_actor_nodes
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.data.sources import discover_shards
 
@@ -129,6 +131,10 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
                "encoded_this_run": len(todo), "images_per_s": round(kept / max(1e-9, time.time() - t0), 2),
                "seconds": round(time.time() - t0, 1), **m["totals"],
                "nodes": {role: sorted(ids) for role, ids in ledger.nodes.items()}}
+    if todo:
+        pool = job_actor_nodes("MapWorker(MapBatches(LatentEncoder))")  # Ray Data's name for the pool's actors
+        if pool:
+            summary["nodes"]["encoder_pool"] = pool
     log(format_summary(summary))
     if opts.mlflow_uri:
         log_to_mlflow(opts, summary, m)
@@ -193,6 +199,24 @@ def start_dedup(pre: PreprocessConfig, done_files: list[str], log):
     return index
 
 
+POOL_START_TIMEOUT_S = 600
+
+
+@contextlib.contextmanager
+def whole_pool_context():
+    """The Dataset made inside (it keeps this context) starts its encoder pool whole before the first batch goes
+    out (Ray Data's default starts the actors as they fit, and a pool the cluster cannot place waits forever): a
+    pool that is not placed within POOL_START_TIMEOUT_S fails saying so."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = POOL_START_TIMEOUT_S
+    try:
+        yield
+    finally:
+        ctx.wait_for_min_actors_s = old
+
+
 def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, done_files: list[str] = ()):
     """The Ray Data chain: preprocessed records of `shards` (without duplicates of the cache's rows, `done_files`,
     or of each other, with --dedup), encoded by a pool of LatentEncoder actors."""
@@ -208,7 +232,9 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
         f"{gpus} GPU), batch {opts.batch_size}")
     dedup = start_dedup(opts.preprocess, list(done_files), log) if opts.preprocess.dedup != "off" else None
-    ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size, dedup)
+    with whole_pool_context():
+        ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size,
+                                  dedup)
     return ds.map_batches(
         LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder, num_gpus=gpus,
@@ -271,9 +297,12 @@ def format_summary(s: dict) -> str:
                      + (f"; {s['labels']['none']} rows without one" if "none" in s["labels"] else ""))
     lines.append(f" this run      {s['encoded_this_run']} shards, {s['images_per_s']} img/s, {s['seconds']} s")
     if s.get("nodes", {}).get("encoder"):
-        enc, wri = s["nodes"]["encoder"], s["nodes"]["writer"]
-        lines.append(f" ray nodes     encoders on {len(enc)}, writers on {len(wri)}: "
-                     + ", ".join(sorted({n[:12] for n in enc + wri})))
+        enc, wri, pool = s["nodes"]["encoder"], s["nodes"]["writer"], s["nodes"].get("encoder_pool", [])
+        # a small or fast input may be encoded by fewer nodes than the pool spans: Ray Data sends each batch to
+        # the least busy encoder, and an idle one keeps winning
+        lines.append(" ray nodes     " + (f"encoder pool on {len(pool)}, " if pool else "")
+                     + f"encoders on {len(enc)}, writers on {len(wri)}: "
+                     + ", ".join(sorted({n[:12] for n in enc + wri + pool})))
     for uri, err in s["shards_failed"].items():
         lines.append(f" FAILED shard  {err}")
     lines.append("=" * 64)

@@ -8,9 +8,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -145,12 +148,29 @@ def restore_plan(resume_from: str, known: list[str]) -> Restore:
     return Restore(tuple(fresh + [Checkpoint(k) for k in known]))
 
 
+@contextlib.contextmanager
+def local_copy(ckpt):
+    """A checkpoint as a local directory this process alone reads: the directory itself when it is local, else a
+    private download removed afterwards. (Ray's `as_directory` shares one download per node between processes and
+    deletes it when the last reader leaves; a rank that arrives as another leaves can read a file while it is
+    deleted or downloaded again: a restart once read an empty train_state.json that way.)"""
+    import pyarrow.fs
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield ckpt.path
+        return
+    d = tempfile.mkdtemp(prefix="ldm-restore-")
+    try:
+        yield ckpt.to_directory(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def restore(plan: Restore, load, log) -> bool:
     """Load the first intact checkpoint of the plan with `load(local_dir)`; False when the plan is empty (a new
     run). Every rank checks the same seals, so all ranks choose the same checkpoint."""
     for i, ckpt in enumerate(plan.candidates):
         last = i == len(plan.candidates) - 1
-        with ckpt.as_directory() as d:
+        with local_copy(ckpt) as d:
             problems = verify(d)
             if problems:
                 msg = f"checkpoint {ckpt.path} is corrupt: {'; '.join(problems[:5])}"

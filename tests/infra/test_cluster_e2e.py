@@ -161,8 +161,9 @@ def test_ray_job_submit_encode_then_train(stack):
                  "--autoencoder", "random:tiny", "--resolution", "16", "--max-length", "16", "--mlflow-uri", mlf,
                  "--num-encoders", "3", "--cpus-per-encoder", "0.75", "--batch-size", "32")
     assert "3/3 complete" in log
-    # three encoders of 0.75 CPU do not fit on the head's 2 CPUs: one runs on the second node, and says so
-    assert "encoders on 2" in log, log[-3000:]
+    # three encoders of 0.75 CPU do not fit on the head's 2 CPUs: one is placed on the second node, and the summary
+    # says so (which nodes encode rows depends on timing: this input is a few fast batches)
+    assert "encoder pool on 2" in log, log[-3000:]
     import s3fs
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="testing", secret="testing")
     m = json.loads(fs.cat("ldm/latents/manifest.json"))

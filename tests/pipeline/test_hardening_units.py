@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from pipeline.train.checkpoints import safe_load, seal, verify
+from pipeline.train.checkpoints import local_copy, safe_load, seal, verify
 from pipeline.common.errors import CheckpointError, DataError, NonFiniteLoss, repeating_error
 from pipeline.common.runtime import forwarded_env
 from pipeline.common.tracking import credentials_to_env, redact
@@ -48,6 +48,27 @@ def test_seals_detect_truncated_emptied_missing_and_absent_ranks(tmp_path):
     assert verify(str(d)) == ["ds/model.pt does not match its sha256", "train_state.json has 0 bytes, 11 were written",
                               "rng_rank1.pt is missing"]
     assert verify(str(tmp_path)) is None  # no seals at all: an older checkpoint, unverifiable
+
+
+def test_each_reader_of_a_remote_checkpoint_has_its_own_copy(tmp_path):
+    """Two ranks on one node restoring the same remote checkpoint: one leaving (and its copy going) never touches
+    the copy the other still reads. Ray's shared as_directory download gave both the same directory."""
+    import fsspec
+    import pyarrow.fs
+    from ray.train import Checkpoint
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/ckpt/train_state.json", b'{"step": 20}')
+    ckpt = Checkpoint("/ckpt", filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(mem)))
+    with local_copy(ckpt) as a:
+        with local_copy(ckpt) as b:
+            assert a != b
+        assert not os.path.exists(b)
+        assert json.loads(open(os.path.join(a, "train_state.json")).read()) == {"step": 20}
+    assert not os.path.exists(a)
+    local = Checkpoint.from_directory(str(tmp_path))
+    with local_copy(local) as d:  # a local checkpoint is read in place, never copied or removed
+        assert d == str(tmp_path)
+    assert tmp_path.exists()
 
 
 def test_credentials_leave_the_uri_and_never_reach_logs(monkeypatch):
