@@ -121,7 +121,7 @@ TASKS = {
     # (quadrant) of each scene, judged on whole 64x64 scenes, twice the training canvas, and shown at four times it.
     # Random 32x32 crops (which cut most items) gave 75% region agreement at CFG 3 after 600 steps (78% on 32x32 tiles)
     # with L_simple; min-SNR weighting and attention at 4x4 alone (the preset) train 25% faster per step, so 750 steps
-    # cost the time 600 did
+    # cost the time 600 did: 80% on that cache, 78% in a whole fresh-clone demo
     "semantic": DemoTask("demo-semantic", "semantic synthesis UNet on 32x32 tiles of 64x64 scenes: the label map "
                          "one-hot, pooled to the 8x8 latent and concatenated to z_t (paper §4.3.2)", False, (),
                          "-semantic", scenes=12000, ldm_steps_factor=1.875, cfg_scale=3.0),
@@ -132,7 +132,7 @@ TASKS = {
     # hybrid model gave 61% at CFG 3, and on 100 of its layouts 60% / 66% / 67% at CFG 3 / 6 / 10 (DDIM eta 0), all
     # with L_simple. With min-SNR and one residual block per level (the preset) 650 steps cost what 500 did: with DDIM
     # eta 1, 81% / 82% / 81% / 79% / 75% at CFG 4 / 5 / 6 / 8 / 11 (on the 500-step min-SNR model at CFG 8, eta 0 gave
-    # 73%, eta 1 77%)
+    # 73%, eta 1 77%); a whole fresh-clone demo of the same recipe, trained apart: 71% at CFG 5
     "layout": DemoTask("demo-layout", "layout-to-image UNet on whole 64x64 scenes, hybrid: each item's class and box "
                        "a token of a transformer trained with it, cross-attended (paper §4.3.1), and the boxes drawn "
                        "per class, concatenated", False, (), "-layout",
