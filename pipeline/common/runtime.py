@@ -115,7 +115,7 @@ def job_actor_nodes(class_name: str) -> list[str] | None:
                              raise_on_missing_output=False)
     except (RayStateApiException, ConnectionError):
         return None
-    return sorted({a.node_id for a in actors})
+    return sorted({a.node_id for a in actors if a.node_id})  # an actor never placed has none
 
 
 def node_id() -> str:
