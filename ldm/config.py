@@ -541,7 +541,8 @@ def _demo_layout() -> LDMConfig:
     Min-SNR-5 loss weighting (Hang et al. 2023): on one cache, 500 steps judged on 200 held-out layouts at CFG 8 gave
     57% box agreement with L_simple and 73% with min-SNR (77% sampled with DDIM eta 1); one residual block per level
     (the preset) trains 25% faster per step, and 650 such steps gave 79% at CFG 8 and 82% at CFG 5 (eta 1; CFG 4 / 6
-    / 11: 81% / 81% / 75%). The whole demo on a fresh clone (same recipe, cache and stage 1, trained apart) gave 71%."""
+    / 11: 81% / 81% / 75%). A whole fresh-clone demo gave 71%: the same recipe,
+    shards and stage 1, a cache whose rows come in another order (train_ldm on that cache: 70.7%)."""
     d = _demo()
     return replace(d, name="demo-layout",
                    unet=replace(d.unet, in_channels=14, channel_mult=(1, 2, 2), num_res_blocks=1,
