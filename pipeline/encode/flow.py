@@ -203,11 +203,15 @@ POOL_START_TIMEOUT_S = 600
 
 
 @contextlib.contextmanager
-def whole_pool_context():
-    """On a cluster, the Dataset made inside (it keeps this context) starts its encoder pool whole before the first
-    batch goes out (Ray Data's default starts the actors as they fit, and a pool the cluster cannot place waits
-    forever): a pool that is not placed within POOL_START_TIMEOUT_S fails saying so. On the embedded Ray (one node)
-    the actors start while the first shards decode, as by default: waiting would only add their start-up time."""
+def whole_pool_context(mode: str):
+    """On a cluster (`mode`, as init_ray answered), the Dataset made inside (it keeps this context) starts its
+    encoder pool whole before the first batch goes out (Ray Data's default starts the actors as they fit, and a pool
+    the cluster cannot place waits forever): a pool that is not placed within POOL_START_TIMEOUT_S fails saying so.
+    On the embedded Ray (one node) the actors start while the first shards decode, as by default: waiting would only
+    add their start-up time."""
+    if mode != "cluster":
+        yield
+        return
     import ray.data
     ctx = ray.data.DataContext.get_current()
     old = ctx.wait_for_min_actors_s
@@ -233,7 +237,7 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
         f"{gpus} GPU), batch {opts.batch_size}")
     dedup = start_dedup(opts.preprocess, list(done_files), log) if opts.preprocess.dedup != "off" else None
-    with whole_pool_context() if mode == "cluster" else contextlib.nullcontext():
+    with whole_pool_context(mode):
         ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size,
                                   dedup)
     return ds.map_batches(
