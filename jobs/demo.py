@@ -28,7 +28,11 @@ def parse(argv=None):
                    help="the LDM's conditioning: text (captions through the frozen MiniLM; judged by prompt-class "
                    "agreement), class (the Fashion-MNIST labels; agreement with the requested class), uncond (none; "
                    "FD against the same model untrained, and the classes the judge sees), sr (x4 super-resolution "
-                   "from 8x8 bicubic copies; FD, PSNR and SSIM against bicubic upsampling)")
+                   "from 8x8 bicubic copies; FD, PSNR and SSIM against bicubic upsampling), inpaint (a masked image "
+                   "and its hole; FD and the holes' PSNR against biharmonic inpainting), semantic (64x64 scenes from "
+                   "their label maps, trained on 32x32 tiles; per-region class agreement and silhouette IoU), layout "
+                   "(64x64 scenes from their items' boxes and classes; per-box class agreement against the empty "
+                   "layout)")
     p.add_argument("--quick", action="store_true", help="the small size: fewer images and steps, a few minutes")
     p.add_argument("--size", choices=["smoke", "quick", "default"], default="",
                    help="explicit size: smoke is a ~2 minute wiring check of every stage (its samples are poor)")

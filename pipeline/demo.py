@@ -36,12 +36,13 @@ class DemoSize:
     samples_per_class: int
     classifier_epochs: int
     eval_samples: int            # images per FD/KID during LDM training (twice: half-way and at the end)
+    ldm_batch_size: int = 64     # the LDM's images per step
 
 
 SIZES = {
     # a wiring check of every stage in about two minutes (tests); its samples are not meant to be good
     "smoke": DemoSize(train_images=400, test_images=100, ae_steps=20, ldm_steps=20, samples_per_class=1,
-                      classifier_epochs=1, eval_samples=16),
+                      classifier_epochs=1, eval_samples=16, ldm_batch_size=16),
     "quick": DemoSize(train_images=3000, test_images=500, ae_steps=240, ldm_steps=200, samples_per_class=5,
                       classifier_epochs=1, eval_samples=50),
     # sized on the 2-core machine (2026-11-27, in-process sweeps at this image budget): stage 1 at batch 16 x 800
@@ -272,15 +273,28 @@ def make_shards(out: Path, size: DemoSize, seed: int, log, task: DemoTask) -> No
 
 
 def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
+    """Train (or resume) the stage-1 autoencoder. Tasks run under one --out share it: once it has finished, its summary
+    in OUT/stage1.json is reused as it stands (no Ray Train start, no second held-out evaluation or registration) as
+    long as the size and seed match and its export is still there; otherwise the run resumes from its checkpoint."""
+    from pipeline.common.storage import write_json_atomic
     from pipeline.train.autoencoder import run_train_autoencoder
     from pipeline.train.options import AETrainOptions
-    return run_train_autoencoder(AETrainOptions(
+    done, key = out / "stage1.json", {"ae_steps": size.ae_steps, "train_images": size.train_images, "seed": seed}
+    if done.exists():
+        prev = json.loads(done.read_text())
+        if prev.get("key") == key and Path(prev["export"]).exists():
+            log(f"[stage1] reused: finished earlier under this --out ({prev['step']} steps, held-out PSNR "
+                f"{prev['eval']['psnr']:.2f} dB); autoencoder {prev['export']}")
+            return prev
+    summary = run_train_autoencoder(AETrainOptions(
         input=str(out / "shards" / "train"), preset="demo", overrides=("loss.rec_loss=l2",), max_steps=size.ae_steps,
         batch_size=16, lr=2e-3, warmup_steps=20,
         checkpoint_every=max(100, size.ae_steps // 2), sample_every=max(50, size.ae_steps // 2), log_every=100,
         storage_path=str(out / "runs"), name="stage1", mlflow_uri=uri, experiment="demo-stage1",
         register_model="demo-autoencoder", eval_max_images=min(1000, size.test_images), eval_fd=False,
         seed=seed), log)
+    write_json_atomic(str(done), {**summary, "key": key})
+    return summary
 
 
 def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> dict:
@@ -304,7 +318,8 @@ def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task:
     steps = task.ldm_steps(size)
     return run_train(TrainOptions(
         latents=str(out / f"latents{task.tag}"), preset=task.preset, num_workers=1, zero_stage=2,
-        max_steps=steps, batch_size=64, lr=2e-3, warmup_steps=50, lr_schedule="cosine", ema_decay=0.999,
+        max_steps=steps, batch_size=size.ldm_batch_size, lr=2e-3, warmup_steps=50, lr_schedule="cosine",
+        ema_decay=0.999,
         checkpoint_every=max(200, steps // 3), sample_every=max(200, steps // 2),
         sample_prompts=task.prompts, sample_steps=opts.sample_steps, cfg_scale=opts.cfg_scale, log_every=50,
         # a scene task's held-out scenes are twice its training crops: judged at the end, at their own size

@@ -70,7 +70,8 @@ def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
     c = json.loads((out / "summary-class.json").read_text())
     assert c["task"] == "class" and 0 <= c["prompt_class_agreement"] <= 1 and len(c["per_class_agreement"]) == 10
     assert "between the requested class and the classifier" in r.stdout and "chance: 10%" in r.stdout
-    assert "[stage1] resumed at step 20 (" in r.stdout  # the text run's stage 1, not trained again
+    assert "[stage1] reused: finished earlier under this --out (20 steps" in r.stdout  # the text run's, as it stands
+    assert "[stage1] resumed" not in r.stdout and "[demo 2/6]" in r.stdout
     assert (out / "prompts-class.txt").read_text().splitlines()[3] == "row 3: label 3 (dress)"
     r = demo(out, cache, "--task", "uncond")
     u = json.loads((out / "summary-uncond.json").read_text())
