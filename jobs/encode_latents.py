@@ -126,6 +126,9 @@ def parse(argv=None):
     r = p.add_argument_group("Ray Data resources")
     r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
     r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
+    r.add_argument("--encoder-threads", type=int, default=0,
+                   help="torch threads of each encoder actor on a CPU (0 = its --cpus-per-encoder, at least 1); more "
+                        "than it reserves lets one actor use the cores the decode tasks leave idle once they are done")
     r.add_argument("--gpus-per-encoder", type=float, default=-1.0,
                    help="GPUs per encoder actor (-1 = 1 if the cluster has GPUs)")
     r.add_argument("--cpus-per-decoder", type=float, default=0.5, help="CPUs per read/decode task")
@@ -182,7 +185,8 @@ def main(argv=None) -> int:
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,
-                         cpus_per_encoder=a.cpus_per_encoder, gpus_per_encoder=a.gpus_per_encoder,
+                         cpus_per_encoder=a.cpus_per_encoder, encoder_threads=a.encoder_threads,
+                         gpus_per_encoder=a.gpus_per_encoder,
                          cpus_per_decoder=a.cpus_per_decoder, batch_size=a.batch_size, precision=a.precision,
                          compile=a.compile, write_batch_size=a.write_batch_size, num_writers=a.num_writers,
                          compact_seconds=a.compact_seconds, decode_batch_size=a.decode_batch_size,

@@ -20,6 +20,7 @@ Everything runs on an embedded local Ray and a local MLflow store unless URIs ar
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +38,13 @@ class DemoSize:
     classifier_epochs: int
     eval_samples: int            # images per FD/KID during LDM training (twice: half-way and at the end)
     ldm_batch_size: int = 64     # the LDM's images per step
+    classifier_images: int = 0   # the judge's training images: 0 = the whole 60k train split
 
 
 SIZES = {
     # a wiring check of every stage in about two minutes (tests); its samples are not meant to be good
     "smoke": DemoSize(train_images=400, test_images=100, ae_steps=20, ldm_steps=20, samples_per_class=1,
-                      classifier_epochs=1, eval_samples=16, ldm_batch_size=16),
+                      classifier_epochs=1, eval_samples=16, ldm_batch_size=16, classifier_images=15000),
     "quick": DemoSize(train_images=3000, test_images=500, ae_steps=240, ldm_steps=200, samples_per_class=5,
                       classifier_epochs=1, eval_samples=50),
     # sized on the 2-core machine (2026-11-27, in-process sweeps at this image budget): stage 1 at batch 16 x 800
@@ -191,11 +193,12 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     prog.stage(f"stage 1: KL autoencoder, f=4, L2 reconstruction, {size.ae_steps} steps of 16 images (paper §3.1)")
     ae = train_stage1(out, size, uri, opts.seed, log)
     prog.stage("encode the latent cache with the trained autoencoder" + (" + MiniLM tokens" if task.text else ""))
-    enc = encode_cache(out, ae["export"], uri, log, task)
+    enc = encode_cache(out, ae["export"], uri, log, task, threads=opts.num_cpus or os.cpu_count() or 1)
     prog.stage(f"LDM: {task.title}, {task.ldm_steps(size)} steps")
     ldm = train_ldm(out, size, uri, opts, log, task)
     prog.stage("a Fashion-MNIST classifier on the real train split (judge of the samples; trained once per machine)")
-    clf, clf_acc = cached_classifier(epochs=size.classifier_epochs, seed=opts.seed, log=log)
+    clf, clf_acc = cached_classifier(epochs=size.classifier_epochs, seed=opts.seed,
+                                     images=size.classifier_images, log=log)
     if opts.task == "sr":
         prog.stage(f"upsample {10 * size.samples_per_class} held-out 8x8 images x4 (DDIM {opts.sample_steps} steps), "
                    f"and by bicubic interpolation: FD, PSNR and SSIM of each against the real 32x32 images")
@@ -297,7 +300,9 @@ def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
     return summary
 
 
-def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> dict:
+def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask, threads: int = 1) -> dict:
+    """The task's latent cache; the one encoder actor uses `threads` (all the cores: the decode tasks are done
+    long before it is, and on 2 cores one thread left the other idle: 50 img/s for 64x64 scenes)."""
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
     return run_encode(EncodeOptions(input=str(out / "shards" / task.shards("train")),
@@ -308,7 +313,8 @@ def encode_cache(out: Path, autoencoder: str, uri: str, log, task: DemoTask) -> 
                                                                 inpaint_variants=task.inpaint_variants,
                                                                 label_maps=task.label_maps),
                                     text_encoder="" if task.text else "none", max_length=16,
-                                    store_text_embeddings=task.text, batch_size=128, mlflow_uri=uri,
+                                    store_text_embeddings=task.text, batch_size=128, encoder_threads=threads,
+                                    mlflow_uri=uri,
                                     experiment="demo-encode"), log)
 
 
@@ -322,8 +328,9 @@ def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task:
         ema_decay=0.999,
         checkpoint_every=max(200, steps // 3), sample_every=max(200, steps // 2),
         sample_prompts=task.prompts, sample_steps=opts.sample_steps, cfg_scale=opts.cfg_scale, log_every=50,
+        # half-way and at the end (halves rounded up: 25 steps evaluate at 13 and 25, not at 12, 24 and 25 as well);
         # a scene task's held-out scenes are twice its training crops: judged at the end, at their own size
-        eval_every=0 if task.scenes else max(10, steps // 2), eval_samples=size.eval_samples,
+        eval_every=0 if task.scenes else max(10, -(-steps // 2)), eval_samples=size.eval_samples,
         eval_input=str(out / "shards" / task.shards("test")),
         storage_path=str(out / "runs"), name=f"ldm{task.tag}", mlflow_uri=uri, experiment=f"demo-ldm{task.tag}",
         register_model=f"demo-ldm{task.tag}", seed=opts.seed), log)

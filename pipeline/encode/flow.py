@@ -32,6 +32,7 @@ class EncodeOptions:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     num_encoders: int = 1
     cpus_per_encoder: float = 1.0
+    encoder_threads: int = 0             # torch threads per encoder actor; 0 = its reserved CPUs (at least 1)
     gpus_per_encoder: float = -1.0       # -1: 1 when the cluster has GPUs, else 0
     cpus_per_decoder: float = 0.5
     batch_size: int = 64
@@ -234,8 +235,9 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     gpus = opts.gpus_per_encoder
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    threads = opts.encoder_threads or max(1, int(opts.cpus_per_encoder))
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
-        f"{gpus} GPU), batch {opts.batch_size}")
+        f"{gpus} GPU, {threads} thread(s)), batch {opts.batch_size}")
     dedup = start_dedup(opts.preprocess, list(done_files), log) if opts.preprocess.dedup != "off" else None
     with whole_pool_context(mode):
         ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size,
@@ -246,7 +248,7 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
         fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
                                    text_encoder=opts.text_encoder, max_length=opts.max_length,
                                    store_text_embeddings=opts.store_text_embeddings,
-                                   resolution=opts.preprocess.resolution, threads=max(1, int(opts.cpus_per_encoder)),
+                                   resolution=opts.preprocess.resolution, threads=threads,
                                    tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile,
                                    flip=opts.preprocess.flip_latents, bucket=opts.preprocess.bucket,
                                    extra_resolutions=opts.preprocess.extra_resolutions))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,12 +34,15 @@ def _prep(images) -> torch.Tensor:
     return F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def train_classifier(epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_classifier(epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, images: int = 0,
                      log=print) -> tuple[FashionCNN, float]:
-    """-> (model, accuracy on the real 10k test split)."""
+    """-> (model, accuracy on the real 10k test split), trained on the 60k train split or a seeded `images` of it."""
     torch.manual_seed(seed)
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
+    if 0 < images < len(xtr):
+        pick = np.sort(np.random.default_rng(seed).permutation(len(xtr))[:images])
+        xtr, ytr = xtr[pick], ytr[pick]
     xtr, xte = _prep(xtr), _prep(xte)
     # copies: the arrays are read-only
     ytr, yte = torch.tensor(ytr, dtype=torch.long), torch.tensor(yte, dtype=torch.long)
@@ -60,11 +64,13 @@ def train_classifier(epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, s
             opt.step()
             sched.step()
     acc = accuracy(model, xte, yte)
-    log(f"[classifier] Fashion-MNIST CNN: test accuracy {100 * acc:.1f}% ({epochs} epochs, {time.time() - t0:.0f} s)")
+    log(f"[classifier] Fashion-MNIST CNN: test accuracy {100 * acc:.1f}% ({epochs} epoch(s) of {len(xtr)} images, "
+        f"{time.time() - t0:.0f} s)")
     return model.eval(), acc
 
 
-def cached_classifier(epochs: int = 2, seed: int = 0, cache_dir: str = "", log=print) -> tuple[FashionCNN, float]:
+def cached_classifier(epochs: int = 2, seed: int = 0, images: int = 0, cache_dir: str = "",
+                      log=print) -> tuple[FashionCNN, float]:
     """(model, test accuracy): the judge trained once per machine and kept (weights only, safetensors, its
     accuracy in the metadata) under $LDM_RAY_CACHE or ~/.cache/ldm-ray; written atomically."""
     import os
@@ -72,7 +78,8 @@ def cached_classifier(epochs: int = 2, seed: int = 0, cache_dir: str = "", log=p
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     root = cache_dir or os.environ.get("LDM_RAY_CACHE") or os.path.expanduser("~/.cache/ldm-ray")
-    path = os.path.join(root, f"fashion_cnn_e{epochs}_s{seed}.safetensors")
+    subset = f"_n{images}" if 0 < images < 60000 else ""  # 0 (or 60000 and more): the whole train split
+    path = os.path.join(root, f"fashion_cnn_e{epochs}_s{seed}{subset}.safetensors")
     if os.path.exists(path):
         try:
             model = FashionCNN()
@@ -83,7 +90,7 @@ def cached_classifier(epochs: int = 2, seed: int = 0, cache_dir: str = "", log=p
             return model.eval(), acc
         except Exception as e:  # noqa: BLE001 - an unreadable cache entry is retrained and replaced
             log(f"[classifier] {path} unusable ({type(e).__name__}: {e}); training it again")
-    model, acc = train_classifier(epochs=epochs, seed=seed, log=log)
+    model, acc = train_classifier(epochs=epochs, seed=seed, images=images, log=log)
     os.makedirs(root, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, {"test_accuracy": str(acc)})

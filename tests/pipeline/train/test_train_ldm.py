@@ -137,20 +137,33 @@ def test_compiled_unet_trains_under_deepspeed_and_exports_plain_weights(tiny_cac
     UNetModel(apply_overrides(get_preset("tiny"), TINY_TEXT).unet).load_state_dict(comps["unet"], strict=True)
 
 
-def test_resume_mid_epoch_matches_uninterrupted(tiny_cache, tmp_path):
+# 2 workers x batch 8 over the tiny cache's 320 rows: 20 steps an epoch, constant lr after 2 warm-up steps, so the
+# first steps of a longer run are those of a shorter one
+STRAIGHT = dict(max_failures=0, sample_every=0, checkpoint_every=10, lr=1e-3, shuffle_buffer=40)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_cache, tmp_path_factory):
+    """(the summary, per-step losses) of a 40-step run never interrupted: what the resumed runs below must match."""
+    tmp = tmp_path_factory.mktemp("straight")
+    uri = f"sqlite:///{tmp}/m.db"
+    b = run_train(topts(tiny_cache, tmp, max_steps=40, name="straight", mlflow_uri=uri, **STRAIGHT))
+    return b, metric_history(uri, b["mlflow_run_id"], "loss")
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tiny_cache, straight, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
-    common = dict(max_failures=0, sample_every=0, checkpoint_every=10, mlflow_uri=uri, lr=1e-3, shuffle_buffer=40)
-    # 2 workers x batch 8 over 320 rows: 20 steps an epoch; the first run stops at step 13, mid-epoch. The resumed
-    # run streams the parts every epoch (--in-memory no), the straight one keeps them after one read
+    common = dict(mlflow_uri=uri, **STRAIGHT)
+    # the first run stops at step 13, mid-epoch. The resumed run streams the parts every epoch (--in-memory no), the
+    # straight one keeps them after one read
     a1 = run_train(topts(tiny_cache, tmp_path, max_steps=13, name="resumed", in_memory="no", **common))
     assert a1["step"] == 13
     a2 = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="resumed", in_memory="no", **common))  # resume
-    b = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="straight", **common))
+    b, lb = straight
     assert a2["step"] == b["step"] == 40 and a2["images_seen"] == b["images_seen"]
     assert a2["mlflow_run_id"] == a1["mlflow_run_id"]  # one MLflow run continued
     assert a2["epochs_begun"] == b["epochs_begun"] == 2  # the resumed run sought into epoch 0's middle
     la = metric_history(uri, a2["mlflow_run_id"], "loss")
-    lb = metric_history(uri, b["mlflow_run_id"], "loss")
     assert len(la) == len(lb) == 40
     # the same rows in the same order on both ranks (and the same noise): the same losses, step for step
     np.testing.assert_allclose(la, lb, rtol=1e-5)
@@ -171,13 +184,15 @@ def step_losses(text: str) -> dict[int, str]:
     return out
 
 
-def test_killed_worker_restarts_from_last_checkpoint(tiny_cache, tmp_path):
-    def cmd(name):
-        return [sys.executable, str(ROOT / "jobs" / "train_ldm.py"), "--latents", tiny_cache, "--preset", "tiny",
-                *TINY_TEXT, "--num-workers", "2", "--zero-stage", "2", "--max-steps", "30", "--batch-size", "8",
-                "--shuffle-buffer", "40", "--checkpoint-every", "8", "--sample-every", "0", "--log-every", "1",
-                "--storage-path", str(tmp_path / "runs"), "--name", name, "--max-failures", "2"]
-    proc = subprocess.Popen(cmd("killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def test_killed_worker_restarts_from_last_checkpoint(tiny_cache, straight, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    # the straight run's settings, through the CLI (its seed, lr and warm-up; a checkpoint every 8 steps)
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_ldm.py"), "--latents", tiny_cache, "--preset", "tiny",
+           *TINY_TEXT, "--num-workers", "2", "--zero-stage", "2", "--max-steps", "30", "--batch-size", "8",
+           "--lr", "1e-3", "--warmup-steps", "2", "--ema-decay", "0.99", "--seed", "0", "--shuffle-buffer", "40",
+           "--checkpoint-every", "8", "--sample-every", "0", "--log-every", "1", "--storage-path",
+           str(tmp_path / "runs"), "--name", "killed", "--max-failures", "2", "--mlflow-uri", uri]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines, killed = [], None
     t0 = time.time()
@@ -203,10 +218,14 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_cache, tmp_path):
     # mid-epoch (20 steps an epoch): the restarted workers sought their data position, and trained on the same
     # rows in the same order as a run that was never killed (same noise too): the same loss at every step
     assert f"data position: epoch 0, batch {resumed[0]}:" in text
-    straight = subprocess.run(cmd("straight"), capture_output=True, text=True, timeout=500)
-    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    want = step_losses(straight.stdout + straight.stderr)
-    assert sorted(want) == list(range(1, 31)) and step_losses(text) == want
+    assert sorted(step_losses(text)) == list(range(1, 31))
+    logged = {}  # the steps trained again after the restart are logged twice: the later value counts
+    run_id = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("train_ldm")
+                                                   .experiment_id])[0].info.run_id
+    for m in sorted(mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.timestamp):
+        logged[m.step] = m.value
+    assert sorted(logged) == list(range(1, 31))
+    np.testing.assert_allclose([logged[k] for k in range(1, 31)], straight[1][:30], rtol=1e-5)
 
 
 def _nan_cache(src, dst, nan_parts):
