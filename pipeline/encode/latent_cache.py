@@ -126,6 +126,16 @@ def part_buckets(manifest: dict) -> list[tuple[int, int]] | None:
     return out
 
 
+def part_units(manifest: dict) -> list[str]:
+    """Each part's unit, in part_files order: its source shard (and aspect bucket, in a bucketed cache). How the
+    encode job cut a shard's rows into parts depends on how Ray Data batched them; a unit's rows do not."""
+    out = []
+    for uri, s in sorted(manifest["shards"].items()):
+        files, buckets = shard_files(s), s.get("part_buckets") or []
+        out += [f"{uri} {buckets[i]}" if i < len(buckets) else uri for i in range(len(files))]
+    return out
+
+
 def footer_rows(uri: str) -> int:
     fs, path = storage.fs_and_path(uri)
     with fs.open(path, "rb") as f:

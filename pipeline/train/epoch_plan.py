@@ -1,10 +1,12 @@
 """The training rows' order, decided up front, and a data position that seeks instead of re-reading.
 
-An epoch's plan is a pure function of (seed, epoch, world size, batch size, the parts' row counts):
-- the cache's parts in a seeded order, their rows laid end to end and cut into `world` equal ranges of whole
+An epoch's plan is a pure function of (seed, epoch, world size, batch size, the units' row counts), a unit being
+one source shard's rows in key order (`KeyOrderedUnits`: however the encode job happened to cut them into parts):
+- the cache's units in a seeded order, their rows laid end to end and cut into `world` equal ranges of whole
   batches, one per rank (the few rows past the last whole batch sit out this epoch only);
-- a rank's range is a list of slices (part, first row, end row), grouped into windows of whole slices holding at
+- a rank's range is a list of slices (unit, first row, end row), grouped into windows of whole slices holding at
   least `shuffle_rows` rows; each window's rows are shuffled by a permutation seeded by (seed, epoch, rank, window).
+So two encodes of the same shards train on the same rows in the same order: one seed, one model.
 Every rank consumes one batch per micro-step, so the data position, (epoch, batches consumed), is the same on all
 ranks: a restart finds the window it stopped in and reads from there, the same rows in the same order as an
 uninterrupted run, having re-read at most that one window. Ray Data still does the reading (`RayDataParts`); the
@@ -160,6 +162,28 @@ class RayDataParts:
                             f"({self.rows[parts[k]]}): the cache changed under the run; re-encode it")
 
 
+class KeyOrderedUnits:
+    """Units of parts (a shard's), each read as one table with its rows in key order: what the plan orders, cuts
+    and shuffles. How the encode job cut a shard into parts depends on how Ray Data batched its rows (and part
+    names carry a run id), so a plan over parts would differ between two encodes of the same shards; over key-ordered
+    shards, one seed gives one order of the rows, and one model."""
+
+    def __init__(self, reader, units: Sequence[Sequence[int]], drop_key: bool = True):
+        self.reader, self.units, self.drop_key = reader, [list(u) for u in units], drop_key
+
+    @property
+    def parts_read(self) -> int:
+        return self.reader.parts_read
+
+    def __call__(self, units: list[int]) -> Iterator[pa.Table]:
+        import pyarrow.compute as pc
+        tables = self.reader([p for u in units for p in self.units[u]])
+        for u in units:
+            table = pa.concat_tables([next(tables) for _ in self.units[u]])
+            table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))  # a stable sort
+            yield table.drop_columns(["key"]) if self.drop_key else table
+
+
 class PlannedBatches:
     """A rank's endless batches, epoch after epoch, in the plan's order; `state["epoch"]` and
     `state["batch_in_epoch"]` are the data position a checkpoint keeps, and a restored one is sought, not
@@ -184,9 +208,9 @@ class PlannedBatches:
                 continue
             first, offset = seek(plan, skip * b)
             if skip:
-                parts = len(plan[first])
+                units = len(plan[first])
                 self.log(f"data position: epoch {epoch}, batch {skip}: reading from window {first + 1} of "
-                         f"{len(plan)} (its {parts} part(s), {offset} of its rows already trained on)")
+                         f"{len(plan)} (its {units} shard(s), {offset} of its rows already trained on)")
             state["epoch"], state["batch_in_epoch"] = epoch, skip
             self.epochs += 1
             todo = plan[first:]

@@ -14,7 +14,8 @@ from pipeline.common import storage
 from pipeline.common.errors import DataError
 from pipeline.common.models import text_encoder_path
 from pipeline.common.tracking import open_or_continue_run, redact, register_version
-from pipeline.encode.latent_cache import decoded_bytes, part_buckets, part_files, part_rows, read_manifest
+from pipeline.encode.latent_cache import (decoded_bytes, part_buckets, part_files, part_rows, part_units,
+                                          read_manifest)
 from pipeline.train.options import TrainOptions, load_deepspeed_preset
 
 
@@ -311,12 +312,22 @@ def flip_prob(opts: TrainOptions, cfg, manifest: dict, log) -> float:
     return p
 
 
+def units_of(labels: list[str]) -> tuple[tuple[int, ...], ...]:
+    """The indices of the parts of each unit (a shard, or a shard's aspect bucket), in part order."""
+    out: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        out.setdefault(label, []).append(i)
+    return tuple(tuple(v) for v in out.values())
+
+
 def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached_emb: bool, log):
-    """What the workers read: the parts, their rows, the columns a step needs; with --filter, the rows of each part
-    it keeps, counted here (parts it empties are left out) and logged clause by clause."""
+    """What the workers read: the parts, their rows, which parts make one unit (a shard's rows, read whole and in key
+    order, whatever parts the encode job cut them into), the columns a step needs; with --filter, the rows of each
+    part it keeps, counted here (parts it empties are left out) and logged clause by clause."""
     from pipeline.train.ldm_loop import TrainData
     from pipeline.train.row_filter import RowFilter, count_kept
     rows = part_rows(opts.latents, manifest)
+    labels = part_units(manifest)
     k = manifest["resolution"] // manifest["base_resolution"]
     sizes = tuple((h * k, w * k) for h, w in part_buckets(manifest) or ())
     columns = tuple(stream_columns(cfg, cached_emb)) + (("latent_flip_mean", "latent_flip_std") if opts.flip_prob > 0
@@ -329,7 +340,7 @@ def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached
         columns = tuple(f"{c}_{r}" if c.startswith("latent_") else c for c in columns)
         flt = flt.requiring(r)
     if not flt:
-        return TrainData(tuple(files), tuple(rows), columns, False, buckets=sizes)
+        return TrainData(tuple(files), tuple(rows), columns, False, buckets=sizes, units=units_of(labels))
     kept, removed = count_kept(flt, files, log)
     total = sum(rows)
     log(f"[train] rows that pass {flt}: {sum(kept)} of {total} ({sum(kept) / max(1, total):.1%}); removed by each "
@@ -339,7 +350,7 @@ def train_data(opts: TrainOptions, cfg, manifest: dict, files: list[str], cached
     on = [i for i, n in enumerate(kept) if n]
     return TrainData(tuple(files[i] for i in on), tuple(rows[i] for i in on), columns, False, str(flt),
                      tuple(kept[i] for i in on), tuple(sizes[i] for i in on) if sizes else (), tuple(rename.items()),
-                     k)
+                     k, units_of([labels[i] for i in on]))
 
 
 def resume_from(opts: TrainOptions, plan, log):

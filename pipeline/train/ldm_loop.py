@@ -59,8 +59,9 @@ class LDMJob:
 @dataclass(frozen=True)
 class TrainData:
     """The latent cache as the workers read it (pipeline/train/epoch_plan.py): its parts, their rows, the
-    columns a step needs, whether a worker keeps the parts it has read, and --filter with the rows of each part
-    it keeps (counted by the driver)."""
+    columns a step needs, whether a worker keeps the parts it has read, --filter with the rows of each part
+    it keeps (counted by the driver), and the units the epoch plan orders: each a shard's parts (a bucketed
+    cache: a shard's parts of one bucket), read as one table in key order."""
     files: tuple[str, ...]
     rows: tuple[int, ...]
     columns: tuple[str, ...]
@@ -70,18 +71,23 @@ class TrainData:
     buckets: tuple[tuple[int, int], ...] = ()  # each part's aspect bucket (h, w) in pixels; () = square crops
     rename: tuple[tuple[str, str], ...] = ()   # another resolution's latent columns -> the names a step reads
     scale: int = 1                       # that resolution / the cache's first (crop offsets are the first's)
+    units: tuple[tuple[int, ...], ...] = ()  # part indices of each unit; () = every part its own unit
 
     def batches(self, o: TrainOptions, w: "Worker"):
-        from pipeline.train.epoch_plan import BucketedBatches, PlannedBatches, RayDataParts
+        from pipeline.train.epoch_plan import BucketedBatches, KeyOrderedUnits, PlannedBatches, RayDataParts
         from pipeline.train.row_filter import RowFilter
         flt = RowFilter.parse(self.filter)
         rows = self.filtered_rows if flt else self.rows
-        reader = RayDataParts(self.files, self.rows, self.columns, self.keep, flt, self.filtered_rows,
-                              dict(self.rename))
+        units = self.units or tuple((p,) for p in range(len(self.files)))
+        sort = "key" not in self.columns  # the key orders a unit's rows and is dropped after
+        reader = RayDataParts(self.files, self.rows, self.columns + (("key",) if sort else ()), self.keep, flt,
+                              self.filtered_rows, dict(self.rename))
+        reader = KeyOrderedUnits(reader, units, drop_key=sort)
+        unit_rows = [sum(rows[p] for p in u) for u in units]
         if self.buckets:
-            return BucketedBatches(reader, rows, self.buckets, w.world, w.rank, o.batch_size, o.shuffle_buffer,
-                                   o.seed, log=w.say)
-        return PlannedBatches(reader, rows, w.world, w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
+            return BucketedBatches(reader, unit_rows, [self.buckets[u[0]] for u in units], w.world, w.rank,
+                                   o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
+        return PlannedBatches(reader, unit_rows, w.world, w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
 
 
 def import_deepspeed(cpu: bool):

@@ -145,3 +145,37 @@ def test_a_bucket_without_a_batch_per_worker_sits_out():
     assert bb.active == [(12, 20), (20, 12)] and "16x16 hold less than a batch per worker" in lines[0]  # 79 rows
     with pytest.raises(DataError, match="no aspect bucket holds a batch of 90"):
         BucketedBatches(CountingReader(part_tables()), ROWS, BUCKETS, 2, 0, 90, 20, seed=0)
+
+
+def test_two_encodes_cut_into_other_parts_train_on_the_same_rows_in_the_same_order(tiny_cache, tmp_path):
+    """The plan orders key-ordered shards, not parts: a second encode of the same shards written in 16-row parts
+    (the first wrote one part per shard) gives every rank the same rows in the same order, epoch after epoch."""
+    from types import SimpleNamespace
+    from pathlib import Path
+
+    from pipeline.data.preprocess import PreprocessConfig
+    from pipeline.encode.flow import EncodeOptions, run_encode
+    from pipeline.encode.latent_cache import part_files, part_rows, part_units, read_manifest
+    from pipeline.train.ldm import units_of
+    from pipeline.train.ldm_loop import TrainData
+    other = str(tmp_path / "latents")
+    run_encode(EncodeOptions(input=str(Path(tiny_cache).parent / "shards"), output=other, autoencoder="random:tiny",
+                             preprocess=PreprocessConfig(resolution=16), max_length=16, batch_size=16,
+                             write_batch_size=16))
+
+    def order(cache, by_unit=True):
+        m = read_manifest(cache)
+        td = TrainData(tuple(part_files(cache, m)), tuple(part_rows(cache, m)), ("key", "label"), False,
+                       units=units_of(part_units(m)) if by_unit else ())
+        out = []
+        for rank in (0, 1):
+            data = td.batches(SimpleNamespace(batch_size=8, shuffle_buffer=100, seed=5),
+                              SimpleNamespace(world=2, rank=rank, say=lambda _m: None))
+            out.append([t.column("key").to_pylist() for t in itertools.islice(data.tables(
+                {"epoch": 0, "batch_in_epoch": 0}), 45)])  # 20 batches an epoch: into the third
+        return out, len(td.files)
+
+    (a, parts_a), (b, parts_b) = order(tiny_cache), order(other)
+    assert parts_b > parts_a == 4  # other cuts: 16-row parts against one part per shard
+    assert a == b and a[0] != a[1]
+    assert order(tiny_cache, by_unit=False)[0] != order(other, by_unit=False)[0]  # a plan over parts differs
