@@ -25,7 +25,7 @@ from pipeline.common.errors import DataError
 
 @dataclass(frozen=True)
 class Slice:
-    part: int                            # index into the cache's part files
+    part: int                            # what the reader reads whole: a unit of the cache (a shard's parts)
     start: int                           # first row of the part this rank reads
     stop: int                            # one past its last
 
