@@ -150,8 +150,8 @@ def test_a_bucket_without_a_batch_per_worker_sits_out():
 def test_two_encodes_cut_into_other_parts_train_on_the_same_rows_in_the_same_order(tiny_cache, tmp_path):
     """The plan orders key-ordered shards, not parts: a second encode of the same shards written in 16-row parts
     (the first wrote one part per shard) gives every rank the same rows in the same order, epoch after epoch."""
-    from types import SimpleNamespace
     from pathlib import Path
+    from types import SimpleNamespace
 
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode

@@ -220,9 +220,9 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_cache, straight, tmp_p
     assert f"data position: epoch 0, batch {resumed[0]}:" in text
     assert sorted(step_losses(text)) == list(range(1, 31))
     logged = {}  # the steps trained again after the restart are logged twice: the later value counts
-    run_id = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("train_ldm")
-                                                   .experiment_id])[0].info.run_id
-    for m in sorted(mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"), key=lambda m: m.timestamp):
+    client = mlflow.MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("train_ldm").experiment_id])[0].info.run_id
+    for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp):
         logged[m.step] = m.value
     assert sorted(logged) == list(range(1, 31))
     np.testing.assert_allclose([logged[k] for k in range(1, 31)], straight[1][:30], rtol=1e-5)
