@@ -147,10 +147,17 @@ class LDMConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     scale_factor: float = 0.0            # 0 = take 1/std of the latents from the cache manifest (§4.3.2)
+    # how the cache's latents are brought to unit variance when scale_factor is 0: "global" (§4.3.2: one 1/std and
+    # one mean for the whole latent) or "channel" (EDM2: each channel's own 1/std and mean)
+    latent_norm: str = "global"
 
     def validate(self) -> "LDMConfig":
         check_domains(self)
         ae, un, cond = self.autoencoder, self.unet, self.conditioning
+        if self.latent_norm == "channel" and self.scale_factor:
+            raise ConfigError(f"latent_norm='channel' takes each channel's mean and std from the cache; "
+                              f"scale_factor={self.scale_factor:g} is one fixed scale: set scale_factor=0 or "
+                              f"latent_norm='global'")
         if ae.resolution % ae.downsample_factor:
             raise ConfigError(f"autoencoder.resolution={ae.resolution} is not divisible by f={ae.downsample_factor}")
         for name, c in (("autoencoder.ch", ae.ch), ("unet.model_channels", un.model_channels)):
@@ -268,7 +275,7 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "conditioning.lowres_factor": _pos, "conditioning.lowres_noise_max": (lambda v: 0 <= v < 1000, "in [0, 1000)"),
     "conditioning.lowres_noise_sample": _nonneg, "conditioning.max_boxes": _pos,
     "conditioning.layout_grid": (lambda v: v >= 2, ">= 2"),
-    "scale_factor": _nonneg,
+    "scale_factor": _nonneg, "latent_norm": _one_of("global", "channel"),
 }
 
 

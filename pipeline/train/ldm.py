@@ -238,7 +238,8 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     manifest = at_resolution(read_manifest(opts.latents), opts.resolution, opts.latents)
     check_cache(cfg, manifest, opts.latents)
     totals = manifest["totals"]
-    scale = LatentScale.choose(cfg.scale_factor, totals["latent_channel_mean"], totals["scale_factor"])
+    scale = LatentScale.choose(cfg.scale_factor, totals["latent_channel_mean"], totals["scale_factor"],
+                               totals.get("latent_channel_std"), per_channel=cfg.latent_norm == "channel")
     files = part_files(opts.latents, manifest)
     text_id = manifest.get("text_encoder", {})
     cached_emb = bool(text_id.get("embeddings")) and cfg.conditioning.text_encoder == "hf"
@@ -260,7 +261,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     log("[train] options: " + ", ".join(f"{k}={redact(str(v))}" for k, v in asdict(opts).items()
                                         if v not in ("", (), None)))
     log(f"[train] cache {opts.latents}: {manifest['counts']['kept']} rows in {len(files)} parts, latent "
-        f"{manifest['latent_shape']}, scale {scale.scale:.5f}, shift {scale.shift:.5f}; conditioning "
+        f"{manifest['latent_shape']}, {scale.describe()}; conditioning "
         f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}"
         + (f"; each sample mirrored with probability {opts.flip_prob:g} (cached flipped latents)"
            if opts.flip_prob > 0 else "")
@@ -453,7 +454,7 @@ def open_mlflow_run(opts: TrainOptions, cfg, plan, manifest: dict, scale: Latent
     params.update({f"train.{k}": v for k, v in asdict(opts).items()})
     params.update({"cache.autoencoder_config_hash": manifest["autoencoder"]["config_hash"],
                    "cache.autoencoder_weights": manifest["autoencoder"]["weights_sha256"],
-                   "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": scale.scale,
-                   "latent.shift": scale.shift, "resolution": manifest["resolution"]})
+                   "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": str(scale.scale),
+                   "latent.shift": str(scale.shift), "resolution": manifest["resolution"]})
     return open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
                                 {"latent_cache": opts.latents, "preset": cfg.name, **tags}, log, parent_run_id=parent)

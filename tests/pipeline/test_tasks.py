@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import load_components
+from ldm.latent_scale import LatentScale
 from pipeline.data.make_shards import fashion_records, photo_records, scene_records, write_shards
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.encode.flow import EncodeOptions, run_encode
@@ -32,8 +33,8 @@ SR = ("conditioning.kind=lowres", "conditioning.concat_channels=3", "unet.in_cha
 SEMANTIC = ("conditioning.kind=semantic", "conditioning.num_classes=11", "conditioning.concat_channels=11",
             "unet.in_channels=15", "unet.context_dim=null", "conditioning.cond_drop_prob=0")
 # layout-to-image, hybrid: up to 2 boxes per image, each a token of a 1-layer transformer the UNet cross-attends to,
-# and drawn per class, concatenated to z_t (4 + 10 input channels)
-LAYOUT = ("conditioning.kind=layout", "conditioning.num_classes=10", "conditioning.max_boxes=2",
+# and drawn per class, concatenated to z_t (4 + 10 input channels); latents normalised per channel (EDM2)
+LAYOUT = ("latent_norm=channel", "conditioning.kind=layout", "conditioning.num_classes=10", "conditioning.max_boxes=2",
           "conditioning.n_embed=32", "conditioning.n_layer=1", "conditioning.layout_grid=8", "unet.context_dim=32",
           "conditioning.layout_concat=true", "conditioning.concat_channels=10", "unet.in_channels=14")
 INPAINT = ("conditioning.kind=inpaint", "conditioning.concat_channels=5", "unet.in_channels=9", "unet.context_dim=null",
@@ -276,8 +277,11 @@ def test_layout_to_image_task_from_scene_boxes_to_samples(ray_local, tiny_cache,
     layout = tmp_path / "layout.json"
     layout.write_text(json.dumps({"size": [32, 32], "boxes": [[1, 2, 2, 12, 12], [8, 18, 18, 12, 12]]}))
     s, _ = train_and_sample(cache, tmp_path, LAYOUT, [], ("--layout", str(layout), "--cfg-scale", "2"))
-    comps, config, _ = load_components(s["export"])
+    comps, config, meta = load_components(s["export"])
     assert config["conditioning"]["kind"] == "layout" and "box_proj.weight" in comps["ema_cond_stage"]
+    totals = read_manifest(cache)["totals"]  # latent_norm=channel: each channel's own 1/std and mean
+    assert LatentScale.from_json(meta["latent_scale"]) == LatentScale(
+        tuple(1 / s for s in totals["latent_channel_std"]), tuple(totals["latent_channel_mean"]))
     assert comps["ema_unet"]["input_blocks.0.0.weight"].shape[1] == 14
     layout.write_text(json.dumps({"size": [16, 16], "boxes": [[1, 0, 0, 4, 4]] * 3}))
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], "--layout",
