@@ -8,7 +8,7 @@ UNet to learn large per-channel offsets, and a short run falls short of them (sa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -63,9 +63,10 @@ class LatentScale:
         return f"{what}scale {fmt(self.scale)}, shift {fmt(self.shift)}"
 
     def to_json(self) -> str:
-        return json.dumps({"scale": self.scale, "shift": self.shift})
+        return json.dumps(asdict(self))  # a per-channel tuple becomes a JSON list
 
     @classmethod
     def from_json(cls, text: str) -> "LatentScale":
-        d = json.loads(text)
-        return cls(*(tuple(float(x) for x in v) if isinstance(v, list) else float(v) for v in (d["scale"], d["shift"])))
+        def value(v):  # a JSON list is one value per channel
+            return tuple(float(x) for x in v) if isinstance(v, list) else float(v)
+        return cls(**{k: value(v) for k, v in json.loads(text).items()})

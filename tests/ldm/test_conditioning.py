@@ -86,7 +86,6 @@ def test_latent_scale_goes_both_ways():
     assert LatentScale.choose(0.18215, [0.0], 0.0) == LatentScale(0.18215, 0.0)  # no measured scale: nothing to check
 
 
-
 def test_latent_scale_per_channel_makes_every_channel_zero_mean_unit_variance():
     mean, std = [-6.8, 2.0, 0.3], [4.7, 0.6, 2.0]  # channels far apart, as the demo's first stage gives
     z = torch.randn(4096, 3, 2, 2) * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
@@ -104,6 +103,7 @@ def test_latent_scale_per_channel_makes_every_channel_zero_mean_unit_variance():
         LatentScale.choose(0.0, mean, overall, None, per_channel=True)
     with pytest.raises(ConfigError, match="latent_norm='channel'"):
         apply_overrides(get_preset("tiny"), ["latent_norm=channel", "scale_factor=0.18215"]).validate()
+
 
 def test_cfg_dropout():
     g = torch.Generator().manual_seed(0)
