@@ -10,6 +10,7 @@ classifier; everything tracked in MLflow (a sqlite store under --out unless --ml
   python jobs/demo.py --task inpaint   # inpainting: FD and the holes' PSNR against biharmonic inpainting
   python jobs/demo.py --task semantic  # semantic synthesis: per-region class agreement, a sample at 2x the canvas
   python jobs/demo.py --task layout    # layout-to-image: per-box class agreement against the empty layout
+  python jobs/demo.py --task all       # every task in turn under one --out, a table of their figures at the end
   python jobs/demo.py --quick          # a few minutes, smaller everything (poorer samples)
 
 Ends by printing the stage-1 PSNR, the task's figures next to their baseline, the grid's path and how to open the
@@ -19,13 +20,15 @@ import argparse
 
 from _common import run
 
-from pipeline.demo import TASKS, DemoOptions
+from pipeline.demo import DemoOptions
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=list(TASKS), default=DemoOptions.task,
-                   help="the LDM's conditioning: text (captions through the frozen MiniLM; judged by prompt-class "
+    p.add_argument("--task", default=DemoOptions.task,
+                   help="the task, a comma-separated list of tasks, or all (every task in turn in one process under "
+                   "one --out, sharing the shards, stage 1 and the judge; a table of every figure at the end). "
+                   "Tasks: the LDM's conditioning: text (captions through the frozen MiniLM; judged by prompt-class "
                    "agreement), class (the Fashion-MNIST labels; agreement with the requested class), uncond (none; "
                    "FD against the same model untrained, and the classes the judge sees), sr (x4 super-resolution "
                    "from 8x8 bicubic copies; FD, PSNR and SSIM against bicubic upsampling), inpaint (a masked image "
@@ -47,13 +50,13 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipeline.demo import run_demo
     from pipeline.common.tracking import credentials_to_env
+    from pipeline.demo import run_tasks, task_list
     a = parse(argv)
+    tasks = task_list(a.task)
     size = a.size or ("quick" if a.quick else "default")
-    run_demo(DemoOptions(out=a.out, size=size, mlflow_uri=credentials_to_env(a.mlflow_uri),
-                         num_cpus=a.num_cpus, seed=a.seed, cfg_scale=a.cfg_scale, sample_steps=a.sample_steps,
-                         task=a.task))
+    run_tasks(DemoOptions(out=a.out, size=size, mlflow_uri=credentials_to_env(a.mlflow_uri), num_cpus=a.num_cpus,
+                          seed=a.seed, cfg_scale=a.cfg_scale, sample_steps=a.sample_steps), tasks)
     return 0
 
 

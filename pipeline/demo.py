@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.data.make_shards import FASHION_CLASSES, FASHION_PHRASES, SCENE_SIZE
@@ -259,6 +259,53 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     (out / f"summary{task.tag}.json").write_text(json.dumps(summary, indent=2))
     log(report(summary, out, uri))
     return summary
+
+
+def task_list(spec: str) -> list[str]:
+    """--task: one task, a comma-separated list, or `all` (every task, in the order of TASKS)."""
+    names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise ValueError(f"--task {spec!r}: {', '.join(bad) or 'no task'} is not a task; give one or more of "
+                         f"{', '.join(TASKS)} (comma-separated), or all")
+    return list(dict.fromkeys(names))
+
+
+def run_tasks(opts: DemoOptions, tasks: list[str], log=print) -> list[dict]:
+    """Several tasks in one process under one --out: one embedded Ray, and the shards, stage 1 and the judge the
+    first task makes are reused by the next; ends with one line per task, its figure next to its baseline."""
+    summaries = [run_demo(replace(opts, task=t), log) for t in tasks]
+    if len(summaries) > 1:
+        log(headlines(summaries))
+    return summaries
+
+
+def headline(s: dict) -> tuple[str, str]:
+    """A task's figure and the baseline it is judged against, as the README's table states them."""
+    fd = s["fd_name"]
+    if s["task"] in ("text", "class"):
+        return f"class agreement {100 * s['prompt_class_agreement']:.1f}%", "chance 10%"
+    if s["task"] == "uncond":
+        return f"{fd} {s['sample_fd']:.1f}", f"untrained {s['untrained_fd']:.1f}"
+    if s["task"] == "sr":
+        return (f"{fd} {s['sample_fd']:.1f}, PSNR {s['psnr_db']:.2f} dB",
+                f"bicubic {s['bicubic_fd']:.1f}, {s['bicubic_psnr_db']:.2f} dB")
+    if s["task"] == "inpaint":
+        return (f"{fd} {s['sample_fd']:.1f}, hole PSNR {s['hole_psnr_db']:.2f} dB",
+                f"biharmonic {s['classical_fd']:.1f}, {s['classical_hole_psnr_db']:.2f} dB")
+    if s["task"] == "semantic":
+        return (f"region agreement {100 * s['region_agreement']:.1f}%",
+                f"real scenes {100 * s['real_region_agreement']:.1f}%")
+    return (f"box agreement {100 * s['region_agreement']:.1f}%",
+            f"empty layout {100 * s['null_region_agreement']:.1f}%, real {100 * s['real_region_agreement']:.1f}%")
+
+
+def headlines(summaries: list[dict]) -> str:
+    rows = [(s["task"], *headline(s), f"{int(s['seconds']) // 60}m{int(s['seconds']) % 60:02d}s") for s in summaries]
+    head = ("task", "figure", "baseline", "time")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["   " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    return "\n".join([f"\n{'=' * 78}", f" ldm-ray demo: {len(rows)} tasks under one --out", *lines, "=" * 78])
 
 
 def make_shards(out: Path, size: DemoSize, seed: int, log, task: DemoTask) -> None:

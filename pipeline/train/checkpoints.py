@@ -165,6 +165,16 @@ def local_copy(ckpt):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def refuse_if_corrupt(resume_from: str) -> None:
+    """In the driver: an explicit local --resume checkpoint whose seals do not match is refused before Ray starts,
+    with the message a worker would give. A remote one is verified by the workers as they download it."""
+    if resume_from and not storage.is_remote(resume_from) and os.path.isdir(resume_from):
+        problems = verify(resume_from)
+        if problems:
+            raise CheckpointError(f"checkpoint {resume_from} is corrupt: {'; '.join(problems[:5])}; pass another "
+                                  f"--resume checkpoint")
+
+
 def restore(plan: Restore, load, log) -> bool:
     """Load the first intact checkpoint of the plan with `load(local_dir)`; False when the plan is empty (a new
     run). Every rank checks the same seals, so all ranks choose the same checkpoint."""

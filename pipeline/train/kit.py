@@ -18,7 +18,7 @@ import torch
 
 from pipeline.common import storage
 from pipeline.common.errors import DataError
-from pipeline.train.checkpoints import list_checkpoints, restore, restore_plan, seal
+from pipeline.train.checkpoints import list_checkpoints, refuse_if_corrupt, restore, restore_plan, seal
 from pipeline.train.options import RunOptions
 
 
@@ -71,6 +71,7 @@ def resolve_resume(resume: str, storage_path: str, name: str, mlflow_uri: str = 
 
 def plan_run(opts: RunOptions, default_name: str) -> RunPlan:
     storage_path, name, resume_from = resolve_resume(opts.resume, opts.storage_path, opts.name, opts.mlflow_uri)
+    refuse_if_corrupt(resume_from)
     name = name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = storage_path if storage.is_remote(storage_path) else str(Path(storage_path).resolve())
     return RunPlan(storage_path, name, storage.join(storage_path, name), resume_from)

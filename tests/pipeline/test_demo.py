@@ -63,39 +63,37 @@ def test_demo_smoke_size_end_to_end(smoke, tmp_path):
 
 
 def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
-    """--task class, uncond, sr, inpaint, semantic and layout under the text demo's --out: its shards and stage 1 are
-    reused (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary, and reports its
-    figure next to its baseline."""
+    """--task class,uncond,sr,inpaint,semantic,layout in one process under the text demo's --out: its shards and
+    stage 1 are reused (resumed, not retrained), each task gets its own cache, LDM run, model, grid and summary,
+    reports its figure next to its baseline, and a closing table lists them all."""
     out, cache, _ = smoke
-    r = demo(out, cache, "--task", "class")
+    r = demo(out, cache, "--task", "class,uncond,sr,inpaint,semantic,layout")
+    table = r.stdout[r.stdout.index("ldm-ray demo: 6 tasks under one --out"):].splitlines()
+    assert [ln.split()[0] for ln in table[1:8]] == ["task", "class", "uncond", "sr", "inpaint", "semantic", "layout"]
+    assert "chance 10%" in table[2] and "untrained" in table[3] and "bicubic" in table[4] and "empty layout" in table[7]
     c = json.loads((out / "summary-class.json").read_text())
     assert c["task"] == "class" and 0 <= c["prompt_class_agreement"] <= 1 and len(c["per_class_agreement"]) == 10
     assert "between the requested class and the classifier" in r.stdout and "chance: 10%" in r.stdout
     assert "[stage1] reused: finished earlier under this --out (20 steps" in r.stdout  # the text run's, as it stands
     assert "[stage1] resumed" not in r.stdout and "[demo 2/6]" in r.stdout
     assert (out / "prompts-class.txt").read_text().splitlines()[3] == "row 3: label 3 (dress)"
-    r = demo(out, cache, "--task", "uncond")
     u = json.loads((out / "summary-uncond.json").read_text())
     assert u["task"] == "uncond" and u["sample_fd"] > 0 and u["untrained_fd"] > 0
     assert abs(sum(u["class_shares"].values()) - 1) < 1e-3 and "the same model untrained: FD-EffNetLite0" in r.stdout
-    r = demo(out, cache, "--task", "sr")
     sr = json.loads((out / "summary-sr.json").read_text())
     assert sr["task"] == "sr" and sr["sample_fd"] > 0 and sr["bicubic_fd"] > 0 and sr["bicubic_psnr_db"] > 10
     assert 0 <= sr["ssim"] <= 1 and 0 <= sr["class_kept"] <= 1 and "bicubic x4: FD-EffNetLite0" in r.stdout
     assert read_manifest(str(out / "latents-sr"))["preprocess"]["lowres_factor"] == 4
-    r = demo(out, cache, "--task", "inpaint")
     ip = json.loads((out / "summary-inpaint.json").read_text())
     assert ip["classical_fd"] > 0 and 0 < ip["hole_share"] < 1 and ip["hole_psnr_db"] > 0 and ip["eta"] == 1.0
     assert "biharmonic inpainting: FD-EffNetLite0" in r.stdout and ip["cache_mb"] > 0
     assert read_manifest(str(out / "latents-inpaint"))["preprocess"]["inpaint_variants"] == 2
-    r = demo(out, cache, "--task", "semantic")
     se = json.loads((out / "summary-semantic.json").read_text())
     assert se["regions"] > 0 and 0 <= se["region_agreement"] <= 1 and se["real_silhouette_iou"] == 1.0
     assert Image.open(se["grid_4x"]).size == (2 * 128 * 3 + 3 * 2 * 3, 128 * 3 + 2 * 2 * 3)  # map + 128x128, x3
     assert "the classifier sees each region's class" in r.stdout and (out / "shards" / "scenes-test").exists()
     m = read_manifest(str(out / "latents-semantic"))
     assert m["preprocess"]["label_maps"] and m["preprocess"]["crop"] == "tile" and m["latent_shape"][1:] == [8, 8]
-    r = demo(out, cache, "--task", "layout")  # the semantic task's scenes, whole
     la = json.loads((out / "summary-layout.json").read_text())
     assert la["regions"] == se["regions"] and 0 <= la["null_region_agreement"] <= 1
     assert la["real_region_agreement"] > 0.5

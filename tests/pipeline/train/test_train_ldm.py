@@ -333,11 +333,12 @@ def test_corrupt_latest_checkpoint_falls_back_and_explicit_resume_wins(tiny_cach
     r = job("--max-steps", "5", "--resume", str(ckpts[0]))
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "resumed at step 2" in out and "done: step 5" in out, out[-3000:]
-    # ... and an explicit one that is corrupt is refused with exit 2, naming the file
+    # ... and an explicit one that is corrupt is refused with exit 2, naming the file, before Ray starts
     (ckpts[1] / "train_state.json").write_text("")
     r = job("--max-steps", "9", "--resume", str(ckpts[1]), name="explicit-bad")
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "train_state.json has 0 bytes" in r.stderr.splitlines()[-1]
+    assert f"checkpoint {ckpts[1]} is corrupt: train_state.json has 0 bytes" in r.stderr.splitlines()[-1]
+    assert "[train] ray " not in r.stdout and not (tmp_path / "runs" / "explicit-bad").exists()
 
 
 @pytest.mark.parametrize("override, message", [
