@@ -94,7 +94,7 @@ def sample_ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_c
         eps, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
                                  x, a, parameterization)
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-        x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        x = a_prev ** 0.5 * x0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps  # 0 up to rounding at SNR 0, eta 1
         if sigma > 0:
             x = x + sigma * _noise_like(x, generator, noises, i)
         if callback is not None:

@@ -49,6 +49,25 @@ def test_perfect_denoiser_reaches_the_data_point(sampler, param):
     assert (out - x_star).abs().max() < 1e-3, (out - x_star).abs().max()
 
 
+def test_ddim_eta_one_from_the_zero_snr_terminal_step_stays_real():
+    """Zero-terminal SNR (alpha_bar_999 = 0) with DDIM eta 1 starting at t=999: 1 - a_prev - sigma^2 is 0 up to
+    rounding, and a negative rounding error once made `** 0.5` complex (a crash in the UNet's next conv)."""
+    cfg = DiffusionConfig(timesteps=1000, zero_terminal_snr=True, parameterization="v")
+    ac = Schedule.from_config(cfg).alphas_cumprod
+    assert ac[-1] == 0
+    x_star = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def model(x, t):  # the ideal v-denoiser for x* under this schedule
+        a = ac[t[0]].item()
+        return a ** 0.5 * (x - a ** 0.5 * x_star) / (1 - a) ** 0.5 - (1 - a) ** 0.5 * x_star
+    ts = torch.tensor([999, 749, 499, 249, 0])
+    for t_next in range(740, 760):  # a few neighbours of the second step: the rounding goes either way
+        ts[1] = t_next
+        out = sample_ddim(model, torch.randn(2, 3, 4, 4), ts, ac, eta=1.0, parameterization="v",
+                          final_alpha_cumprod=1.0, generator=torch.Generator().manual_seed(1))
+        assert not out.is_complex() and (out - x_star).abs().max() < 1e-3
+
+
 def test_ddim_default_ends_at_alpha_bar_0_like_compvis():
     g = torch.Generator().manual_seed(0)  # seeded: the bound below scales with |x*|, so an unseeded draw could pass
     x_star = torch.randn(1, 3, 4, 4, generator=g)  # or fail by the order the tests ran in
