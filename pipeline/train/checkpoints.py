@@ -85,9 +85,9 @@ def seal(d: str, rank: int, world: int, own: list[str] | None = None) -> None:
         json.dump({"rank": rank, "world": world, "files": files}, f)
 
 
-def verify(d: str) -> list[str] | None:
+def verify(d: str, hashes: bool = True) -> list[str] | None:
     """Problems of the checkpoint in local dir `d` ([] = intact), or None when it has no seals (written before
-    seals existed: it cannot be verified)."""
+    seals existed: it cannot be verified). `hashes=False` checks presence and sizes only."""
     seals = sorted(n for n in os.listdir(d) if n.startswith(SEAL) and n.endswith(".json"))
     if not seals:
         return None
@@ -105,7 +105,7 @@ def verify(d: str) -> list[str] | None:
                 problems.append(f"{rel} is missing")
             elif os.path.getsize(p) != want["bytes"]:
                 problems.append(f"{rel} has {os.path.getsize(p)} bytes, {want['bytes']} were written")
-            elif _sha256(p) != want["sha256"]:
+            elif hashes and _sha256(p) != want["sha256"]:
                 problems.append(f"{rel} does not match its sha256")
     if world is not None and len(seals) != world:
         problems.append(f"{len(seals)} of {world} ranks' seals present")
@@ -166,13 +166,17 @@ def local_copy(ckpt):
 
 
 def refuse_if_corrupt(resume_from: str) -> None:
-    """In the driver: an explicit local --resume checkpoint whose seals do not match is refused before Ray starts,
-    with the message a worker would give. A remote one is verified by the workers as they download it."""
+    """In the driver: an explicit local --resume checkpoint with a missing or truncated file (a crash mid-write, a
+    full disk) is refused before Ray starts, with the message a worker would give. Sizes only: the workers still
+    hash every file as they load it, so a large checkpoint is not hashed twice; a remote one is checked by them."""
     if resume_from and not storage.is_remote(resume_from) and os.path.isdir(resume_from):
-        problems = verify(resume_from)
+        problems = verify(resume_from, hashes=False)
         if problems:
-            raise CheckpointError(f"checkpoint {resume_from} is corrupt: {'; '.join(problems[:5])}; pass another "
-                                  f"--resume checkpoint")
+            raise CheckpointError(corrupt(resume_from, problems) + "; pass another --resume checkpoint")
+
+
+def corrupt(path: str, problems: list[str]) -> str:
+    return f"checkpoint {path} is corrupt: {'; '.join(problems[:5])}"
 
 
 def restore(plan: Restore, load, log) -> bool:
@@ -183,7 +187,7 @@ def restore(plan: Restore, load, log) -> bool:
         with local_copy(ckpt) as d:
             problems = verify(d)
             if problems:
-                msg = f"checkpoint {ckpt.path} is corrupt: {'; '.join(problems[:5])}"
+                msg = corrupt(ckpt.path, problems)
                 if plan.explicit and last:
                     raise CheckpointError(msg + "; pass another --resume checkpoint")
                 log(f"[train] WARNING: {msg}; trying the next older checkpoint")
