@@ -14,7 +14,8 @@ classifier; everything tracked in MLflow (a sqlite store under --out unless --ml
   python jobs/demo.py --quick          # a few minutes, smaller everything (poorer samples)
 
 Ends by printing the stage-1 PSNR, the task's figures next to their baseline, the grid's path and how to open the
-MLflow UI. Tasks run under one --out share the shards and the stage-1 autoencoder.
+MLflow UI; several tasks then end with a table of every task's figure and baseline. Tasks run under one --out share
+the shards and the stage-1 autoencoder.
 """
 import argparse
 
