@@ -170,7 +170,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_cache, straight, tmp_path):
     # --resume from an MLflow run: its ray_run_dir tag names the run dir, whose latest checkpoint is step 40 (an
     # explicit checkpoint directory: test_corrupt_latest_checkpoint_falls_back_and_explicit_resume_wins)
     d = run_train(topts(tiny_cache, tmp_path, max_steps=44, resume=f"mlflow:{a2['mlflow_run_id']}", **common))
-    assert d["step"] == 44 and d["mlflow_run_id"] == a1["mlflow_run_id"]
+    assert d["step"] == 44 and d["mlflow_run_id"] == a1["mlflow_run_id"] and d["images_seen"] == 44 * 16
 
 
 def step_losses(text: str) -> dict[int, str]:
