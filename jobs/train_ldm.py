@@ -61,8 +61,10 @@ def parse(argv=None):
                    help="stop after this many non-finite steps in a row")
     s = g["distribution"]
     s.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=D["zero_stage"], help="DeepSpeed ZeRO stage")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=D["precision"],
-                   help="auto: bf16 on GPU, fp32 on CPU")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "autocast"], default=D["precision"],
+                   help="auto: bf16 on GPU, fp32 on CPU; bf16: bf16 weights (fp32 master copy in the optimizer); "
+                        "autocast: fp32 weights, bf16 matmuls/convs under torch.autocast (a CPU with AVX512-BF16 "
+                        "or AMX runs the demo-layout step about 1.5x as fast)")
     s.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer (and params at stage 3) to CPU")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (inductor): the sd-v1-like bf16 train step ran 1.19x on an H200 after "

@@ -74,7 +74,8 @@ class LayoutEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, 5) tokens of layout_tokens -> context (B, 1+N, dim) and its mask (B, 1+N), 1 = a token to attend."""
-        h = self.class_emb(tokens[..., 0]) + self.box_proj(corner_features(tokens[..., 1:], self.grid, self.bands))
+        corners = corner_features(tokens[..., 1:], self.grid, self.bands).to(self.box_proj.weight.dtype)  # bf16 module
+        h = self.class_emb(tokens[..., 0]) + self.box_proj(corners)
         h = torch.cat([self.start.expand(h.shape[0], 1, -1).to(h.dtype), h], 1)
         keep = torch.cat([torch.ones_like(tokens[:, :1, 0], dtype=torch.bool), tokens[..., 0] != self.num_classes], 1)
         return self.norm(self.layers(h, src_key_padding_mask=~keep)), keep.long()

@@ -116,6 +116,8 @@ def deepspeed_config(o: TrainOptions, precision: str, world: int, cuda: bool) ->
     ds["optimizer"]["params"]["weight_decay"] = o.weight_decay
     if precision == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    elif precision == "autocast":  # fp32 weights and optimizer, bf16 matmuls/convs under torch.autocast
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if o.offload and o.zero_stage >= 1:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         if o.zero_stage == 3:

@@ -88,7 +88,7 @@ class RunOptions:
 class TrainOptions(RunOptions):
     latents: str
     zero_stage: int = 2
-    precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU; fp32 | bf16 | autocast
     offload: bool = False
     compile: bool = False                # torch.compile the UNet (a bf16 step 1.19x on an H200)
     deepspeed_config: str = ""

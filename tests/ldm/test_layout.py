@@ -33,6 +33,19 @@ def test_encoder_is_a_set_function_and_always_has_its_start_token():
     assert not torch.allclose(enc(moved)[0], ctx)  # a box's place is in its token
 
 
+def test_encoder_runs_in_its_weights_dtype_like_a_deepspeed_bf16_module():
+    """DeepSpeed bf16 casts the module, not its inputs: the fp32 corner features must follow the weights' dtype
+    (`--precision bf16` on the layout task crashed at step 1: 'mat1 and mat2 must have the same dtype')."""
+    torch.manual_seed(0)
+    enc = LayoutEncoder(num_classes=10, grid=16, dim=32, depth=2, heads=2)
+    tok = layout_tokens(torch.tensor([[[3, 0, 0, 28, 28], [7, 32, 36, 28, 28]]]), 64, 64, 16, 10)
+    with torch.no_grad():
+        ref, _ = enc(tok)
+        out, _ = enc.to(torch.bfloat16)(tok)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
 def test_conditioner_drops_a_layout_to_no_boxes_and_refuses_bad_prompts():
     net = LatentDiffusion(get_preset("demo-layout"))
     cond = Conditioner.build(net)
