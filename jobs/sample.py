@@ -59,6 +59,9 @@ def parse(argv=None):
                    "0,0: an uncropped, centred subject)")
     p.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--precision", choices=["fp32", "autocast"], default="fp32",
+                   help="autocast: fp32 weights, bf16 matmuls/convs (the layout demo samples 1.8x as fast on a CPU "
+                        "with AVX512-BF16 or AMX; slower than fp32 on a CPU without them)")
     p.add_argument("--autoencoder", default="", help="first stage (default: the one recorded in the export)")
     p.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the recorded one)")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     images, used = sample_images(local_file(a.model), prompts, a.n, a.autoencoder, a.text_encoder, a.steps,
                                  a.cfg_scale, a.seed, a.sampler, eta=a.eta, size=a.size,
                                  noise_level=None if a.noise_level < 0 else a.noise_level, orig_size=a.orig_size,
-                                 crop=a.crop)
+                                 crop=a.crop, precision=a.precision)
     save_grid(images, a.out, nrow=a.n, upscale=a.upscale)
     print(f"[sample] {len(used)} images of {images.shape[-2]}x{images.shape[-1]} ({len(prompts)} {what} x {a.n}) "
           f"-> {a.out}")

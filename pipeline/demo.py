@@ -75,7 +75,7 @@ class DemoTask:
     scenes: int = 0              # > 0: train on a 32x32 tile of each of this many 64x64 scenes with label maps
     cfg_scale: float = 0.0       # guidance of a dense condition's judged samples (0: none, the model has no null)
     layout_boxes: int = 0        # > 0: train on whole scenes with up to this many boxes each (layout-to-image)
-    autocast: bool = False       # train the LDM under bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX)
+    autocast: bool = False       # train and judge the LDM under bf16 autocast where the CPU has native bf16 (AMX..)
 
     def shards(self, split: str) -> str:
         """The shard folder under --out that this task encodes (train) or is judged on (test)."""
@@ -579,7 +579,7 @@ def judge_layout(export: str, clf, size: DemoSize, opts: DemoOptions, out: Path,
     n = min(10 * size.samples_per_class, len(held.images))
     layouts, truth = held.prompts("layout")[:n], held.images[:n]
     boxes = [lay["boxes"] for lay in layouts]
-    sampler = LDMSampler(export)
+    sampler = LDMSampler(export, precision=ldm_precision(task))  # sampled in the precision it was trained in
     kw = dict(steps=opts.sample_steps, cfg_scale=task.cfg_scale, eta=task.eta, seeds=list(range(opts.seed,
                                                                                               opts.seed + n)))
     images = quantised(sampler(layouts, **kw))

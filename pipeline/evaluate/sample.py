@@ -71,8 +71,13 @@ class LDMSampler:
     """An export loaded once (UNet, its first stage, its text encoder): call it with prompts to get images."""
 
     def __init__(self, export: str, autoencoder: str = "", text_encoder: str = "", device="cpu",
-                 tracking_uri: str = ""):
+                 tracking_uri: str = "", precision: str = "fp32"):
+        """precision: fp32, or autocast (fp32 weights, bf16 matmuls/convs: the layout demo's 200 scenes in 25 s
+        instead of 46 s on a CPU with native bf16)."""
         from pipeline.common.models import load_autoencoder, local_file, text_encoder_path
+        if precision not in ("fp32", "autocast"):
+            raise ValueError(f"precision {precision!r}: use fp32 or autocast")
+        self.autocast = precision == "autocast"
         self.net, self.info = load_ldm(local_file(export, tracking_uri), device=device)
         ae_spec = autoencoder or self.info["autoencoder"].get("source", "")
         ae = load_autoencoder(ae_spec, tracking_uri=tracking_uri)
@@ -156,10 +161,12 @@ class LDMSampler:
         if size is not None and self.info["buckets"] and size not in self.info["buckets"]:
             from pipeline.data.buckets import nearest
             size = nearest(size[1], size[0], self.info["buckets"])  # a bucketed model: the bucket of that aspect
-        images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
-                          self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                          sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
-                          device=self.device, seeds=seeds, eta=eta, orig_size=orig_size, crop=crop)
+        dev = torch.device(self.device).type
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.autocast):
+            images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
+                              self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale,
+                              seed=seed, sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
+                              device=self.device, seeds=seeds, eta=eta, orig_size=orig_size, crop=crop).float()
         if self.mode == "inpaint":  # the known pixels as given, the generated ones in the hole (§4.5)
             known = torch.from_numpy(np.stack([p["image"] for p in prompts])).permute(0, 3, 1, 2).float() / 127.5 - 1
             hole = torch.from_numpy(np.stack([np.asarray(p["mask"], bool) for p in prompts]))[:, None].to(images.device)
@@ -203,12 +210,12 @@ def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder
                   steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
                   device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None,
                   noise_level: int | None = None, orig_size: tuple[int, int] | None = None,
-                  crop: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, list]:
+                  crop: tuple[int, int] = (0, 0), precision: str = "fp32") -> tuple[torch.Tensor, list]:
     """Images for each prompt (a caption, a class id, a low-res image or an image and its mask), n_per_prompt each;
     noise_level overrides a super-resolution model's lowres_noise_sample; orig_size and crop set a micro-conditioned
     model's size and crop conditions (default: an uncropped original of the sample's size)."""
     full = [p for p in prompts for _ in range(n_per_prompt)]
-    model = LDMSampler(export, autoencoder, text_encoder, device)
+    model = LDMSampler(export, autoencoder, text_encoder, device, precision=precision)
     if noise_level is not None:
         model.set_noise_level(noise_level)
     images = model(full, steps=steps, cfg_scale=cfg_scale, seed=seed, sampler=sampler, eta=eta, size=size,

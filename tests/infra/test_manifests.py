@@ -110,6 +110,18 @@ def test_deepspeed_config_contiguous_gradients_follow_the_device(tmp_path):
                                                           cuda=False)["zero_optimization"]
 
 
+def test_deepspeed_config_precisions():
+    """bf16: DeepSpeed's bf16 weights (an fp32 master copy in the optimizer); autocast: fp32 weights with
+    torch.autocast's bf16 matmuls/convs (DeepSpeed's torch_autocast); fp32: neither."""
+    from pipeline.train.ldm_loop import deepspeed_config
+    from pipeline.train.options import TrainOptions
+    o = TrainOptions(latents="-")
+    bf16, auto, fp32 = (deepspeed_config(o, p, 1, cuda=False) for p in ("bf16", "autocast", "fp32"))
+    assert bf16["bf16"]["enabled"] and "torch_autocast" not in bf16
+    assert auto["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in auto
+    assert "bf16" not in fp32 and "torch_autocast" not in fp32
+
+
 def test_local_stack_dry_run_stays_on_loopback(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "STACK_DIR": str(tmp_path), "RAY_WORKER_CPUS": "1"}
     env.pop("AWS_ENDPOINT_URL", None)  # as on a fresh machine: the stack sets it

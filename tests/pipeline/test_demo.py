@@ -9,6 +9,7 @@ import mlflow
 import pytest
 from PIL import Image
 
+from pipeline.demo import cpu_bf16
 from pipeline.encode.latent_cache import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,3 +113,7 @@ def test_demo_tasks_share_stage_one_and_report_their_figures(smoke):
         if tag == "-class":  # 25 steps: half-way rounded up and the end, no evaluation twice in a row
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "FD-EffNetLite0")) == [13, 25]
         assert client.search_model_versions(f"name='demo-ldm{tag}'")
+        # the layout LDM trains under bf16 autocast where the CPU computes bf16 natively; the others in fp32
+        want = "autocast" if tag == "-layout" and cpu_bf16() else "fp32"
+        assert run.data.params["train.precision"] == want and json.loads(
+            (out / f"summary{tag}.json").read_text())["ldm_precision"] == want

@@ -109,7 +109,8 @@ def test_filter_trains_on_the_rows_it_keeps(tiny_cache, tmp_path):
 
 def test_micro_conditioned_model_trains_and_samples_as_from_a_chosen_original(tiny_cache, tmp_path):
     """unet.micro_cond: the cache's original sizes and crops reach the UNet in training, and jobs/sample.py's
-    --orig-size / --crop reach it in sampling (a model without them refuses those flags)."""
+    --orig-size / --crop reach it in sampling (a model without them refuses those flags); sampling and training
+    under bf16 autocast."""
     from pipeline.evaluate.sample import sample_images
     s = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=4, checkpoint_every=4, sample_every=4,
                         name="micro", overrides=TINY_TEXT + ("unet.micro_cond=true",)))
@@ -119,8 +120,15 @@ def test_micro_conditioned_model_trains_and_samples_as_from_a_chosen_original(ti
     small, _ = sample_images(s["export"], ["a photo"], 2, steps=3, orig_size=(8, 8), crop=(2, 0))
     full, _ = sample_images(s["export"], ["a photo"], 2, steps=3)
     assert small.shape == full.shape and not torch.equal(small, full)
+    # sampled under bf16 autocast (--precision autocast): the same images to bf16 accuracy
+    fast, _ = sample_images(s["export"], ["a photo"], 2, steps=3, precision="autocast")
+    assert fast.dtype == torch.float32 and not torch.equal(fast, full) and (fast - full).abs().mean() < 0.05
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        sample_images(s["export"], ["a photo"], 1, steps=2, precision="fp16")
+    # a model trained under DeepSpeed's torch_autocast (train_ldm --precision autocast)
     plain = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=1, checkpoint_every=1, sample_every=0,
-                            name="plain"))
+                            name="plain", precision="autocast"))
+    assert np.isfinite(plain["loss"])
     with pytest.raises(ValueError, match="trained without them"):
         sample_images(plain["export"], ["a photo"], 1, steps=2, orig_size=(8, 8))
 
