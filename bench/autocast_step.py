@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
 
     from ldm.config import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
-    from ldm.unet import UNetModel
+    from matched import seeded_unet
     from pipeline.demo import cpu_bf16
 
     if a.threads:
@@ -46,11 +47,7 @@ def main() -> None:
     res = 64 if cfg.conditioning.kind == "layout" else cfg.autoencoder.resolution  # the layout demo's whole scenes
     z_ch, extra = cfg.unet.out_channels, cfg.unet.in_channels - cfg.unet.out_channels
     B = a.batch_size
-    torch.manual_seed(0)
-    base = UNetModel(cfg.unet)
-    with torch.no_grad():  # off the zero init of the output conv, so the two outputs can be compared
-        for p in base.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    base = seeded_unet(cfg.unet)
     nets = {"fp32": base, "autocast": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in nets.items()}
     g = torch.Generator().manual_seed(0)

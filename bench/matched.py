@@ -1,6 +1,21 @@
 """diffusers' UNet2DConditionModel built to match one of our UNets, holding the same weights (converted by
-diffusers' own CompVis converter), so that the two are timed on identical work."""
+diffusers' own CompVis converter), so that the two are timed on identical work; and our UNet moved off its zero init,
+so that two runs of it can be compared."""
 from __future__ import annotations
+
+
+def seeded_unet(unet_cfg, seed: int = 0):
+    """Our UNet of `unet_cfg`, every weight nudged by 0.01 noise: off the zero init of the output convs, whose
+    outputs would otherwise be zero and compare as equal whatever the computation."""
+    import torch
+
+    from ldm.unet import UNetModel
+    torch.manual_seed(seed)
+    unet = UNetModel(unet_cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return unet
 
 
 def diffusers_twin(unet, sample_size: int, context_dim: int):

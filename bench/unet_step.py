@@ -38,8 +38,7 @@ def main() -> None:
 
     from ldm.config import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
-    from ldm.unet import UNetModel
-    from matched import diffusers_twin
+    from matched import diffusers_twin, seeded_unet
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -52,11 +51,7 @@ def main() -> None:
     shape = (cfg.unet.in_channels, cfg.autoencoder.resolution // f, cfg.autoencoder.resolution // f)
     ctx_dim = cfg.unet.context_dim or 8
     B = a.batch_size
-    torch.manual_seed(0)
-    ours = UNetModel(cfg.unet)
-    with torch.no_grad():  # off the zero init of the output convs, so the two outputs can be compared
-        for p in ours.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    ours = seeded_unet(cfg.unet)
     theirs = diffusers_twin(ours, shape[1], ctx_dim)
     ours, theirs = ours.to(dev), theirs.to(dev)
     sched = Schedule.from_config(cfg.diffusion)
