@@ -75,7 +75,7 @@ class DemoTask:
     scenes: int = 0              # > 0: train on a 32x32 tile of each of this many 64x64 scenes with label maps
     cfg_scale: float = 0.0       # guidance of a dense condition's judged samples (0: none, the model has no null)
     layout_boxes: int = 0        # > 0: train on whole scenes with up to this many boxes each (layout-to-image)
-    autocast: bool = False       # train and judge the LDM under bf16 autocast where the CPU has native bf16 (AMX..)
+    autocast: bool = False       # train and judge the LDM under bf16 autocast where the CPU has native bf16 kernels
 
     def shards(self, split: str) -> str:
         """The shard folder under --out that this task encodes (train) or is judged on (test)."""
