@@ -38,13 +38,14 @@ def main() -> None:
     from ldm.config import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
     from matched import seeded_unet
+    from pipeline.data.make_shards import SCENE_SIZE
     from pipeline.demo import cpu_bf16
 
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = get_preset(a.preset)
     f = cfg.autoencoder.downsample_factor
-    res = 64 if cfg.conditioning.kind == "layout" else cfg.autoencoder.resolution  # the layout demo's whole scenes
+    res = SCENE_SIZE if cfg.conditioning.kind == "layout" else cfg.autoencoder.resolution  # layout: whole scenes
     z_ch, extra = cfg.unet.out_channels, cfg.unet.in_channels - cfg.unet.out_channels
     B = a.batch_size
     base = seeded_unet(cfg.unet)
