@@ -35,11 +35,11 @@ def main() -> None:
 
     import torch
 
-    from ldm.config import get_preset
+    from pipeline.presets import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
     from matched import seeded_unet
     from pipeline.data.make_shards import SCENE_SIZE
-    from pipeline.demo import cpu_bf16
+    from pipeline.common.precision import cpu_bf16
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -59,8 +59,8 @@ def main() -> None:
     from pipeline.encode.flow import EncodeOptions, run_encode
     from pipeline.evaluate.grid import save_grid
     from pipeline.evaluate.sample import sample_images
-    from pipeline.train.autoencoder import run_train_autoencoder
-    from pipeline.train.ldm import run_train
+    from pipeline.train.autoencoder_driver import run_train_autoencoder
+    from pipeline.train.ldm_driver import run_train
     from pipeline.train.options import AETrainOptions, TrainOptions
 
     out = Path(a.out or tempfile.mkdtemp(prefix="bench-buckets-"))
@@ -124,7 +124,7 @@ def main() -> None:
 def _captions(cache: Path, n: int) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from pipeline.encode.latent_cache import part_files
+    from pipeline.cache.reader import part_files
     seen, out = set(), []
     for f in part_files(str(cache)):
         for r in pq.read_table(f, columns=["caption"]).to_pylist():

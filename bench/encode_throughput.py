@@ -70,7 +70,7 @@ def baseline_loop(inp: str, out: str, autoencoder: str, resolution: int, batch_s
     import torch
 
     from ldm.autoencoder import encode_latent
-    from ldm.conditioning import FrozenHFTextEncoder
+    from ldm.text_encoders import FrozenHFTextEncoder
     from pipeline.common.models import load_autoencoder
     from pipeline.data.preprocess import PreprocessConfig, check_metadata, decode_image, resize_crop
     from pipeline.data.sources import discover_shards, read_shard

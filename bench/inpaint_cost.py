@@ -43,7 +43,7 @@ def step_costs(preset: str, batch: int, repeats: int) -> dict:
     import torch
 
     from ldm.autoencoder import build_autoencoder, encode_latent
-    from ldm.config import get_preset
+    from pipeline.presets import get_preset
     from ldm.masks import eval_masks, mask_out
     from ldm.model import LatentDiffusion
     cfg = get_preset(preset)
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
 
     from ldm.autoencoder import build_autoencoder
     from ldm.checkpoint import save_components
-    from ldm.config import get_preset, to_dict
+    from ldm.config import to_dict
+    from pipeline.presets import get_preset
     from pipeline.common.runtime import init_ray
     from pipeline.data.make_shards import fashion_records, write_shards
     cfg = get_preset(a.preset)

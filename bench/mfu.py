@@ -132,7 +132,7 @@ def profile(fn, dev: torch.device, steps: int, label: str, out: Path | None) -> 
 
 def unet_step_fn(preset: str, mode: set[str], batch: int, latent: int, dev: torch.device):
     """One train step of the preset's UNet in `mode`; returns (step(), model)."""
-    from ldm.config import get_preset
+    from pipeline.presets import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
     from ldm.unet import UNetModel
 
@@ -185,7 +185,7 @@ def unet_step_fn(preset: str, mode: set[str], batch: int, latent: int, dev: torc
 def unet_flops(preset: str, latent: int, dev: torch.device) -> float:
     """Model FLOPs of one sample's forward + backward, counted on the eager model."""
     from torch.utils.flop_counter import FlopCounterMode
-    from ldm.config import get_preset
+    from pipeline.presets import get_preset
     from ldm.unet import UNetModel
 
     cfg = get_preset(preset)
@@ -255,7 +255,7 @@ def main() -> None:
           f"matmul_bf16_tflops={measured:.1f}", flush=True)
     modes = [set(m.split("+")) for m in a.modes.split(",") if m]
     if a.preset:
-        from ldm.config import get_preset
+        from pipeline.presets import get_preset
         cfg = get_preset(a.preset)
         latent = a.latent or cfg.autoencoder.resolution // cfg.autoencoder.downsample_factor
         flops = unet_flops(a.preset, latent, dev)

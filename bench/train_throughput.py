@@ -47,18 +47,18 @@ def main() -> None:
 
     from ldm.autoencoder import DiagonalGaussian, build_autoencoder, encode_latent
     from ldm.conditioning import Conditioner, drop_mask
-    from ldm.config import get_preset
+    from pipeline.presets import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
     from ldm.latent_scale import LatentScale
     from ldm.model import LatentDiffusion
     from ldm.unet import UNetModel
     from pipeline.common.runtime import init_ray, training_stream_context
     from pipeline.encode.flow import EncodeOptions, run_encode
-    from pipeline.encode.latent_cache import part_files, part_rows, read_manifest
+    from pipeline.cache.reader import part_files, part_rows, read_manifest
     from pipeline.data.make_shards import fashion_records, write_shards
     from pipeline.data.preprocess import PreprocessConfig, decode_image, resize_crop
     from pipeline.data.sources import discover_shards, read_shard
-    from pipeline.train.ldm import run_train
+    from pipeline.train.ldm_driver import run_train
     from pipeline.train.options import TrainOptions
 
     torch.set_num_threads(2)

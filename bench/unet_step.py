@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    from ldm.config import get_preset
+    from pipeline.presets import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
     from matched import diffusers_twin, seeded_unet
 

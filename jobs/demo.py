@@ -3,7 +3,7 @@
 stage-1 autoencoder -> latent cache -> LDM -> a sample grid for every class, judged by a Fashion-MNIST
 classifier; everything tracked in MLflow (a sqlite store under --out unless --mlflow-uri).
 
-  python jobs/demo.py                  # text-to-image, 10-15 minutes on 2 cores (see the README's figures)
+  python jobs/demo.py                  # text-to-image (the README gives its time on 2 cores)
   python jobs/demo.py --task class     # class-conditional: the same pipeline conditioned on the labels
   python jobs/demo.py --task uncond    # unconditional: judged by FD against the same model untrained
   python jobs/demo.py --task sr        # x4 super-resolution: FD, PSNR, SSIM against bicubic upsampling
@@ -21,25 +21,18 @@ import argparse
 
 from _common import run
 
-from pipeline.demo import DemoOptions
+from pipeline.demo import TASKS, DemoOptions
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default=DemoOptions.task,
                    help="the task, a comma-separated list of tasks, or all (every task in turn in one process under "
-                   "one --out, sharing the shards, stage 1 and the judge; a table of every figure at the end). "
-                   "Tasks: the LDM's conditioning: text (captions through the frozen MiniLM; judged by prompt-class "
-                   "agreement), class (the Fashion-MNIST labels; agreement with the requested class), uncond (none; "
-                   "FD against the same model untrained, and the classes the judge sees), sr (x4 super-resolution "
-                   "from 8x8 bicubic copies; FD, PSNR and SSIM against bicubic upsampling), inpaint (a masked image "
-                   "and its hole; FD and the holes' PSNR against biharmonic inpainting), semantic (64x64 scenes from "
-                   "their label maps, trained on 32x32 tiles; per-region class agreement and silhouette IoU), layout "
-                   "(64x64 scenes from their items' boxes and classes; per-box class agreement against the empty "
-                   "layout)")
+                   "one --out, sharing the shards and stage 1; a table of every figure at the end). Tasks (the LDM's "
+                   "conditioning): " + "; ".join(f"{name}: {t.title}" for name, t in TASKS.items()))
     p.add_argument("--quick", action="store_true", help="the small size: fewer images and steps, a few minutes")
     p.add_argument("--size", choices=["smoke", "quick", "default"], default="",
-                   help="explicit size: smoke is a ~2 minute wiring check of every stage (its samples are poor)")
+                   help="explicit size: smoke is a wiring check of every stage in a few minutes (its samples are poor)")
     p.add_argument("--out", default="demo-out", help="where shards, runs, the cache, the grid and MLflow go")
     p.add_argument("--mlflow-uri", default="", help="track to this MLflow instead of sqlite under --out")
     p.add_argument("--cfg-scale", type=float, default=DemoOptions.cfg_scale,

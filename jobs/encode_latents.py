@@ -18,6 +18,7 @@ from _common import run
 
 from pipeline.encode.flow import EncodeOptions, run_encode
 from pipeline.data.preprocess import PreprocessConfig
+from pipeline.common.precision import HELP, PRECISIONS
 from pipeline.common.tracking import credentials_to_env
 
 
@@ -133,12 +134,10 @@ def parse(argv=None):
                    help="GPUs per encoder actor (-1 = 1 if the cluster has GPUs)")
     r.add_argument("--cpus-per-decoder", type=float, default=0.5, help="CPUs per read/decode task")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    r.add_argument("--precision", choices=["auto", "fp32", "autocast", "bf16"], default="auto",
-                   help="encoder arithmetic: fp32; autocast (fp32 weights, bf16 convs); bf16 (bf16 weights); "
-                        "auto = bf16 on a GPU (1.24x autocast on an H200), fp32 on a CPU")
+    r.add_argument("--precision", choices=PRECISIONS, default="auto", help="the encoders' arithmetic: " + HELP)
     r.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the autoencoder in each encoder actor (a one-off compile of ~15 s on a GPU, "
-                        "then 1.65x bf16 on an H200); auto = on a GPU, off on a CPU")
+                   help="torch.compile the autoencoder in each encoder actor (a one-off compile per actor; pays on a "
+                        "GPU: docs/benchmarks.md); auto = on a GPU, off on a CPU")
     r.add_argument("--write-batch-size", type=int, default=EncodeOptions.write_batch_size,
                    help="encoded rows per write task: the write stage turns them into one parquet part per source "
                         "shard on the worker that runs it (bigger = fewer, larger parts)")

@@ -60,7 +60,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     from pipeline.compare_f import run_compare_f
-    from pipeline.train.autoencoder import run_train_autoencoder
+    from pipeline.train.autoencoder_driver import run_train_autoencoder
     a = parse(argv)
     opts = options_from(AETrainOptions, a, config_yaml=a.config, overrides=tuple(a.overrides), eval_fd=not a.no_fd)
     if a.compare_f:

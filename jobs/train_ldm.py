@@ -14,7 +14,8 @@ import argparse
 
 from _common import add_run_args, options_from, run
 
-from ldm.config import PRESETS
+from pipeline.common.precision import HELP, PRECISIONS
+from pipeline.presets import PRESETS
 from pipeline.train.options import TrainOptions
 
 D = {k: f.default for k, f in TrainOptions.__dataclass_fields__.items()}  # the dataclass holds every default
@@ -25,7 +26,9 @@ def parse(argv=None):
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. unet.model_channels=64)")
     d = p.add_argument_group("data and model")
     d.add_argument("--latents", required=True, help="latent cache written by jobs/encode_latents.py (local or s3://)")
-    d.add_argument("--preset", default=D["preset"], help="config preset (ldm/config.py): " + ", ".join(PRESETS))
+    d.add_argument("--preset", default=D["preset"],
+                   help="config preset (ldm/config/presets.py; the demo tasks' in pipeline/demo/tasks/): "
+                   + ", ".join(PRESETS))
     d.add_argument("--config", default=D["config_yaml"], help="YAML config applied on top of the preset")
     d.add_argument("--autoencoder", default=D["autoencoder"],
                    help="first stage for sample grids (default: the cache's own source); "
@@ -61,14 +64,13 @@ def parse(argv=None):
                    help="stop after this many non-finite steps in a row")
     s = g["distribution"]
     s.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=D["zero_stage"], help="DeepSpeed ZeRO stage")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "autocast"], default=D["precision"],
-                   help="auto: bf16 on GPU, fp32 on CPU; bf16: bf16 weights (fp32 master copy in the optimizer); "
-                        "autocast: fp32 weights, bf16 matmuls/convs under torch.autocast (a CPU with AVX512-BF16 "
-                        "or AMX runs the demo-layout step about 1.5x as fast)")
+    s.add_argument("--precision", choices=PRECISIONS, default=D["precision"],
+                   help=HELP + "; bf16 training keeps an fp32 master copy in the optimizer. The run logs and "
+                   "exports the resolved value")
     s.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer (and params at stage 3) to CPU")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (inductor): the sd-v1-like bf16 train step ran 1.19x on an H200 after "
-                        "a one-off compile of about 2 min; on a CPU the compile outweighs the gain in short runs")
+                   help="torch.compile the UNet (inductor): pays on a GPU after a one-off compile of minutes; on a CPU "
+                        "the compile outweighs the gain in short runs (docs/benchmarks.md)")
     s.add_argument("--deepspeed-config", default=D["deepspeed_config"],
                    help="JSON deep-merged over infra/deepspeed/zero{stage}.json")
     c = g["tracking"]
@@ -96,7 +98,7 @@ def options(a) -> TrainOptions:
 
 
 def main(argv=None) -> int:
-    from pipeline.train.ldm import run_train
+    from pipeline.train.ldm_driver import run_train
     run_train(options(parse(argv)))
     return 0
 

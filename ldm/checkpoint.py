@@ -187,8 +187,8 @@ def diffusers_unet_to_compvis(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> d
     for k, v in sd.items():
         m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", k)
         if m:
-            kind, i, sub, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            if kind == "down_blocks":
+            side, i, sub, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+            if side == "down_blocks":
                 idx = 1 + i * (n + 1) + j
                 k2 = {"resnets": f"input_blocks.{idx}.0.{_rename(rest, _UNET_RES)}",
                       "attentions": f"input_blocks.{idx}.1.{rest}",

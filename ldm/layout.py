@@ -34,6 +34,13 @@ def layout_tokens(boxes: torch.Tensor, height: int, width: int, grid: int, pad_c
     return torch.stack([cls, cell(y0), cell(x0), cell(y1 - 1e-6), cell(x1 - 1e-6)], -1)
 
 
+def unpadded_boxes(row) -> list[list[int]]:
+    """A cached layout (flat int16 max_boxes*5, -1 padded) as its boxes, the padding left out."""
+    import numpy as np
+    boxes = np.asarray(row, np.int64).reshape(-1, 5)
+    return boxes[boxes[:, 0] >= 0].tolist()
+
+
 def box_raster(boxes: torch.Tensor, height: int, width: int, num_classes: int, f: int) -> torch.Tensor:
     """(B, N, 5) pixel boxes (class < 0: padding) on an height x width canvas -> (B, num_classes, height/f, width/f):
     the share of each latent cell's f x f pixels that a box of each class covers (the spatial rescaler)."""
@@ -71,6 +78,10 @@ class LayoutEncoder(nn.Module):
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
+
+    def context(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+        """LatentDiffusion's call: layout tokens -> (context, mask)."""
+        return self(tokens)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, 5) tokens of layout_tokens -> context (B, 1+N, dim) and its mask (B, 1+N), 1 = a token to attend."""

@@ -46,7 +46,7 @@ def ldm_overrides(ae: AETrainOptions, ae_cfg, latent_hw: int, text_dim: int | No
 
 def run_compare_f(opts: AETrainOptions, factors: list[int], study: CompareFOptions = CompareFOptions(),
                   log=print) -> dict:
-    from pipeline.train.autoencoder import run_train_autoencoder
+    from pipeline.train.autoencoder_driver import run_train_autoencoder
     parent, client = "", None
     if opts.mlflow_uri:
         import mlflow
@@ -90,10 +90,10 @@ def carry_through(opts: AETrainOptions, f: int, stage1: dict, name: str, study: 
     """f's first stage -> its latent cache -> an LDM with the study's budget -> FD of its samples."""
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
-    from pipeline.encode.latent_cache import read_manifest
+    from pipeline.cache.reader import read_manifest
     from pipeline.evaluate.model_eval import ModelEvalOptions, evaluate_model
-    from pipeline.train.autoencoder import default_eval_input, stage1_config
-    from pipeline.train.ldm import run_train
+    from pipeline.train.autoencoder_driver import default_eval_input, stage1_config
+    from pipeline.train.ldm_driver import run_train
     from pipeline.train.options import TrainOptions
     ae_cfg = stage1_config(replace(opts, f=f))
     latents = os.path.join(opts.storage_path, f"{name}-latents")
@@ -101,7 +101,8 @@ def carry_through(opts: AETrainOptions, f: int, stage1: dict, name: str, study: 
                                    preprocess=PreprocessConfig(resolution=ae_cfg.autoencoder.resolution),
                                    max_length=ae_cfg.conditioning.max_length, store_text_embeddings=True,
                                    batch_size=128), log)
-    text_dim = read_manifest(latents)["text_encoder"].get("dim") if ae_cfg.conditioning.kind == "text" else None
+    # a preset that cross-attends gets the width of the frozen text encoder the cache was encoded with
+    text_dim = read_manifest(latents)["text_encoder"].get("dim") if ae_cfg.unet.context_dim is not None else None
     log(f"[compare-f] f={f}: {enc['kept']} images encoded to {latents}; an LDM with {study.ldm_steps} steps next")
     overrides = ldm_overrides(opts, ae_cfg, stage1["latent_shape"][1], text_dim)
     s = run_train(TrainOptions(

@@ -58,7 +58,7 @@ def local_file(uri: str, tracking_uri: str = "") -> str:
             return str(next((f for f in found if f.name == "model.safetensors"), found[0]))
         return str(path)
     if storage.is_remote(uri):
-        from ldm.conditioning import resolve_local_dir
+        from ldm.text_encoders import resolve_local_dir
         parent, name = uri.rsplit("/", 1)
         return str(Path(resolve_local_dir(parent)) / name)
     if not Path(uri).exists():
@@ -117,7 +117,7 @@ def text_encoder_identity(path: str, max_length: int, store_embeddings: bool) ->
     if path == "none":
         return {"kind": "none"}
     from transformers import AutoConfig
-    from ldm.conditioning import default_text_encoder_path, resolve_local_dir
+    from ldm.text_encoders import default_text_encoder_path, resolve_local_dir
     local = resolve_local_dir(path) if path else default_text_encoder_path()
     cfg = AutoConfig.from_pretrained(local, local_files_only=True)
     name = path or DEFAULT_TEXT_ENCODER

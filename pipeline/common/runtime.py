@@ -86,8 +86,8 @@ def training_stream_context(preserve_order: bool = False):
     """Datasets created inside stream training data, re-run every epoch:
     - without Ray Data progress bars: they would bury the workers' own step/ETA lines (and cost the driver CPU);
     - through Ray Data's V1 parquet reader. The V2 reader starts its FooterReader actors (fresh Python processes)
-      on every execution, i.e. every epoch: measured on a 2-core node, the training worker got 84% of the CPUs
-      with V2 and 94% with V1;
+      on every execution, i.e. every epoch, which takes CPUs from a small node's training worker
+      (docs/measurements.md, the training feed);
     - with `preserve_order`, blocks in the order of the files given (the LDM job's planned epochs).
     The context is restored on exit; a Dataset keeps the copy it was made with."""
     import ray.data

@@ -168,12 +168,12 @@ def scene_records(split: str, limit: int, seed: int, size: int = SCENE_SIZE) -> 
 
 
 def _load_photo(name: str) -> np.ndarray | None:
-    kind, item = name.split(":", 1)
+    source, item = name.split(":", 1)
     try:
-        if kind == "skimage":
+        if source == "skimage":
             import skimage.data
             return getattr(skimage.data, item)()
-        if kind == "sklearn":
+        if source == "sklearn":
             from sklearn.datasets import load_sample_image
             return load_sample_image(item)
         import mvtbdata

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from ldm.kinds.lowres import downscale
 from pipeline.data.dedup import caption_hash, image_hash, phash
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
@@ -269,18 +270,6 @@ def crop_layout(meta_json: str, size: tuple[int, int], cfg: PreprocessConfig, to
     out = np.full((cfg.layout_boxes, 5), -1, np.int16)
     out[: keep.sum()] = np.stack([arr[:, 0], y0, x0, y1 - y0, x1 - x0], 1)[keep]
     return out, None
-
-
-def unpadded_boxes(row) -> list[list[int]]:
-    """A cached layout (flat int16 max_boxes*5, as crop_layout writes it) as its boxes, the -1 padding left out."""
-    boxes = np.asarray(row, np.int64).reshape(-1, 5)
-    return boxes[boxes[:, 0] >= 0].tolist()
-
-
-def downscale(arr: np.ndarray, factor: int) -> np.ndarray:
-    """The super-resolution input (paper §4.4, SR3's setting): bicubic, antialiased downscaling by `factor`."""
-    h, w = arr.shape[:2]
-    return np.asarray(Image.fromarray(arr).resize((w // factor, h // factor), Image.BICUBIC), dtype=np.uint8)
 
 
 def inpaint_masks(key: str, cfg: PreprocessConfig) -> np.ndarray:

@@ -7,10 +7,9 @@ import torch
 
 from ldm.autoencoder import encode_latent
 from ldm.masks import latent_mask, mask_out
+from pipeline.common.precision import PRECISIONS, resolve
 from pipeline.common.runtime import node_id
 
-
-PRECISIONS = ("auto", "fp32", "autocast", "bf16")
 COMPILE = ("auto", "on", "off")
 
 
@@ -18,11 +17,9 @@ class LatentEncoder:
     """precision: fp32; autocast (fp32 weights, bf16 matmuls/convs); bf16 (bf16 weights and activations, norm
     statistics accumulated in fp32); auto = bf16 on a GPU, fp32 on a CPU.
     compile: torch.compile the encoder (GroupNorm + SiLU fused; a one-off compile per actor); auto = on a GPU.
-    Measured on one H200, KL-f8 at 256 px, batch 128: autocast 575 img/s, bf16 712, bf16 + compile 1177;
-    channels_last made eager bf16 slower (537) and compiled bf16 no faster (1169), so it is off by default.
-    On a GPU the pixels go through a pinned buffer and their scaling to [-1, 1] runs inside the compiled graph:
-    1286 img/s on an H200 (the model alone on device-resident pixels: 1390; 97% of its GPU time is cuDNN's
-    convolutions). cudnn_benchmark lets cuDNN time its algorithms once per shape (no change measured there)."""
+    bf16 + compile is the fastest of these on a GPU and channels_last helps neither, so it is off by default
+    (docs/benchmarks.md, bench/mfu.py). On a GPU the pixels go through a pinned buffer and their scaling to [-1, 1]
+    runs inside the compiled graph. cudnn_benchmark lets cuDNN time its algorithms once per shape."""
 
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
                  store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = "",
@@ -39,8 +36,7 @@ class LatentEncoder:
         if self.device == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark  # this actor's process only
         self._staging: torch.Tensor | None = None  # pinned flat uint8 pixels, grown to the largest batch seen
-        if precision == "auto":
-            precision = "bf16" if self.device == "cuda" else "fp32"
+        precision = resolve(precision, cuda=self.device == "cuda")
         self.autocast = precision == "autocast"
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -57,7 +53,7 @@ class LatentEncoder:
         self.tokenizer = None
         self.store_text_embeddings = store_text_embeddings
         if text_encoder != "none":
-            from ldm.conditioning import FrozenHFTextEncoder
+            from ldm.text_encoders import FrozenHFTextEncoder
             self.text = FrozenHFTextEncoder(text_encoder, max_length).to(self.device)
             self.tokenizer = self.text.tokenizer
         self.max_length = max_length

@@ -13,7 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.common import storage
-from pipeline.encode.latent_cache import ShardLedger, part_files, write_parts
+from pipeline.cache.reader import part_files
+from pipeline.encode.latent_cache import ShardLedger, write_parts
 from pipeline.common.models import load_autoencoder, text_encoder_identity
 from pipeline.common.runtime import job_actor_nodes
 from pipeline.data.preprocess import PreprocessConfig

@@ -38,6 +38,17 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, upscale: int = 1) 
     return path
 
 
+def png_bytes(images: torch.Tensor) -> list[bytes]:
+    """Images in [-1, 1] as one PNG file's bytes each."""
+    from pipeline.evaluate.scores import to_uint8
+    out = []
+    for arr in to_uint8(images):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 def figure(ncols: int, size: tuple[float, float]):
     """(fig, axes) of a headless matplotlib figure, one row of `ncols` plots."""
     import matplotlib

@@ -1,6 +1,7 @@
 """A fixed held-out set for scoring samples: the first N good records of held-out shards (shards in sorted
 order, records in file order), preprocessed exactly as the encoder saw the training images, with their
-captions and, where the shards carry one, their class label."""
+captions and, where the shards carry one, their class label; each conditioning kind turns it into its own conditions
+(`Kind.held_out`)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ldm.masks import eval_masks
-from pipeline.data.preprocess import PreprocessConfig, downscale, preprocess_batch, unpadded_boxes
+from ldm.layout import unpadded_boxes
+from pipeline.data.preprocess import PreprocessConfig, preprocess_batch
 from pipeline.data.sources import discover_shards, read_shard
 
 
@@ -23,32 +24,6 @@ class HeldOut:
     label_maps: np.ndarray | None = None  # (N, H, W) uint8 class ids, when read with label_maps=True
     metas: tuple = ()             # each record's metadata (e.g. a scene's layout)
     layouts: tuple = ()           # each image's boxes [class, top, left, h, w] in its pixels, when read with layouts
-
-    def prompts(self, mode: str, lowres_factor: int = 4) -> list:
-        """The conditioning of each held-out image for a model conditioned by `mode` (ldm Conditioner): its caption,
-        label, nothing, (lowres) the image downscaled by `lowres_factor` as the encode job caches it, or (inpaint)
-        the image with one of a fixed set of masks (`eval_masks`)."""
-        if mode == "lowres":
-            return [downscale(p, lowres_factor) for p in self.pixels()]
-        if mode == "semantic":
-            if self.label_maps is None:
-                raise ValueError("a semantic synthesis model needs held-out shards read with their label maps")
-            return list(self.label_maps)
-        if mode == "layout":
-            if not self.layouts:
-                raise ValueError("a layout-to-image model needs held-out shards read with their layouts")
-            side = self.images.shape[-2:]
-            return [{"size": list(side), "boxes": b} for b in self.layouts]
-        if mode == "inpaint":
-            pixels = self.pixels()
-            return [{"image": p, "mask": m} for p, m in zip(pixels, eval_masks(len(pixels), *pixels.shape[1:3]))]
-        if mode == "class":
-            if self.labels is None:
-                raise ValueError("a class-conditional model needs held-out shards whose records carry a 'label'")
-            return list(self.labels)
-        if mode == "none":
-            return [""] * len(self.captions)
-        return list(self.captions)
 
     def pixels(self) -> np.ndarray:
         """The images as (N, H, W, 3) uint8."""

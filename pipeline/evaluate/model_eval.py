@@ -48,14 +48,10 @@ class GenerateBatch:
         self.sampler = LDMSampler(o.model, o.autoencoder, o.text_encoder, tracking_uri=o.tracking_uri)
 
     def __call__(self, batch: dict, cfg_scale: float, steps: int) -> dict:
-        prompts = [_prompt(p, self.sampler.mode) for p in batch["prompt"]]
+        prompts = [str(p) for p in batch["prompt"]]  # captions, or class ids the kind reads back
         images = self.sampler(prompts, steps=steps, cfg_scale=cfg_scale, sampler=self.o.sampler,
                               seeds=[int(s) for s in batch["seed"]])
         return {"index": batch["index"], "image": to_uint8(images)}
-
-
-def _prompt(p, mode: str):
-    return int(p) if mode == "class" else str(p)
 
 
 def generation_workers(o: ModelEvalOptions) -> int:
@@ -94,8 +90,9 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
     from pipeline.evaluate.scores import SampleScores, format_scores, load_feature_net
     t0 = time.time()
     local = GenerateBatch(o, torch.get_num_threads())
-    held = read_held_out(o.input, local.sampler.resolution, o.num_samples)
-    prompts = held.prompts(local.sampler.mode, local.sampler.conditioner.cfg.lowres_factor)
+    kind, cfg = local.sampler.kind, local.sampler.net.cfg
+    held = read_held_out(o.input, local.sampler.resolution, o.num_samples, **kind.held_out_reads(cfg))
+    prompts = kind.held_out(cfg, held)
     scores = SampleScores(load_feature_net(o.inception_weights), held.images)
     judge = _judge(held, o, log)
     workers = generation_workers(o)
@@ -153,8 +150,8 @@ def _judge(held, o: ModelEvalOptions, log):
     with; None where the data is not Fashion-MNIST or agreement is off."""
     if not (o.agreement and held.fashion_mnist and held.labels is not None):
         return None
-    from pipeline.evaluate.classifier import cached_classifier, predict
-    clf, _ = cached_classifier(log=log)
+    from pipeline.evaluate.classifier import load_judge, predict
+    clf, _ = load_judge(log=log)
     labels = torch.tensor(held.labels)
     return lambda images: float((predict(clf, images) == labels).float().mean())
 

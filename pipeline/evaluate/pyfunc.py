@@ -18,8 +18,6 @@ its first stage as artifacts, and the `ldm` and `pipeline` packages as code; a f
 the folder the export names (the offline MiniLM by default)."""
 from __future__ import annotations
 
-import io
-import json
 import os
 import tempfile
 import warnings
@@ -39,53 +37,42 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None):
         import pandas as pd
-        from PIL import Image
 
-        from pipeline.evaluate.sample import read_label_map, read_mask, read_rgb
-        from pipeline.evaluate.scores import to_uint8
-        mode = self.sampler.mode
-        if mode == "lowres" and "image" not in model_input:
-            raise ValueError(f"a super-resolution model needs an 'image' column of low-res PNG/JPEG bytes; the input "
-                             f"has {list(model_input.columns)}")
-        if mode == "inpaint" and not {"image", "mask"} <= set(model_input.columns):
-            raise ValueError(f"an inpainting model needs an 'image' and a 'mask' column of PNG/JPEG bytes (white "
-                             f"in the mask = the hole); the input has {list(model_input.columns)}")
-        if mode == "semantic" and "label_map" not in model_input:
-            raise ValueError(f"a semantic synthesis model needs a 'label_map' column of PNG bytes (8-bit class ids); "
-                             f"the input has {list(model_input.columns)}")
-        if mode == "layout" and "layout" not in model_input:
-            raise ValueError(f'a layout-to-image model needs a \'layout\' column of JSON strings ({{"size": [H, W], '
-                             f'"boxes": [[class, top, left, height, width], ...]}}); the input has '
-                             f'{list(model_input.columns)}')
-        if mode not in ("lowres", "inpaint", "semantic", "layout") and "prompt" not in model_input:
-            raise ValueError(f"the model input needs a 'prompt' column (captions, class ids, or '' for an "
-                             f"unconditional model); it has {list(model_input.columns)}")
+        from pipeline.evaluate.grid import png_bytes
         p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         n = len(model_input)
         prompts = [str(x) for x in model_input["prompt"]] if "prompt" in model_input else [""] * n
         seeds = ([int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(n)))
-        conds = ([read_rgb(bytes(b)) for b in model_input["image"]] if mode == "lowres"
-                 else [{"image": read_rgb(bytes(b)), "mask": read_mask(bytes(m))}
-                       for b, m in zip(model_input["image"], model_input["mask"])] if mode == "inpaint"
-                 else [read_label_map(bytes(b)) for b in model_input["label_map"]] if mode == "semantic"
-                 else [json.loads(str(t)) for t in model_input["layout"]] if mode == "layout" else prompts)
-        images = self.sampler(conds, steps=int(p["steps"]), cfg_scale=float(p["cfg_scale"]),
-                              sampler=str(p["sampler"]), eta=float(p["eta"]), seeds=seeds)
-        pngs = []
-        for arr in to_uint8(images):
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": pngs})
+        images = self.sampler(request_conditions(self.sampler.kind, model_input), steps=int(p["steps"]),
+                              cfg_scale=float(p["cfg_scale"]), sampler=str(p["sampler"]), eta=float(p["eta"]),
+                              seeds=seeds)
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": png_bytes(images)})
+
+
+def request_conditions(kind, model_input) -> list:
+    """A request's rows as the kind's sample conditions: each of the kind's inputs read from its column (a caption or
+    class id from `prompt`, image bytes from `image`, JSON text from `layout`, ...)."""
+    missing = [i.name for i in kind.inputs if i.name not in model_input]
+    if missing:
+        want = ", ".join(f"'{i.name}' ({i.help.split(':')[0].split(' (')[0]})" for i in kind.inputs)
+        raise ValueError(f"a {kind.name}-conditioned model needs the column(s) {want}; the input has "
+                         f"{list(model_input.columns)}")
+    values = {i.name: [i.decode(v if isinstance(v, str) else bytes(v)) for v in model_input[i.name]]
+              for i in kind.inputs}
+    return kind.from_inputs(values, len(model_input))
 
 
 def signature():
+    """The served model's columns: `seed` and every registered kind's inputs (each model reads its own kind's)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from ldm.kinds import KINDS
+    columns = {"prompt": "string", "seed": "long"}
+    for kind in KINDS.values():
+        columns.update({i.name: i.column_type for i in kind.inputs})
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt", required=False), ColSpec("long", "seed", required=False),
-                       ColSpec("binary", "image", required=False), ColSpec("binary", "mask", required=False),
-                       ColSpec("binary", "label_map", required=False), ColSpec("string", "layout", required=False)]),
+        inputs=Schema([ColSpec(t, name, required=False) for name, t in columns.items()]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
                             ParamSpec("cfg_scale", "double", PARAMS["cfg_scale"]),

@@ -54,7 +54,7 @@ class Stage1:
         torch.manual_seed(job.opts.seed)  # same initial weights on every rank
         ae = build_autoencoder(job.autoencoder).to(device)
         loss = FirstStageLoss(job.loss, job.autoencoder.reg, job.autoencoder.in_channels).to(device)
-        # fused: one kernel over all tensors (11 -> 1.8 ms per step for the demo's 1M-parameter autoencoder, 2 CPUs)
+        # fused: one kernel over all tensors, a fraction of the per-tensor loop's cost (docs/measurements.md)
         opt_g = torch.optim.Adam(list(ae.parameters()) + [loss.logvar], lr=job.opts.lr, betas=BETAS, fused=True)
         opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=job.opts.lr, betas=BETAS, fused=True)
         ema = EMA(ae.state_dict(), job.opts.ema_decay) if job.opts.ema_decay > 0 else None

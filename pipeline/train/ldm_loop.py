@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.autoencoder import DiagonalGaussian
-from ldm.conditioning import DENSE, Conditioner, drop_mask
+from ldm.conditioning import Conditioner, drop_mask
 from ldm.config import LDMConfig, to_dict
 from ldm.diffusion import Schedule, diffusion_loss
 from ldm.ema import EMA
@@ -44,7 +44,7 @@ class LDMJob:
     opts: TrainOptions
     cfg: LDMConfig
     run: WorkerRun
-    precision: str                       # fp32 | bf16
+    precision: str                       # fp32 | bf16 | autocast (resolved by the driver)
     latent_shape: tuple[int, int, int]
     latent_scale: LatentScale
     sample_prompts: tuple  # captions, class ids, or low-res images (h, w, 3 uint8)
@@ -110,7 +110,7 @@ def deepspeed_config(o: TrainOptions, precision: str, world: int, cuda: bool) ->
     ds["gradient_accumulation_steps"] = o.grad_accum
     ds["train_batch_size"] = o.batch_size * o.grad_accum * world
     ds["gradient_clipping"] = o.grad_clip
-    # torch's fused AdamW over ZeRO's flat partition: 26 -> 6 ms per step for the demo's 6.8M-parameter LDM (2 CPUs)
+    # torch's fused AdamW over ZeRO's flat partition: a fraction of the per-tensor loop's cost (docs/measurements.md)
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True, "fused": True}})
     ds["optimizer"]["params"]["lr"] = o.lr
     ds["optimizer"]["params"]["weight_decay"] = o.weight_decay
@@ -173,7 +173,7 @@ def export(job: LDMJob, engine, ema: EMA | None, step: int, out_dir: str) -> str
         comps["ema_cond_stage"] = _split(shadow, "cond_stage.")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "model.safetensors")
-    meta = {"step": str(step), "latent_scale": job.latent_scale.to_json(),
+    meta = {"step": str(step), "latent_scale": job.latent_scale.to_json(), "precision": job.precision,
             "latent_shape": json.dumps(list(job.latent_shape)),
             "autoencoder": json.dumps(job.autoencoder_identity), "text_encoder": json.dumps(job.text_encoder_identity),
             "mlflow_run_id": job.run.mlflow_run_id or "",  # jobs/evaluate.py files its run under this one
@@ -215,7 +215,7 @@ class EMAImages:
         job, o, dev = self.job, self.job.opts, self.w.device
         net = LatentDiffusion(job.cfg).to(dev).eval()
         net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
-        if self.conditioner.mode == "inpaint" and self.conditioner.encode is None:  # held-out images and masks
+        if self.conditioner.encode is None:  # a kind that encodes images (inpainting's held-out images and masks)
             from ldm.autoencoder import pixel_encoder
             self.conditioner.encode = pixel_encoder(self.decoder().model)
         return generate(net, self.conditioner, job.latent_scale, self.decoder().model.decode, prompts,
@@ -232,26 +232,11 @@ def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
     d = tempfile.mkdtemp()
     path = save_grid(images, os.path.join(d, f"step_{step:07d}.png"), nrow=min(8, len(images)))
     with open(os.path.join(d, "prompts.txt"), "w") as f:
-        f.write("\n".join(describe_prompt(p, i) for i, p in enumerate(job.sample_prompts)))
+        f.write("\n".join(make.conditioner.kind.describe(p, i) for i, p in enumerate(job.sample_prompts)))
     w.tracker.artifact(path, "samples")
     w.tracker.artifact(os.path.join(d, "prompts.txt"), "samples")
-    unguided = make.conditioner.mode in DENSE and not job.cfg.conditioning.cond_drop_prob
-    guidance = "no guidance" if unguided else f"cfg {job.opts.cfg_scale}"
+    guidance = f"cfg {job.opts.cfg_scale}" if make.conditioner.guided else "no guidance"
     w.say(f"step {step}: sample grid {os.path.basename(path)} ({len(images)} prompts, {guidance})")
-
-
-def describe_prompt(p, i: int) -> str:
-    """A sample-grid condition as a line of prompts.txt."""
-    if isinstance(p, str):
-        return p
-    if isinstance(p, dict) and "boxes" in p:
-        return f"layout {i} ({p['size'][0]}x{p['size'][1]}: " + ", ".join(
-            f"class {c} at top {t} left {le} {h}x{w}" for c, t, le, h, w in p["boxes"]) + ")"
-    if isinstance(p, dict):
-        return f"masked image {i} (cached, {p['hole'].mean():.0%} of the latent hidden)"
-    if p.ndim == 2:
-        return f"label map {i} ({p.shape[0]}x{p.shape[1]}, ids {sorted(set(p.flatten().tolist()))})"
-    return f"low-res image {i} ({p.shape[0]}x{p.shape[1]})"
 
 
 class SampleEval:
@@ -265,10 +250,9 @@ class SampleEval:
         self.make = make
         # at the cache's resolution, latent size x f (a convolutional first stage may encode beyond its own)
         res = make.job.latent_shape[-1] * make.decoder().cfg.downsample_factor
-        mode = make.conditioner.mode
-        held = read_held_out(o.eval_input, res, o.eval_samples, label_maps=mode == "semantic",
-                             layouts=make.conditioner.cfg.max_boxes if mode == "layout" else 0)
-        self.prompts = held.prompts(make.conditioner.mode, make.conditioner.cfg.lowres_factor)
+        kind, cfg = make.conditioner.kind, make.job.cfg
+        held = read_held_out(o.eval_input, res, o.eval_samples, **kind.held_out_reads(cfg))
+        self.prompts = kind.held_out(cfg, held)
         self.scores = SampleScores(load_feature_net(), held.images)
 
     def __call__(self, ema: EMA, step: int) -> dict:

@@ -34,14 +34,14 @@ def load_deepspeed_preset(stage: int, override_path: str | None = None) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if kind == "constant":
+        if schedule == "constant":
             return 1.0
         p = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "cosine":
+        if schedule == "cosine":
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
         return 1.0 - (1.0 - min_ratio) * p  # linear
     return fn
@@ -90,7 +90,7 @@ class TrainOptions(RunOptions):
     zero_stage: int = 2
     precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU; fp32 | bf16 | autocast
     offload: bool = False
-    compile: bool = False                # torch.compile the UNet (a bf16 step 1.19x on an H200)
+    compile: bool = False                # torch.compile the UNet (pays on a GPU: docs/benchmarks.md, bench/mfu.py)
     deepspeed_config: str = ""
     grad_accum: int = 1
     weight_decay: float = 0.0

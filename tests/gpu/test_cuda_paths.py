@@ -140,7 +140,7 @@ def shards(tmp_path_factory):
 
 def test_stage1_job_on_device(gpu_ray, shards, tmp_path):
     """jobs/train_autoencoder.py's driver: Ray Train + prepare_model (DDP, NCCL on a GPU), held-out PSNR."""
-    from pipeline.train.autoencoder import run_train_autoencoder
+    from pipeline.train.autoencoder_driver import run_train_autoencoder
     from pipeline.train.options import AETrainOptions
     lines = []
     s = run_train_autoencoder(AETrainOptions(
@@ -171,7 +171,7 @@ def class_cache(gpu_ray, shards, tmp_path_factory):
 def test_train_job_deepspeed_bf16_on_device(class_cache, tmp_path, stage):
     from pipeline.evaluate.sample import sample_images
     from pipeline.train.options import TrainOptions
-    from pipeline.train.ldm import run_train
+    from pipeline.train.ldm_driver import run_train
     lines = []
     s = run_train(TrainOptions(
         latents=class_cache, preset="tiny", overrides=CLASS, num_workers=1, zero_stage=stage, max_steps=40,

@@ -1,7 +1,7 @@
 import pytest
 
-from ldm.config import (PRESETS, ConfigError, LDMConfig, apply_overrides, config_hash, get_preset, load_config,
-                        load_yaml, save_yaml)
+from ldm.config import ConfigError, LDMConfig, apply_overrides, config_hash, load_yaml, save_yaml
+from pipeline.presets import PRESETS, get_preset, load_config
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "ldm-kl-8", "sd-v1-like"])
@@ -59,37 +59,6 @@ def test_validate_names_the_contradiction():
     with pytest.raises(ConfigError, match="zero_terminal_snr=true needs diffusion.parameterization=v"):
         load_config("tiny", overrides=["diffusion.zero_terminal_snr=true"])
     assert load_config("tiny", overrides=["diffusion.zero_terminal_snr=true", "diffusion.parameterization=v"])
-
-
-def test_lowres_conditioning_names_each_contradiction():
-    sr = get_preset("demo-sr")
-    assert sr.validate() and sr.unet.in_channels == 7 and sr.conditioning.lowres_factor == 4
-    with pytest.raises(ConfigError, match="set conditioning.concat_channels=3"):
-        apply_overrides(sr, ["conditioning.concat_channels=0", "unet.in_channels=4"]).validate()
-    with pytest.raises(ConfigError, match="set unet.num_classes=null"):
-        apply_overrides(sr, ["conditioning.lowres_noise_max=0", "conditioning.lowres_noise_sample=0"]).validate()
-    with pytest.raises(ConfigError, match="lowres_noise_sample=400 must be in"):
-        apply_overrides(sr, ["conditioning.lowres_noise_sample=400"]).validate()
-    with pytest.raises(ConfigError, match="lowres_factor=3 must divide autoencoder.resolution=32"):
-        apply_overrides(sr, ["conditioning.lowres_factor=3"]).validate()
-
-
-def test_inpaint_conditioning_names_each_contradiction():
-    ip = get_preset("demo-inpaint")
-    assert ip.validate() and ip.unet.in_channels == 9 and ip.conditioning.concat_channels == 5
-    with pytest.raises(ConfigError, match="set conditioning.concat_channels=5"):
-        apply_overrides(ip, ["conditioning.concat_channels=3", "unet.in_channels=7"]).validate()
-    with pytest.raises(ConfigError, match="set unet.num_classes=null and unet.context_dim=null"):
-        apply_overrides(ip, ["unet.num_classes=3"]).validate()
-
-
-def test_semantic_conditioning_names_each_contradiction():
-    sem = get_preset("demo-semantic")
-    assert sem.validate() and sem.unet.in_channels == 15
-    with pytest.raises(ConfigError, match="set conditioning.num_classes=N"):
-        apply_overrides(sem, ["conditioning.concat_channels=3", "unet.in_channels=7"]).validate()
-    with pytest.raises(ConfigError, match="set unet.num_classes=null and unet.context_dim=null"):
-        apply_overrides(sem, ["unet.context_dim=32"]).validate()
 
 
 def test_config_is_frozen():

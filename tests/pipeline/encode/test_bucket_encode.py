@@ -16,7 +16,7 @@ from pipeline.data.buckets import buckets, cover
 from pipeline.data.make_shards import photo_records, write_shards
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.encode.flow import EncodeOptions, run_encode
-from pipeline.encode.latent_cache import part_buckets, part_files, read_manifest
+from pipeline.cache.reader import part_buckets, part_files, read_manifest
 
 
 def mixed_photos(n=24):
@@ -59,7 +59,7 @@ def photo_cache(ray_local, tiny_ae_ckpt, tmp_path_factory):
 
 def test_bucketed_cache_trains_and_samples_at_its_aspects(photo_cache, tmp_path):
     from pipeline.evaluate.sample import sample_images
-    from pipeline.train.ldm import run_train
+    from pipeline.train.ldm_driver import run_train
     from pipeline.train.options import TrainOptions
     cache, s, pre = photo_cache
     m = read_manifest(cache)
@@ -102,7 +102,7 @@ def test_a_16_to_32_px_curriculum_carries_optimizer_and_ema_over(photo_cache, tm
 
     import mlflow
 
-    from pipeline.train.ldm import run_train
+    from pipeline.train.ldm_driver import run_train
     from pipeline.train.options import TrainOptions
     cache = photo_cache[0]
     uri = f"sqlite:///{tmp_path}/m.db"

@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.data.make_shards import photo_records
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.encode.flow import EncodeOptions, run_encode
-from pipeline.encode.latent_cache import part_files, read_manifest
+from pipeline.cache.reader import part_files, read_manifest
 
 
 def png(im, level=6):

@@ -15,7 +15,8 @@ import torch
 from ldm.metrics import psnr
 from pipeline.common import storage
 from pipeline.encode.flow import EncodeOptions, run_encode
-from pipeline.encode.latent_cache import CacheMismatch, part_files, read_manifest
+from pipeline.cache.reader import part_files, read_manifest
+from pipeline.encode.latent_cache import CacheMismatch
 from pipeline.common.models import load_autoencoder
 from pipeline.data.preprocess import PreprocessConfig, decode_image, resize_crop
 from pipeline.data.sources import discover_shards, read_shard
@@ -99,7 +100,7 @@ def test_flipped_latents_are_the_mirrored_images(ray_local, fmnist_shards, tiny_
     with pytest.raises(CacheMismatch, match="flip_latents=True but this run has flip_latents=False"):
         run_encode(opts(fmnist_shards["webdataset"], out, tiny_ae_ckpt))
     # training flips half the samples by default (auto) from this cache, and refuses flips from a cache without them
-    from pipeline.train.ldm import CacheConfigMismatch, run_train
+    from pipeline.train.ldm_driver import CacheConfigMismatch, run_train
     from pipeline.train.options import TrainOptions
     lines = []
     train = dict(preset="tiny", overrides=("conditioning.text_encoder=hf", "unet.context_dim=384",
@@ -183,7 +184,7 @@ def test_s3_input_and_output(ray_local, s3_server, fmnist_shards, tmp_path):
     fs = s3fs.S3FileSystem()
     fs.mkdir("ldm-test")
     fs.put(fmnist_shards["webdataset"] + "/", "ldm-test/shards/", recursive=True)
-    from ldm.conditioning import default_text_encoder_path
+    from ldm.text_encoders import default_text_encoder_path
     fs.put(default_text_encoder_path() + "/", "ldm-test/minilm/", recursive=True)  # a text encoder on S3 too
     s = run_encode(opts("s3://ldm-test/shards", "s3://ldm-test/latents", "random:tiny",
                         text_encoder="s3://ldm-test/minilm", store_text_embeddings=True))

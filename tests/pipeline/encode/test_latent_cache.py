@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.encode.latent_cache import (CacheMismatch, ShardLedger, part_files, read_manifest, shard_files,
-                                          write_parts)
+from pipeline.cache.reader import part_files, read_manifest, shard_files
+from pipeline.encode.latent_cache import CacheMismatch, ShardLedger, write_parts
 
 HEADER = {"autoencoder": {"config_hash": "a", "weights_sha256": "b"}, "text_encoder": {"kind": "none"},
           "resolution": 16, "latent_shape": [4, 2, 2], "layout": "webdataset", "preprocess": {}}

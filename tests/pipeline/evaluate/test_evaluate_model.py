@@ -18,7 +18,7 @@ from pipeline.encode.flow import EncodeOptions, run_encode
 from pipeline.evaluate.held_out import read_held_out
 from pipeline.evaluate.model_eval import ModelEvalOptions, evaluate_model
 from pipeline.evaluate.scores import SampleScores, load_feature_net
-from pipeline.train.ldm import run_train
+from pipeline.train.ldm_driver import run_train
 from pipeline.train.options import TrainOptions
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -155,8 +155,8 @@ def test_two_encodes_cut_into_other_parts_train_on_the_same_rows_in_the_same_ord
 
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
-    from pipeline.encode.latent_cache import part_files, part_rows, part_units, read_manifest
-    from pipeline.train.ldm import units_of
+    from pipeline.cache.reader import part_files, part_rows, part_units, read_manifest
+    from pipeline.train.ldm_driver import units_of
     from pipeline.train.ldm_loop import TrainData
     other = str(tmp_path / "latents")
     run_encode(EncodeOptions(input=str(Path(tiny_cache).parent / "shards"), output=other, autoencoder="random:tiny",

@@ -15,7 +15,7 @@ from pipeline.evaluate.metrics import evaluate_autoencoder, shard_image_batches
 from pipeline.data.make_shards import fashion_records, photo_records, write_shards
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.compare_f import CompareFOptions, run_compare_f
-from pipeline.train.autoencoder import ch_mult_for_f, run_train_autoencoder
+from pipeline.train.autoencoder_driver import ch_mult_for_f, run_train_autoencoder
 from pipeline.train.options import AETrainOptions
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -19,9 +19,9 @@ import torch
 from ldm.checkpoint import load_components
 from ldm.config import ConfigError
 from pipeline.common.errors import DataError
-from pipeline.encode.latent_cache import part_files, read_manifest
+from pipeline.cache.reader import part_files, read_manifest
 from pipeline.train.options import TrainOptions
-from pipeline.train.ldm import CacheConfigMismatch, run_train
+from pipeline.train.ldm_driver import CacheConfigMismatch, run_train
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_TEXT = ("conditioning.text_encoder=hf", "unet.context_dim=384")

