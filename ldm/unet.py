@@ -104,16 +104,23 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
+        if cfg.adm_in_channels:  # SDXL: the vector y (pooled text, size features) through an MLP (SGM's "sequential")
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(),
+                                                         nn.Linear(ted, ted)))
         if cfg.micro_cond:  # SDXL §2.2: each size/crop value's Fourier features, an MLP, added to the time embedding
             self.micro_embed = nn.Sequential(nn.Linear(MICRO * mc, ted), nn.SiLU(), nn.Linear(ted, ted))
 
         def res(ch_in, ch_out):
             return ResBlock(ch_in, ted, ch_out, cfg.dropout, cfg.use_scale_shift_norm, g)
 
-        def attn(ch):
+        def attn(ch, depth):
             heads, dim_head = ((ch // cfg.num_head_channels, cfg.num_head_channels) if cfg.num_head_channels > 0
                                else (cfg.num_heads, ch // cfg.num_heads))
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.dropout, cfg.context_dim, g)
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.dropout, cfg.context_dim, g,
+                                      cfg.use_linear_projection, cfg.upcast_attention)
+
+        depths = cfg.depths()
+        middle = cfg.transformer_depth_middle if cfg.transformer_depth_middle > 0 else depths[-1]
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         chans, ch, ds = [mc], mc, 1
@@ -121,22 +128,22 @@ class UNetModel(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(attn(ch))
+                if ds in cfg.attention_resolutions and depths[level]:
+                    layers.append(attn(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 chans.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, middle), res(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
             for i in range(cfg.num_res_blocks + 1):
                 layers = [res(ch + chans.pop(), mc * mult)]
                 ch = mc * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(attn(ch))
+                if ds in cfg.attention_resolutions and depths[level]:
+                    layers.append(attn(ch, depths[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -148,8 +155,9 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 concat: torch.Tensor | None = None, micro: torch.Tensor | None = None) -> torch.Tensor:
-        """x: z_t (B,C,h,w); t: (B,) steps; context: tau(y) (B,L,d); y: class labels; concat: dense cond; micro:
-        (B, 6) original height/width, crop top/left, target height/width in pixels (zeros: the null)."""
+        """x: z_t (B,C,h,w); t: (B,) steps; context: tau(y) (B,L,d); y: class labels, or SDXL's vector (B,
+        adm_in_channels); concat: dense cond; micro: (B, 6) original height/width, crop top/left, target
+        height/width in pixels (zeros: the null)."""
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # dense conditions enter by concatenation (paper §3.3)
         if t.ndim == 0:
@@ -158,10 +166,10 @@ class UNetModel(nn.Module):
         x = x.to(dtype)
         context = context.to(dtype) if context is not None else None
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
-        if self.cfg.num_classes:
+        if self.cfg.num_classes or self.cfg.adm_in_channels:
             if y is None:
-                raise ValueError("this UNet is class-conditional: pass y (class labels)")
-            emb = emb + self.label_emb(y)
+                raise ValueError("this UNet is class- or vector-conditional: pass y (class labels, or SDXL's vector)")
+            emb = emb + self.label_emb(y if self.cfg.num_classes else y.to(dtype))
         if self.cfg.micro_cond:
             if micro is None:
                 raise ValueError("this UNet is micro-conditioned: pass micro (original size, crop, target size)")

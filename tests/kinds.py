@@ -67,6 +67,15 @@ TINY = {
                      "conditioning.concat_channels=10", "unet.in_channels=14"), {"preprocess": {"layout_boxes": 2}},
                     {"layout": [json.dumps({"size": [16, 16], "boxes": [[3, 2, 2, 8, 8]]}),
                                 json.dumps({"size": [16, 16], "boxes": [[1, 0, 0, 6, 6], [8, 8, 8, 8, 8]]})]}),
+    # SDXL's conditioning on the offline MiniLM (one encoder here, two in SDXL): its penultimate layer as the context,
+    # its pooled output and 6 x 8 size features as the vector y; the cache holds the embeddings
+    "text_pooled": Entry(("conditioning.kind=text_pooled", "conditioning.text_encoder=hf",
+                          "conditioning.text_layer=penultimate", "conditioning.mask_padding=false",
+                          "conditioning.pooled_dim=384", "conditioning.micro_dim=8", "unet.context_dim=384",
+                          "unet.adm_in_channels=432"),
+                         {"text_encoder": {"kind": "hf", "embeddings": True, "pooled_dim": 384, "dim": 384,
+                                           "max_length": 16, "layer": "penultimate", "mask_padding": False}},
+                         {"prompt": ["a photo of a bag", "a photo of a dress"]}),
 }
 
 
@@ -88,6 +97,10 @@ def cache_batch(columns, n: int, latent=(4, 8, 8), seed: int = 0) -> dict:
         "label_map": lambda: torch.randint(0, 11, (n, 16 * 16), generator=g, dtype=torch.uint8),
         "layout": lambda: torch.tensor([[3, 2, 2, 8, 8, -1, -1, -1, -1, -1]] * n, dtype=torch.int16),
         "caption": lambda: [f"a photo of item {i % 3}" for i in range(n)],
+        "text_emb": lambda: torch.randn(n, 16 * 384, generator=g).half(),
+        "text_pooled": lambda: torch.randn(n, 384, generator=g).half(),
+        "orig_h": lambda: torch.randint(16, 64, (n,), generator=g), "orig_w": lambda: torch.randint(16, 64, (n,)),
+        "crop_top": lambda: torch.zeros(n, dtype=torch.long), "crop_left": lambda: torch.zeros(n, dtype=torch.long),
     }
     unknown = set(columns) - set(make)
     assert not unknown, f"tests/kinds.py knows no cache column {sorted(unknown)}: add how to draw it to cache_batch"

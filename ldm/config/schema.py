@@ -70,13 +70,26 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample rates ds with attention
     num_heads: int = 8
     num_head_channels: int = -1          # >0: fixed head width instead of fixed head count
-    transformer_depth: int = 1
+    transformer_depth: tuple[int, ...] = (1,)  # transformer blocks per level (one value: every level; 0: none there)
+    transformer_depth_middle: int = -1   # in the middle block; -1 = the last level's
+    use_linear_projection: bool = False  # SD 2.x / SDXL: Linear proj_in / proj_out instead of 1x1 convolutions
+    upcast_attention: bool = False       # SD 2.1: attention in fp32 under bf16/fp16
     context_dim: int | None = 768        # d_tau; None = no cross-attention (self-attention blocks)
     num_classes: int | None = None       # class-conditional embedding added to the time embedding
-    micro_cond: bool = False             # SDXL micro-conditioning: original size, crop, target size -> time embedding
+    adm_in_channels: int = 0             # SDXL: a vector y (pooled text + size features) -> MLP -> the time embedding
+    micro_cond: bool = False             # micro-conditioning: original size, crop, target size -> the time embedding
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
     norm_groups: int = 32
+
+    def __post_init__(self):
+        if isinstance(self.transformer_depth, int):  # one depth for every level, as CompVis configs write it
+            object.__setattr__(self, "transformer_depth", (self.transformer_depth,))
+
+    def depths(self) -> tuple[int, ...]:
+        """The transformer depth of each level."""
+        d = self.transformer_depth
+        return d * len(self.channel_mult) if len(d) == 1 else d
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,11 @@ class ConditioningConfig:
     #                                      "layout" (§4.3.1: boxes and classes as tokens of a trained transformer)
     text_encoder: str = "hf"             # "hf" (frozen, from a local/s3 path) | "transformer" (trained, paper)
     text_encoder_path: str = ""          # "" = the offline all-MiniLM-L6-v2 when installed
+    text_layer: str = "last"             # frozen encoder's "last" hidden states or its "penultimate" layer (SDXL)
+    mask_padding: bool = True            # pass the tokens' mask to the encoder and the cross-attention; false: every
+    #                                      position attends, as Stable Diffusion does
+    pooled_dim: int = 0                  # kind="text_pooled": the last encoder's pooled projection (SDXL: 1280)
+    micro_dim: int = 256                 # kind="text_pooled": Fourier features per size / crop value (SDXL: 256)
     max_length: int = 77
     # the paper's trainable transformer over a BERT tokenizer (used when text_encoder="transformer")
     n_embed: int = 1280
@@ -162,6 +180,12 @@ class LDMConfig:
                               f"set unet.in_channels={want_in}")
         if un.out_channels != ae.embed_dim:
             raise ConfigError(f"unet.out_channels={un.out_channels} must equal autoencoder.embed_dim={ae.embed_dim}")
+        if len(un.transformer_depth) not in (1, len(un.channel_mult)):
+            raise ConfigError(f"unet.transformer_depth={list(un.transformer_depth)} gives one depth per level of "
+                              f"unet.channel_mult={list(un.channel_mult)} (or one for all)")
+        if un.adm_in_channels and un.num_classes:
+            raise ConfigError("unet.adm_in_channels (a vector y, SDXL) and unet.num_classes (class labels y) both "
+                              "set the UNet's y: give one")
         if self.diffusion.zero_terminal_snr and self.diffusion.parameterization == "eps":
             raise ConfigError("diffusion.zero_terminal_snr=true needs diffusion.parameterization=v (or x0): at SNR 0 "
                               "the last step's noise prediction says nothing about x0 and sampling gives NaN "
@@ -205,7 +229,9 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "unet.in_channels": _pos, "unet.out_channels": _pos, "unet.model_channels": _pos, "unet.channel_mult": _all_pos,
     "unet.num_res_blocks": _pos, "unet.attention_resolutions": (lambda v: all(x > 0 for x in v), "positive integers"),
     "unet.num_heads": _pos, "unet.num_head_channels": (lambda v: v == -1 or v > 0, "-1 (use num_heads) or > 0"),
-    "unet.transformer_depth": _pos, "unet.context_dim": (lambda v: v is None or v > 0, "null or > 0"),
+    "unet.transformer_depth": (lambda v: len(v) > 0 and all(x >= 0 for x in v), "a non-empty list of integers >= 0"),
+    "unet.transformer_depth_middle": (lambda v: v == -1 or v > 0, "-1 (the last level's) or > 0"),
+    "unet.adm_in_channels": _nonneg, "unet.context_dim": (lambda v: v is None or v > 0, "null or > 0"),
     "unet.num_classes": (lambda v: v is None or v > 0, "null or > 0"), "unet.dropout": _prob,
     "unet.norm_groups": _pos,
     "diffusion.timesteps": (lambda v: v >= 2, ">= 2"),
@@ -216,6 +242,8 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.offset_noise": _nonneg,
     "conditioning.kind": (lambda v: v in _kinds(), "a registered kind (ldm/kinds/)"),
     "conditioning.text_encoder": _one_of("hf", "transformer"),
+    "conditioning.text_layer": _one_of("last", "penultimate"), "conditioning.pooled_dim": _nonneg,
+    "conditioning.micro_dim": _pos,
     "conditioning.max_length": _pos, "conditioning.n_embed": _pos, "conditioning.n_layer": _pos,
     "conditioning.n_head": _pos, "conditioning.vocab_size": _pos, "conditioning.num_classes": _nonneg,
     "conditioning.concat_channels": _nonneg, "conditioning.cond_drop_prob": _prob,

@@ -37,6 +37,7 @@ class Kind:
     name = ""
     spatial = False          # laid out on the image: a mirrored latent would need its condition mirrored too
     dense = False            # concatenated to z_t; its null is zeros (only where training dropped it)
+    sizes = False            # conditions on the image's original size, crop and target size itself (SDXL)
     inputs: tuple[Input, ...] = ()  # what a sample request carries; () = a caption/"" prompt
     sample_columns: tuple[str, ...] = ()  # cache columns the default sample grid reads
 
@@ -70,6 +71,16 @@ class Kind:
     def prompts(self, c, prompts: list) -> tuple[dict, dict | None]:
         """Sampling's (cond, uncond); uncond None: no null was trained, sample unguided."""
         return {}, {}
+
+    def with_sizes(self, c, cond: dict, micro: torch.Tensor, drop: torch.Tensor) -> dict:
+        """A training condition with the micro-conditions beside it (unet.micro_cond), zeros where dropped."""
+        return {**cond, "micro": torch.where(drop.to(micro.device)[:, None], torch.zeros_like(micro), micro)}
+
+    def sampled_sizes(self, c, cond: dict, uncond: dict | None, micro: torch.Tensor) -> tuple:
+        """Sampling's (cond, uncond) with the micro-conditions: the null's are zeros where training dropped them with
+        the condition (cond_drop_prob > 0), else the same values (guidance then leaves them alone)."""
+        null = torch.zeros_like(micro) if c.cfg.cond_drop_prob else micro
+        return {**cond, "micro": micro}, None if uncond is None else {**uncond, "micro": null}
 
     # ---- sampling
     def canvas(self, c, prompts: list, size: tuple[int, int] | None, trained: tuple[int, int]) -> tuple[list, Any]:

@@ -37,3 +37,11 @@ def one_size(shapes: set, what: str) -> tuple:
     if len(shapes) != 1:
         raise ValueError(f"{what} of one size per call; got shapes {sorted(shapes)}")
     return next(iter(shapes))
+
+
+def image_only(cfg, name: str) -> None:
+    """A condition that is an image alone: the UNet takes no class label and cross-attends to no context."""
+    from ldm.config import ConfigError
+    if cfg.unet.num_classes is not None or cfg.unet.context_dim is not None:
+        raise ConfigError(f"conditioning.kind='{name}' has no class or text: set unet.num_classes=null and "
+                          f"unet.context_dim=null")

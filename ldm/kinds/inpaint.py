@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ldm.kinds.base import CacheMismatch, Input, Kind, register
-from ldm.kinds.common import dense_prompts, drop_dense, one_size
+from ldm.kinds.common import dense_prompts, drop_dense, image_only, one_size
 from ldm.kinds.inputs import read_mask, read_rgb
 from ldm.masks import eval_masks, latent_mask, mask_out
 
@@ -23,14 +23,12 @@ class Inpaint(Kind):
 
     def validate(self, cfg) -> None:
         from ldm.config import ConfigError
-        c, ae, un = cfg.conditioning, cfg.autoencoder, cfg.unet
+        c, ae = cfg.conditioning, cfg.autoencoder
         if c.concat_channels != ae.embed_dim + 1:
             raise ConfigError(f"conditioning.kind='inpaint' concatenates the masked image's {ae.embed_dim}-channel "
                               f"latent and the 1-channel hole: set conditioning.concat_channels={ae.embed_dim + 1} "
                               f"(and unet.in_channels={2 * ae.embed_dim + 1})")
-        if un.num_classes is not None or un.context_dim is not None:
-            raise ConfigError("conditioning.kind='inpaint' has no class or text: set unet.num_classes=null and "
-                              "unet.context_dim=null")
+        image_only(cfg, self.name)
 
     def check_cache(self, cfg, manifest, cache):
         if not manifest.get("preprocess", {}).get("inpaint_variants", 0):

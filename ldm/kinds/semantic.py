@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.kinds.base import CacheMismatch, Input, Kind, register
-from ldm.kinds.common import dense_prompts, drop_dense, one_size
+from ldm.kinds.common import dense_prompts, drop_dense, image_only, one_size
 from ldm.kinds.inputs import read_label_map
 
 
@@ -22,14 +22,12 @@ class Semantic(Kind):
 
     def validate(self, cfg) -> None:
         from ldm.config import ConfigError
-        c, ae, un = cfg.conditioning, cfg.autoencoder, cfg.unet
+        c, ae = cfg.conditioning, cfg.autoencoder
         if not c.num_classes or c.concat_channels != c.num_classes:
             raise ConfigError(f"conditioning.kind='semantic' concatenates the label map one-hot: set "
                               f"conditioning.num_classes=N (ids 0..N-1, 0 the background) and "
                               f"conditioning.concat_channels=N (and unet.in_channels={ae.embed_dim} + N)")
-        if un.num_classes is not None or un.context_dim is not None:
-            raise ConfigError("conditioning.kind='semantic' has no class or text: set unet.num_classes=null and "
-                              "unet.context_dim=null")
+        image_only(cfg, self.name)
 
     def check_cache(self, cfg, manifest, cache):
         if not manifest.get("preprocess", {}).get("label_maps"):

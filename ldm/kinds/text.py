@@ -8,6 +8,18 @@ from ldm.kinds.common import apply_drop
 from ldm.kinds.inputs import read_text
 
 
+def check_embeddings(cfg, text: dict, cache: str) -> None:
+    """Embeddings cached with the latents must come from the layer, and the padding rule, the config asks for."""
+    c = cfg.conditioning
+    if not text.get("embeddings") or c.text_encoder != "hf":
+        return
+    have = (text.get("layer", "last"), text.get("mask_padding", True))
+    if have != (c.text_layer, c.mask_padding):
+        raise CacheMismatch(f"the cache {cache} holds text embeddings of the {have[0]} layer with mask_padding="
+                            f"{have[1]}, but the config asks for conditioning.text_layer={c.text_layer} and "
+                            f"conditioning.mask_padding={c.mask_padding}: set those, or re-encode")
+
+
 class Text(Kind):
     name = "text"
     inputs = (Input("prompt", "--prompt", read_text, "a caption (repeatable)", "TEXT"),)
@@ -32,6 +44,7 @@ class Text(Kind):
         if text.get("max_length") != c.max_length:
             raise CacheMismatch(f"cache tokens have length {text.get('max_length')} but conditioning.max_length="
                                 f"{c.max_length}; set conditioning.max_length={text.get('max_length')}")
+        check_embeddings(cfg, text, cache)
 
     def columns(self, cfg, cached_emb: bool) -> tuple[str, ...]:
         return ("input_ids", "attention_mask") + (("text_emb",) if cached_emb else ())
@@ -47,7 +60,8 @@ class Text(Kind):
         if cfg.text_encoder != "hf":
             return None
         from ldm.text_encoders import FrozenHFTextEncoder
-        return FrozenHFTextEncoder(path or cfg.text_encoder_path, cfg.max_length).to(device)
+        return FrozenHFTextEncoder(path or cfg.text_encoder_path, cfg.max_length, cfg.text_layer,
+                                   cfg.mask_padding).to(device)
 
     def setup(self, c) -> None:
         if c.cfg.text_encoder == "transformer":
@@ -63,18 +77,18 @@ class Text(Kind):
             ids, mask = c.tokenize(captions)
             return {"tokens": ids.to(c.device), "mask": mask.to(c.device)}
         emb, mask = c.text(captions)
-        return {"context": emb.to(c.device), "mask": mask.to(c.device)}
+        return masked(c, {"context": emb.to(c.device)}, mask.to(c.device))
 
     def batch(self, c, batch, drop, generator):
         dev, n = c.device, drop.shape[0]
-        mask = apply_drop(batch["attention_mask"].to(dev).long(), c.null["mask"], drop)
+        mask = apply_drop(batch["attention_mask"].to(dev).long(), c.null["mask"], drop) if "mask" in c.null else None
         if c.cfg.text_encoder == "transformer":
             return {"tokens": apply_drop(batch["input_ids"].to(dev).long(), c.null["tokens"], drop), "mask": mask}
         if "text_emb" in batch:  # embeddings cached with the latents
             context = batch["text_emb"].to(dev).float().view(n, c.cfg.max_length, -1)
         else:
             context = c.text.encode(batch["input_ids"].to(dev).long(), batch["attention_mask"].to(dev).long())
-        return {"context": apply_drop(context, c.null["context"], drop), "mask": mask}
+        return masked(c, {"context": apply_drop(context, c.null["context"], drop)}, mask)
 
     def prompts(self, c, prompts):
         return self._encode(c, prompts), {k: v.expand(len(prompts), *v.shape[1:]) for k, v in c.null.items()}
@@ -88,6 +102,12 @@ class Text(Kind):
 
     def held_out(self, cfg, held) -> list:
         return list(held.captions)
+
+
+def masked(c, cond: dict, mask):
+    """The condition with its tokens' mask for the cross-attention (conditioning.mask_padding), or without: every
+    position attended to, as Stable Diffusion does."""
+    return {**cond, "mask": mask} if c.cfg.mask_padding and mask is not None else cond
 
 
 register(Text())

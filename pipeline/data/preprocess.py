@@ -296,6 +296,49 @@ def drop_duplicates(index, batch: dict, skip: np.ndarray, image_hashes, phashes,
             skip[i] = r
 
 
+INT_COLUMNS = {"orig_w": np.int32, "orig_h": np.int32, "crop_top": np.int32, "crop_left": np.int32,
+               "image_hash": np.int64, "phash": np.int64, "bucket_h": np.int32, "bucket_w": np.int32}
+
+
+def byte_columns(cfg: PreprocessConfig) -> list[str]:
+    """The byte columns a batch gets: the crop's pixels, and what the settings add beside them."""
+    return ["pixels", *(f"pixels_{r}" for r in cfg.extra_resolutions), *(["lowres"] if cfg.lowres_factor else []),
+            *(["masks"] if cfg.inpaint_variants else []), *(["label_map"] if cfg.label_maps else []),
+            *(["layout"] if cfg.layout_boxes else [])]
+
+
+def preprocess_record(batch: dict, i: int, cfg: PreprocessConfig) -> tuple[str | None, dict]:
+    """Record i of a batch: (its skip reason, or None and its columns)."""
+    reason = check_metadata(batch["caption"][i], batch["meta"][i], cfg)
+    if reason is None:
+        im, reason = decode_image(batch["image"][i], cfg)
+    if reason is not None:
+        return reason, {}
+    key = str(batch["key"][i])
+    arr, top, left = (bucket_crop if cfg.bucket else resize_crop)(im, cfg, key)
+    out = {"orig_w": im.size[0], "orig_h": im.size[1], "image_hash": image_hash(im), "phash": phash(im),
+           "crop_top": top, "crop_left": left, "bucket_h": arr.shape[0], "bucket_w": arr.shape[1]}
+    for r in cfg.extra_resolutions:  # the same crop at each extra resolution
+        out[f"pixels_{r}"] = crop_at(im, cfg, im.size, (arr.shape[0], arr.shape[1], int(top), int(left)), r)
+    if cfg.label_maps:
+        seg, reason = crop_label_map(batch["label_map"][i] if "label_map" in batch else b"", im.size, cfg,
+                                     int(top), int(left))
+        if reason is not None:
+            return reason, {}
+        out["label_map"] = seg.tobytes()
+    if cfg.layout_boxes:
+        boxes, reason = crop_layout(batch["meta"][i], im.size, cfg, int(top), int(left))
+        if reason is not None:
+            return reason, {}
+        out["layout"] = boxes.tobytes()
+    out["pixels"] = arr.tobytes()
+    if cfg.lowres_factor:
+        out["lowres"] = downscale(arr, cfg.lowres_factor).tobytes()
+    if cfg.inpaint_variants:
+        out["masks"] = inpaint_masks(key, cfg).astype(np.uint8).tobytes()
+    return None, out
+
+
 def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
     """Ray Data map_batches (numpy format): adds pixels (uint8 HxWx3 bytes), orig size, crop offsets, the decoded
     image's fingerprints (image_hash, phash: pipeline/data/dedup.py; with `dedup`, a DedupIndex actor, records whose
@@ -304,67 +347,22 @@ def preprocess_batch(batch: dict, cfg: PreprocessConfig, dedup=None) -> dict:
     with label_maps its class map cropped alike (label_map, uint8 bytes), with layout_boxes its boxes moved alike
     (layout, int16 bytes)."""
     n = len(batch["key"])
-    pixels = np.empty(n, dtype=object)
-    lowres = np.full(n, b"", dtype=object)
-    masks = np.full(n, b"", dtype=object)
-    label_maps = np.full(n, b"", dtype=object)
-    layouts = np.full(n, b"", dtype=object)
-    orig_w, orig_h = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    crop_top, crop_left = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    image_hashes, phashes = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    bucket_h, bucket_w = np.zeros(n, np.int32), np.zeros(n, np.int32)  # the crop's size (a bucket's, or r x r)
-    extra = {r: np.full(n, b"", dtype=object) for r in cfg.extra_resolutions}  # the same crop at each resolution
+    cols = {k: np.full(n, b"", dtype=object) for k in byte_columns(cfg)}
+    cols.update({k: np.zeros(n, t) for k, t in INT_COLUMNS.items()})
     skip = np.array(batch["skip"], dtype=object)
     for i in range(n):
-        pixels[i] = b""
         if skip[i]:
             continue
-        reason = check_metadata(batch["caption"][i], batch["meta"][i], cfg)
-        if reason is None:
-            im, reason = decode_image(batch["image"][i], cfg)
+        reason, values = preprocess_record(batch, i, cfg)
         if reason is not None:
             skip[i] = reason
             continue
-        orig_w[i], orig_h[i] = im.size
-        image_hashes[i], phashes[i] = image_hash(im), phash(im)
-        arr, crop_top[i], crop_left[i] = (bucket_crop if cfg.bucket else resize_crop)(im, cfg, str(batch["key"][i]))
-        bucket_h[i], bucket_w[i] = arr.shape[:2]
-        for r in cfg.extra_resolutions:
-            extra[r][i] = crop_at(im, cfg, (int(orig_w[i]), int(orig_h[i])),
-                                  (int(bucket_h[i]), int(bucket_w[i]), int(crop_top[i]), int(crop_left[i])), r)
-        if cfg.label_maps:
-            seg, reason = crop_label_map(batch["label_map"][i] if "label_map" in batch else b"", im.size, cfg,
-                                         int(crop_top[i]), int(crop_left[i]))
-            if reason is not None:
-                skip[i] = reason
-                continue
-            label_maps[i] = seg.tobytes()
-        if cfg.layout_boxes:
-            boxes, reason = crop_layout(batch["meta"][i], im.size, cfg, int(crop_top[i]), int(crop_left[i]))
-            if reason is not None:
-                skip[i] = reason
-                continue
-            layouts[i] = boxes.tobytes()
-        pixels[i] = arr.tobytes()
-        if cfg.lowres_factor:
-            lowres[i] = downscale(arr, cfg.lowres_factor).tobytes()
-        if cfg.inpaint_variants:
-            masks[i] = inpaint_masks(str(batch["key"][i]), cfg).astype(np.uint8).tobytes()
+        for k, v in values.items():
+            cols[k][i] = v
     if dedup is not None:
-        drop_duplicates(dedup, batch, skip, image_hashes, phashes, cfg)
-        pixels[skip != ""] = b""
+        drop_duplicates(dedup, batch, skip, cols["image_hash"], cols["phash"], cfg)
+        for k in byte_columns(cfg):
+            cols[k][skip != ""] = b""
     out = {k: v for k, v in batch.items() if k not in ("image", "label_map")}
-    out.update(pixels=pixels, skip=skip, orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left,
-               image_hash=image_hashes, phash=phashes, bucket_h=bucket_h, bucket_w=bucket_w)
-    for r in cfg.extra_resolutions:
-        extra[r][skip != ""] = b""
-        out[f"pixels_{r}"] = extra[r]
-    if cfg.lowres_factor:
-        out["lowres"] = lowres
-    if cfg.inpaint_variants:
-        out["masks"] = masks
-    if cfg.label_maps:
-        out["label_map"] = label_maps
-    if cfg.layout_boxes:
-        out["layout"] = layouts
+    out.update(cols, skip=skip)
     return out

@@ -21,6 +21,13 @@ def read_demo_held_out(out: Path, size: DemoSize, task: Task | None = None):
                          label_maps=scenes and task.label_maps, layouts=task.layout_boxes if scenes else 0)
 
 
+def judge_inputs(export: str, out: Path, size: DemoSize, task: Task | None = None):
+    """(the held-out set, how many of it to judge, the export's sampler): what every judge starts from."""
+    from pipeline.evaluate.sample import LDMSampler
+    held = read_demo_held_out(out, size, task)  # also the FD reference set
+    return held, min(10 * size.samples_per_class, len(held.images)), LDMSampler(export)
+
+
 def held_out_scores(out: Path, size: DemoSize, held=None):
     """FD / KID (EffNet-Lite0 features) against held-out real images (`held`, else read): a SampleScores."""
     from pipeline.evaluate.scores import SampleScores, load_feature_net
@@ -70,9 +77,3 @@ def save_rows(columns: list, out: Path, task: Task, what: str) -> str:
     save_grid(rows, str(grid), nrow=len(columns), upscale=3)
     (out / f"prompts{task.tag}.txt").write_text(f"each row: {what}\n")
     return str(grid)
-
-
-def fd_line(s: dict) -> str:
-    """The FD / KID of the judged samples, as the report says it."""
-    return (f"{s['fd_name']} {s['sample_fd']:.1f}, KID {s['sample_kid']:.4f} against {s['fd_real_images']} held-out "
-            f"images")

@@ -98,11 +98,21 @@ class Task:
 
     figures: ClassVar[tuple[str, ...]] = ()  # the summary keys the judge adds (beside FD, KID and the grid)
     metrics: ClassVar[tuple[str, ...]] = ()  # those logged to MLflow as demo/KEY ("FD" in a key: the FD's name)
+    # str.format templates over the summary (and `values`): the task's figure and its baseline; what the report
+    # says of the samples, and of the grid
+    headline_format: ClassVar[tuple[str, str]] = ("", "")
+    report_format: ClassVar[tuple[str, str]] = ("", "")
+
+    def values(self, s: dict) -> dict:
+        """Values the templates need beyond the summary's own."""
+        return {}
 
     def headline(self, s: dict) -> tuple[str, str]:
         """The task's figure and the baseline it is judged against."""
-        raise NotImplementedError
+        return tuple(f.format(**s, **self.values(s)) for f in self.headline_format)
 
     def report(self, s: dict) -> tuple[str, str]:
         """What the closing report says of the samples, and of the grid."""
-        raise NotImplementedError
+        fd = (f"{s['fd_name']} {s['sample_fd']:.1f}, KID {s['sample_kid']:.4f} against {s['fd_real_images']} "
+              f"held-out images")
+        return tuple(f.format(**s, fd_line=fd, **self.values(s)) for f in self.report_format)

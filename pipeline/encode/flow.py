@@ -12,13 +12,14 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
-from pipeline.common import storage
 from pipeline.cache.reader import part_files
-from pipeline.encode.latent_cache import ShardLedger, write_parts
+from pipeline.common import storage
 from pipeline.common.models import load_autoencoder, text_encoder_identity
+from pipeline.common.precision import resolve as resolve_precision
 from pipeline.common.runtime import job_actor_nodes
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.data.sources import discover_shards
+from pipeline.encode.latent_cache import ShardLedger, write_parts
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,49 @@ def _fmt_eta(sec: float) -> str:
     return f"{sec // 3600:d}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
 
 
+def check_preprocess(pre, res: int, f: int) -> None:
+    """The preprocess settings against each other and the first stage's f, before anything is read."""
+    if res % f:
+        raise ValueError(f"--resolution {res} is not a multiple of the autoencoder's downsampling factor f={f}")
+    k = pre.lowres_factor
+    if k < 0 or (k and res % k):
+        raise ValueError(f"--lowres-factor {k} must divide --resolution {res} (e.g. 4: a {res // 4}px low-res copy)")
+    if pre.resize and pre.resize < res:
+        raise ValueError(f"--resize {pre.resize} is smaller than --resolution {res}: the crop must fit inside the "
+                         f"resized image (0 = resize to --resolution)")
+    if pre.layout_boxes < 0:
+        raise ValueError(f"--layout-boxes {pre.layout_boxes} must be >= 0 (boxes kept per image)")
+    check_dedup(pre)
+    check_buckets(pre, f)
+    for r in pre.extra_resolutions:
+        if r <= res or r % res:
+            raise ValueError(f"--resolutions: {r} is not a multiple of the first resolution {res} (e.g. 256,512): "
+                             f"each extra crop is the same region at k times the size")
+    if pre.extra_resolutions and (pre.crop == "tile" or any(
+            (pre.lowres_factor, pre.inpaint_variants, pre.label_maps, pre.layout_boxes))):
+        raise ValueError("--resolutions with several sizes caches the latents only: not with --crop tile or a task's "
+                         "condition (--lowres-factor, --inpaint-variants, --label-maps, --layout-boxes)")
+    if pre.inpaint_variants < 0:
+        raise ValueError(f"--inpaint-variants {pre.inpaint_variants} must be >= 0 (masks per image)")
+
+
+def cache_header(opts: EncodeOptions, ae, layout: str) -> dict:
+    """What the cache's manifest says of every row: the first stage's and text encoder's identities, the latent
+    shape(s), the preprocess settings (and the aspect buckets)."""
+    res, f, c = opts.preprocess.resolution, ae.cfg.downsample_factor, ae.cfg.embed_dim
+    header = {"autoencoder": ae.identity, "text_encoder": text_encoder_identity(opts.text_encoder, opts.max_length,
+                                                                               opts.store_text_embeddings),
+              "resolution": res, "latent_shape": [c, res // f, res // f], "layout": layout,
+              "preprocess": opts.preprocess.to_dict()}
+    if opts.preprocess.extra_resolutions:  # a multi-resolution cache: latent_mean_R ... beside the first one's
+        header["resolutions"] = [res, *opts.preprocess.extra_resolutions]
+        header["latent_shapes"] = {str(r): [c, r // f, r // f] for r in header["resolutions"]}
+    if opts.preprocess.bucket:
+        from pipeline.data.buckets import buckets
+        header["buckets"] = [list(b) for b in buckets(res, opts.preprocess.bucket_step, opts.preprocess.max_aspect)]
+    return header
+
+
 def run_encode(opts: EncodeOptions, log=print) -> dict:
     """Shards -> decode, filter, resize (CPU tasks) -> frozen encoders (an actor pool) -> cache parts + manifest.
     A rerun skips the shards already done."""
@@ -72,41 +116,9 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
         shard_set = discover_shards(opts.input)
     storage.check_writable(opts.output)
     ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset, opts.mlflow_uri)
-    res, f = opts.preprocess.resolution, ae.cfg.downsample_factor
-    if res % f:
-        raise ValueError(f"--resolution {res} is not a multiple of the autoencoder's downsampling factor f={f}")
-    k = opts.preprocess.lowres_factor
-    if k < 0 or (k and res % k):
-        raise ValueError(f"--lowres-factor {k} must divide --resolution {res} (e.g. 4: a {res // 4}px low-res copy)")
-    if opts.preprocess.resize and opts.preprocess.resize < res:
-        raise ValueError(f"--resize {opts.preprocess.resize} is smaller than --resolution {res}: the crop must fit "
-                         f"inside the resized image (0 = resize to --resolution)")
-    if opts.preprocess.layout_boxes < 0:
-        raise ValueError(f"--layout-boxes {opts.preprocess.layout_boxes} must be >= 0 (boxes kept per image)")
-    check_dedup(opts.preprocess)
-    check_buckets(opts.preprocess, f)
-    for r in opts.preprocess.extra_resolutions:
-        if r <= res or r % res:
-            raise ValueError(f"--resolutions: {r} is not a multiple of the first resolution {res} (e.g. 256,512): "
-                             f"each extra crop is the same region at k times the size")
-    if opts.preprocess.extra_resolutions and (opts.preprocess.crop == "tile" or any(
-            (opts.preprocess.lowres_factor, opts.preprocess.inpaint_variants, opts.preprocess.label_maps,
-             opts.preprocess.layout_boxes))):
-        raise ValueError("--resolutions with several sizes caches the latents only: not with --crop tile or a task's "
-                         "condition (--lowres-factor, --inpaint-variants, --label-maps, --layout-boxes)")
-    if opts.preprocess.inpaint_variants < 0:
-        raise ValueError(f"--inpaint-variants {opts.preprocess.inpaint_variants} must be >= 0 (masks per image)")
-    latent_shape = [ae.cfg.embed_dim, res // f, res // f]
-    header = {"autoencoder": ae.identity, "text_encoder": text_encoder_identity(opts.text_encoder, opts.max_length,
-                                                                               opts.store_text_embeddings),
-              "resolution": res, "latent_shape": latent_shape, "layout": shard_set.layout,
-              "preprocess": opts.preprocess.to_dict()}
-    if opts.preprocess.extra_resolutions:  # a multi-resolution cache: latent_mean_R ... beside the first one's
-        header["resolutions"] = [res, *opts.preprocess.extra_resolutions]
-        header["latent_shapes"] = {str(r): [ae.cfg.embed_dim, r // f, r // f] for r in header["resolutions"]}
-    if opts.preprocess.bucket:
-        from pipeline.data.buckets import buckets
-        header["buckets"] = [list(b) for b in buckets(res, opts.preprocess.bucket_step, opts.preprocess.max_aspect)]
+    check_preprocess(opts.preprocess, opts.preprocess.resolution, ae.cfg.downsample_factor)
+    header = cache_header(opts, ae, shard_set.layout)
+    latent_shape = header["latent_shape"]
     ledger = ShardLedger(opts.output, header, opts.compact_seconds)
     todo = [s for s in shard_set.shards if s not in ledger.completed]
     already = len(shard_set.shards) - len(todo)
@@ -120,26 +132,33 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
         log(f"[encode] removed {swept} file(s) of an interrupted run that no commit names")
     t0 = time.time()
     try:
-        kept = 0
+        kept, precision = 0, ""
         if todo:
-            records = encoded_records(opts, todo, shard_set.layout, log, part_files(opts.output, ledger.manifest))
+            precision, records = encoded_records(opts, todo, shard_set.layout, log,
+                                                 part_files(opts.output, ledger.manifest))
             kept = write_encoded(write_stage(records, opts, latent_shape[0], ledger.run), ledger, len(todo), log)
     finally:
         ledger.write_manifest()  # the commits so far, compacted, whatever happened
     ledger.sweep()  # parts of write tasks that Ray Data retried: written, but no commit names them
+    summary = {**summarise_run(opts, ledger, len(shard_set.shards), len(todo), kept, time.time() - t0),
+               "precision": precision}
+    log(format_summary(summary))
+    if opts.mlflow_uri:
+        log_to_mlflow(opts, summary, ledger.manifest)
+    return summary
+
+
+def summarise_run(opts: EncodeOptions, ledger, shards: int, todo: int, kept: int, seconds: float) -> dict:
+    """The run's summary: shards done and failed, throughput, the cache's totals, and the nodes that did the work."""
     m = ledger.manifest
-    summary = {"output": opts.output, "shards_total": len(shard_set.shards),
-               "shards_done": len(m["completed_shards"]), "shards_failed": m["failed_shards"],
-               "encoded_this_run": len(todo), "images_per_s": round(kept / max(1e-9, time.time() - t0), 2),
-               "seconds": round(time.time() - t0, 1), **m["totals"],
+    summary = {"output": opts.output, "shards_total": shards, "shards_done": len(m["completed_shards"]),
+               "shards_failed": m["failed_shards"], "encoded_this_run": todo,
+               "images_per_s": round(kept / max(1e-9, seconds), 2), "seconds": round(seconds, 1), **m["totals"],
                "nodes": {role: sorted(ids) for role, ids in ledger.nodes.items()}}
     if todo:
         pool = job_actor_nodes("MapWorker(MapBatches(LatentEncoder))")  # Ray Data's name for the pool's actors
         if pool:
             summary["nodes"]["encoder_pool"] = pool
-    log(format_summary(summary))
-    if opts.mlflow_uri:
-        log_to_mlflow(opts, summary, m)
     return summary
 
 
@@ -225,8 +244,9 @@ def whole_pool_context(mode: str):
 
 
 def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, done_files: list[str] = ()):
-    """The Ray Data chain: preprocessed records of `shards` (without duplicates of the cache's rows, `done_files`,
-    or of each other, with --dedup), encoded by a pool of LatentEncoder actors."""
+    """(the encoders' precision, resolved on their device; the Ray Data chain: preprocessed records of `shards`
+    (without duplicates of the cache's rows, `done_files`, or of each other, with --dedup), encoded by a pool of
+    LatentEncoder actors)."""
     import ray
 
     from pipeline.common.runtime import init_ray
@@ -237,20 +257,21 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     threads = opts.encoder_threads or max(1, int(opts.cpus_per_encoder))
+    precision = resolve_precision(opts.precision, cuda=gpus > 0)
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
-        f"{gpus} GPU, {threads} thread(s)), batch {opts.batch_size}")
+        f"{gpus} GPU, {threads} thread(s)), batch {opts.batch_size}, {precision}")
     dedup = start_dedup(opts.preprocess, list(done_files), log) if opts.preprocess.dedup != "off" else None
     with whole_pool_context(mode):
         ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size,
                                   dedup)
-    return ds.map_batches(
+    return precision, ds.map_batches(
         LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder, num_gpus=gpus,
         fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
                                    text_encoder=opts.text_encoder, max_length=opts.max_length,
                                    store_text_embeddings=opts.store_text_embeddings,
                                    resolution=opts.preprocess.resolution, threads=threads,
-                                   tracking_uri=opts.mlflow_uri, precision=opts.precision, compile=opts.compile,
+                                   tracking_uri=opts.mlflow_uri, precision=precision, compile=opts.compile,
                                    flip=opts.preprocess.flip_latents, bucket=opts.preprocess.bucket,
                                    extra_resolutions=opts.preprocess.extra_resolutions))
 
@@ -322,6 +343,7 @@ def log_to_mlflow(opts: EncodeOptions, summary: dict, manifest: dict) -> None:
     params = {k: redact(str(v)) for k, v in asdict(opts).items() if k != "preprocess"}
     params.update({f"preprocess.{k}": v for k, v in asdict(opts.preprocess).items()})
     params["autoencoder_config_hash"] = manifest["autoencoder"]["config_hash"]
+    params["precision"] = summary["precision"] or opts.precision  # resolved on the encoders' device
     metrics = {"read": summary["read"], "kept": summary["kept"], "skipped": summary["skipped_total"],
                "images_per_s": summary["images_per_s"], "shards_failed": len(summary["shards_failed"])}
     metrics.update({f"skipped.{k}": v for k, v in summary["skipped"].items()})

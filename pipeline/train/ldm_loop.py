@@ -381,25 +381,30 @@ class Trainee:
             self.ema.update(weights)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    job: LDMJob = config["job"]
-    o = job.opts
-    w = Worker.start(o, job.run, "train")
-
-    # ---- set-up
-    t = Trainee.build(job, w)
+def restored(job: LDMJob, w: Worker, t: Trainee) -> dict:
+    """The run's state (step, images seen, data position): fresh, or a checkpoint's (this run's latest, --resume, or
+    another run's for a new phase), with the engine, EMA and noise restored alongside."""
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
              "resolution": job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor, "run": job.run_name}
-
-    # ---- restore
     if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank, job=job, w=w), w):
         w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
               f"batch {state['batch_in_epoch']} of it)")
     nodes = w.nodes()
     w.say(f"rank 0 of {w.world}: device {w.device}, {torch.get_num_threads()} torch threads, conditioning "
           f"{t.conditioner.mode}; ranks on {len(set(nodes))} Ray node(s): {' '.join(n[:12] for n in nodes)}")
-    if state["step"] >= o.max_steps:
-        w.say(f"already at step {state['step']} >= --max-steps {o.max_steps}; nothing to train")
+    if state["step"] >= job.opts.max_steps:
+        w.say(f"already at step {state['step']} >= --max-steps {job.opts.max_steps}; nothing to train")
+    return state
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job: LDMJob = config["job"]
+    o = job.opts
+    w = Worker.start(o, job.run, "train")
+
+    # ---- set-up and restore
+    t = Trainee.build(job, w)
+    state = restored(job, w, t)
 
     # ---- the loop: micro-steps of L_LDM until an optimizer step is applied, then the periodic work
     progress, guard = Progress(state, o.max_steps), NanGuard(o.nan_tolerance, state, w)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldm.config import ConditioningConfig, LDMConfig, get_preset, register_preset
-from pipeline.demo.judging import class_kept, fd_line, held_out_scores, quantised, read_demo_held_out, save_rows
+from pipeline.demo.judging import class_kept, held_out_scores, quantised, judge_inputs, save_rows
 from pipeline.demo.task import DemoOptions, DemoSize, Task
 
 
@@ -36,11 +36,8 @@ class Inpainting(Task):
         from skimage.restoration import inpaint_biharmonic
 
         from ldm.metrics import masked_psnr
-        from pipeline.evaluate.sample import LDMSampler
         from pipeline.evaluate.scores import from_uint8
-        held = read_demo_held_out(out, size)  # also the FD reference set
-        n = min(10 * size.samples_per_class, len(held.images))
-        sampler = LDMSampler(export)
+        held, n, sampler = judge_inputs(export, out, size)
         truth, prompts = held.images[:n], sampler.kind.held_out(sampler.net.cfg, held)[:n]  # a fixed set of holes
         holes = torch.from_numpy(np.stack([p["mask"] for p in prompts]))[:, None]
         images = quantised(sampler(prompts, steps=opts.sample_steps, cfg_scale=1.0, eta=self.eta,
@@ -59,19 +56,19 @@ class Inpainting(Task):
                 "classical_fd": base["fd"], "classical_kid": base["kid"],
                 "classical_hole_psnr_db": round(float(masked_psnr(classical, truth, holes).mean()), 2)}
 
-    def headline(self, s: dict) -> tuple[str, str]:
-        return (f"{s['fd_name']} {s['sample_fd']:.1f}, hole PSNR {s['hole_psnr_db']:.2f} dB",
-                f"biharmonic {s['classical_fd']:.1f}, {s['classical_hole_psnr_db']:.2f} dB")
+    headline_format = ("{fd_name} {sample_fd:.1f}, hole PSNR {hole_psnr_db:.2f} dB",
+                       "biharmonic {classical_fd:.1f}, {classical_hole_psnr_db:.2f} dB")
+    report_format = ("holes of {hole_share:.0%} of the pixels filled (DDIM eta {eta:g}): {fd_line}; PSNR in the holes "
+                     "{hole_psnr_db:.2f} dB\n            biharmonic inpainting: {fd_name} {classical_fd:.1f}, KID "
+                     "{classical_kid:.4f}; PSNR in the holes {classical_hole_psnr_db:.2f} dB\n            the "
+                     "classifier sees the original's class in {class_kept:.0%} of the LDM's fills, "
+                     "{classical_class_kept:.0%} of the biharmonic's ({real_class:.0%} of the originals)\n"
+                     "            cache with {variants} mask variants per image: {cache_mb} MB, encoded in "
+                     "{encode_seconds:.0f} s", "grid (masked input, biharmonic, LDM, real per row): {grid}")
 
-    def report(self, s: dict) -> tuple[str, str]:
-        return (f"holes of {100 * s['hole_share']:.0f}% of the pixels filled (DDIM eta {s['eta']:g}): {fd_line(s)}; "
-                f"PSNR in the holes {s['hole_psnr_db']:.2f} dB\n            biharmonic inpainting: {s['fd_name']} "
-                f"{s['classical_fd']:.1f}, KID {s['classical_kid']:.4f}; PSNR in the holes "
-                f"{s['classical_hole_psnr_db']:.2f} dB\n            the classifier sees the original's class in "
-                f"{100 * s['class_kept']:.0f}% of the LDM's fills, {100 * s['classical_class_kept']:.0f}% of the "
-                f"biharmonic's ({100 * s['real_class']:.0f}% of the originals)\n            cache with "
-                f"{self.inpaint_variants} mask variants per image: {s['cache_mb']} MB, encoded in "
-                f"{s['encode_seconds']:.0f} s", f"grid (masked input, biharmonic, LDM, real per row): {s['grid']}")
+    def values(self, s: dict) -> dict:
+        return {"variants": self.inpaint_variants}
+
 
 
 # stochastic steps (eta 1) correct a small model's errors in the hole; 2 variants per image rather than 4 halve the

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldm.config import ConditioningConfig, LDMConfig, get_preset, register_preset
-from pipeline.demo.judging import (PALETTE, fd_line, held_out_scores, quantised, read_demo_held_out, region_agreement,
+from pipeline.demo.judging import (PALETTE, held_out_scores, quantised, judge_inputs, region_agreement,
                                    save_rows)
 from pipeline.demo.task import DemoOptions, DemoSize, Task
 
@@ -53,10 +53,7 @@ class LayoutToImage(Task):
     def judge(self, export: str, clf, size: DemoSize, opts: DemoOptions, out: Path) -> dict:
         import torch
 
-        from pipeline.evaluate.sample import LDMSampler
-        held = read_demo_held_out(out, size, self)
-        n = min(10 * size.samples_per_class, len(held.images))
-        sampler = LDMSampler(export)  # in the precision it was trained in (its export says)
+        held, n, sampler = judge_inputs(export, out, size, self)  # sampled in the precision it was trained in
         layouts, truth = sampler.kind.held_out(sampler.net.cfg, held)[:n], held.images[:n]
         boxes = [lay["boxes"] for lay in layouts]
         kw = dict(steps=opts.sample_steps, cfg_scale=self.cfg_scale, eta=self.eta,
@@ -71,15 +68,13 @@ class LayoutToImage(Task):
                 "real_region_agreement": region_agreement(clf, truth, boxes),
                 "null_region_agreement": region_agreement(clf, empty, boxes), "regions": sum(len(b) for b in boxes)}
 
-    def headline(self, s: dict) -> tuple[str, str]:
-        return (f"box agreement {100 * s['region_agreement']:.1f}%",
-                f"empty layout {100 * s['null_region_agreement']:.1f}%, real {100 * s['real_region_agreement']:.1f}%")
+    headline_format = ("box agreement {region_agreement:.1%}",
+                       "empty layout {null_region_agreement:.1%}, real {real_region_agreement:.1%}")
+    report_format = ("the classifier sees each box's class in {region_agreement:.0%} of {regions} boxes (CFG "
+                     "{cfg_scale:g}; real scenes: {real_region_agreement:.0%}, the same model given no boxes: "
+                     "{null_region_agreement:.0%}, chance 10%)\n            {fd_line}",
+                     "grid (layout, LDM, real per row): {grid}")
 
-    def report(self, s: dict) -> tuple[str, str]:
-        return (f"the classifier sees each box's class in {100 * s['region_agreement']:.0f}% of {s['regions']} boxes "
-                f"(CFG {s['cfg_scale']:g}; real scenes: {100 * s['real_region_agreement']:.0f}%, the same model given "
-                f"no boxes: {100 * s['null_region_agreement']:.0f}%, chance 10%)\n            {fd_line(s)}",
-                f"grid (layout, LDM, real per row): {s['grid']}")
 
 
 # 850 steps under bf16 autocast where the CPU computes bf16 natively (in fp32 elsewhere, about 30% longer), CFG 5,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldm.config import ConditioningConfig, LDMConfig, get_preset, register_preset
-from pipeline.demo.judging import (PALETTE, fd_line, held_out_scores, quantised, read_demo_held_out, region_agreement,
+from pipeline.demo.judging import (PALETTE, held_out_scores, quantised, judge_inputs, region_agreement,
                                    save_rows)
 from pipeline.demo.task import DemoOptions, DemoSize, Task
 
@@ -62,10 +62,7 @@ class SemanticSynthesis(Task):
         import torch
 
         from pipeline.evaluate.grid import save_grid
-        from pipeline.evaluate.sample import LDMSampler
-        held = read_demo_held_out(out, size, self)  # also the FD reference set
-        n = min(10 * size.samples_per_class, len(held.images))
-        sampler = LDMSampler(export)
+        held, n, sampler = judge_inputs(export, out, size, self)
         maps, truth = sampler.kind.held_out(sampler.net.cfg, held)[:n], held.images[:n]
         boxes = [m["layout"] for m in held.metas[:n]]
         kw = dict(steps=opts.sample_steps, cfg_scale=self.cfg_scale or 1.0, eta=self.eta)
@@ -85,17 +82,14 @@ class SemanticSynthesis(Task):
                 "region_agreement_4x": region_agreement(clf, big, [big_boxes]),
                 "silhouette_iou_4x": silhouette_iou(big, [big_map]), "regions": sum(len(b) for b in boxes)}
 
-    def headline(self, s: dict) -> tuple[str, str]:
-        return (f"region agreement {100 * s['region_agreement']:.1f}%",
-                f"real scenes {100 * s['real_region_agreement']:.1f}%")
+    headline_format = ("region agreement {region_agreement:.1%}", "real scenes {real_region_agreement:.1%}")
+    report_format = ("the classifier sees each region's class in {region_agreement:.0%} of {regions} regions (real "
+                     "scenes: {real_region_agreement:.0%}, chance 10%); silhouette IoU with the maps "
+                     "{silhouette_iou:.3f} (real: {real_silhouette_iou:.3f})\n            {fd_line}\n            "
+                     "(64x64: twice the 32x32 training crops); at four times (128x128, four maps tiled): "
+                     "{region_agreement_4x:.0%} of its regions, IoU {silhouette_iou_4x:.3f}: {grid_4x}",
+                     "grid (label map, LDM, real per row): {grid}")
 
-    def report(self, s: dict) -> tuple[str, str]:
-        return (f"the classifier sees each region's class in {100 * s['region_agreement']:.0f}% of {s['regions']} "
-                f"regions (real scenes: {100 * s['real_region_agreement']:.0f}%, chance 10%); silhouette IoU with the "
-                f"maps {s['silhouette_iou']:.3f} (real: {s['real_silhouette_iou']:.3f})\n            {fd_line(s)}\n"
-                f"            (64x64: twice the 32x32 training crops); at four times (128x128, four maps tiled): "
-                f"{100 * s['region_agreement_4x']:.0f}% of its regions, IoU {s['silhouette_iou_4x']:.3f}: "
-                f"{s['grid_4x']}", f"grid (label map, LDM, real per row): {s['grid']}")
 
 
 # trained on a 32x32 tile (quadrant) of each scene, as the paper's model trains on 256^2 crops and samples 512x1024

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ldm.config import ConditioningConfig, LDMConfig, get_preset, register_preset
-from pipeline.demo.judging import class_kept, fd_line, held_out_scores, quantised, read_demo_held_out, save_rows
+from pipeline.demo.judging import class_kept, held_out_scores, quantised, judge_inputs, save_rows
 from pipeline.demo.task import DemoOptions, DemoSize, Task
 
 
@@ -37,11 +37,8 @@ class SuperResolution(Task):
         from PIL import Image
 
         from ldm.metrics import psnr, ssim
-        from pipeline.evaluate.sample import LDMSampler
         from pipeline.evaluate.scores import from_uint8
-        held = read_demo_held_out(out, size)  # also the FD reference set
-        n = min(10 * size.samples_per_class, len(held.images))
-        sampler = LDMSampler(export)
+        held, n, sampler = judge_inputs(export, out, size)
         truth, low = held.images[:n], sampler.kind.held_out(sampler.net.cfg, held)[:n]
         images = quantised(sampler(low, steps=opts.sample_steps, cfg_scale=1.0,
                                    seeds=list(range(opts.seed, opts.seed + n))))
@@ -60,17 +57,15 @@ class SuperResolution(Task):
                 "bicubic_kid": base["kid"], "bicubic_psnr_db": round(float(psnr(bicubic, truth).mean()), 2),
                 "bicubic_ssim": round(float(ssim(bicubic, truth).mean()), 4)}
 
-    def headline(self, s: dict) -> tuple[str, str]:
-        return (f"{s['fd_name']} {s['sample_fd']:.1f}, PSNR {s['psnr_db']:.2f} dB",
-                f"bicubic {s['bicubic_fd']:.1f}, {s['bicubic_psnr_db']:.2f} dB")
+    headline_format = ("{fd_name} {sample_fd:.1f}, PSNR {psnr_db:.2f} dB",
+                       "bicubic {bicubic_fd:.1f}, {bicubic_psnr_db:.2f} dB")
+    report_format = ("x4 from 8x8 (noise level {noise_level}): {fd_line}; PSNR {psnr_db:.2f} dB, SSIM {ssim:.3f}\n"
+                     "            bicubic x4: {fd_name} {bicubic_fd:.1f}, KID {bicubic_kid:.4f}; PSNR "
+                     "{bicubic_psnr_db:.2f} dB, SSIM {bicubic_ssim:.3f}\n            the classifier sees the "
+                     "original's class in {class_kept:.0%} of the LDM's images, {bicubic_class_kept:.0%} of "
+                     "bicubic's ({real_class:.0%} of the originals)",
+                     "grid (input, bicubic, LDM, real per row): {grid}")
 
-    def report(self, s: dict) -> tuple[str, str]:
-        return (f"x4 from 8x8 (noise level {s['noise_level']}): {fd_line(s)}; PSNR {s['psnr_db']:.2f} dB, SSIM "
-                f"{s['ssim']:.3f}\n            bicubic x4: {s['fd_name']} {s['bicubic_fd']:.1f}, KID "
-                f"{s['bicubic_kid']:.4f}; PSNR {s['bicubic_psnr_db']:.2f} dB, SSIM {s['bicubic_ssim']:.3f}\n"
-                f"            the classifier sees the original's class in {100 * s['class_kept']:.0f}% of the LDM's "
-                f"images, {100 * s['bicubic_class_kept']:.0f}% of bicubic's ({100 * s['real_class']:.0f}% of the "
-                f"originals)", f"grid (input, bicubic, LDM, real per row): {s['grid']}")
 
 
 TASK = SuperResolution("sr", "demo-sr", "x4 super-resolution UNet: the 8x8 bicubic copy concatenated to z_t, "

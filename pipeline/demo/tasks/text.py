@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.make_shards import FASHION_CLASSES, FASHION_PHRASES
-from pipeline.demo.judging import fd_line, held_out_scores, quantised
+from pipeline.demo.judging import held_out_scores, quantised
 from pipeline.demo.task import DemoOptions, DemoSize, Task
 
 PROMPTS = tuple(f"a photo of {p}" for p in FASHION_PHRASES)  # row c of the grid asks for class c
@@ -46,17 +46,17 @@ class PromptedClasses(Task):
     def row_title(self, prompt) -> str:
         return str(prompt)
 
-    def headline(self, s: dict) -> tuple[str, str]:
-        return f"class agreement {100 * s['prompt_class_agreement']:.1f}%", "chance 10%"
-
-    def report(self, s: dict) -> tuple[str, str]:
-        per_class = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["per_class_agreement"].items())
-        return (f"agreement {100 * s['prompt_class_agreement']:.0f}% between the {self.asked} class and the "
-                f"classifier\n            ({per_class}; the judge on real test images: "
-                f"{100 * s['classifier_test_accuracy']:.1f}%, chance: 10%)\n            {fd_line(s)}",
-                f"grid (one row per class, in the order of prompts{self.tag}.txt): {s['grid']}")
-
+    headline_format = ("class agreement {prompt_class_agreement:.1%}", "chance 10%")
+    report_format = ("agreement {prompt_class_agreement:.0%} between the {asked} class and the classifier\n"
+                     "            ({per_class}; the judge on real test images: {classifier_test_accuracy:.1%}, chance: "
+                     "10%)\n            {fd_line}",
+                     "grid (one row per class, in the order of prompts{tag}.txt): {grid}")
     asked = "prompted"
+
+    def values(self, s: dict) -> dict:
+        return {"asked": self.asked, "tag": self.tag,
+                "per_class": ", ".join(f"{k} {v:.0%}" for k, v in s["per_class_agreement"].items())}
+
 
 
 TASK = PromptedClasses("text", "demo", "text-conditional UNet on the cache, frozen MiniLM, CFG dropout 0.1 "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ldm.config import ConditioningConfig, LDMConfig, get_preset, register_preset
 from pipeline.data.make_shards import FASHION_CLASSES
-from pipeline.demo.judging import fd_line, held_out_scores, quantised
+from pipeline.demo.judging import held_out_scores, quantised
 from pipeline.demo.task import DemoOptions, DemoSize, Task
 
 
@@ -47,14 +47,13 @@ class Unconditional(Task):
         return {**r, "untrained_fd": base["fd"], "untrained_kid": base["kid"], "grid": str(grid),
                 "class_shares": {FASHION_CLASSES[c]: round(float(counts[c]) / n, 4) for c in range(10)}}
 
-    def headline(self, s: dict) -> tuple[str, str]:
-        return f"{s['fd_name']} {s['sample_fd']:.1f}", f"untrained {s['untrained_fd']:.1f}"
+    headline_format = ("{fd_name} {sample_fd:.1f}", "untrained {untrained_fd:.1f}")
+    report_format = ("{fd_line}\n            (the same model untrained: {fd_name} {untrained_fd:.1f}, KID "
+                     "{untrained_kid:.4f})\n            classes the judge sees in them: {shares}", "grid: {grid}")
 
-    def report(self, s: dict) -> tuple[str, str]:
-        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["class_shares"].items())
-        return (f"{fd_line(s)}\n            (the same model untrained: {s['fd_name']} {s['untrained_fd']:.1f}, KID "
-                f"{s['untrained_kid']:.4f})\n            classes the judge sees in them: {shares}",
-                f"grid: {s['grid']}")
+    def values(self, s: dict) -> dict:
+        return {"shares": ", ".join(f"{k} {v:.0%}" for k, v in s["class_shares"].items())}
+
 
 
 TASK = Unconditional("uncond", "demo-uncond", "unconditional UNet on the cache (paper §4.1)", "-uncond",
