@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm.config import AutoencoderConfig, UNetConfig
+from ldm.config import AutoencoderConfig
 
 FORMAT = "ldm-ray/1"
 
@@ -117,22 +116,12 @@ def load_first_stage_state_dict(path_or_sd) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # diffusers folders (vae/, unet/ with config.json + diffusion_pytorch_model.safetensors)
 
-_VAE_RES = {"conv_shortcut": "nin_shortcut"}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-_UNET_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-             "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
-
-def _rename(rest: str, table: dict[str, str]) -> str:
-    for a, b in table.items():
-        if rest == a or rest.startswith(a + "."):
-            return b + rest[len(a):]
-    return rest
-
-
-def _read_diffusers_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_diffusers_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A diffusers model folder: (its config.json, its weights: safetensors, or a .bin read weights-only)."""
     folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} holds no config.json: not a diffusers model folder")
     cfg = json.loads((folder / "config.json").read_text())
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (folder / name).exists():
@@ -140,85 +129,13 @@ def _read_diffusers_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Te
     raise FileNotFoundError(f"{folder} holds no diffusion_pytorch_model.safetensors/.bin")
 
 
-def diffusers_vae_config(dcfg: dict) -> AutoencoderConfig:
-    boc = list(dcfg["block_out_channels"])
-    return AutoencoderConfig(reg="kl", resolution=int(dcfg.get("sample_size", 256)), in_channels=dcfg["in_channels"],
-                             out_ch=dcfg["out_channels"], ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
-                             num_res_blocks=dcfg["layers_per_block"], attn_resolutions=(),
-                             z_channels=dcfg["latent_channels"], embed_dim=dcfg["latent_channels"],
-                             norm_groups=dcfg.get("norm_num_groups", 32))
-
-
-def diffusers_vae_to_compvis(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers|attentions)"
-                     r"\.(\d+)\.(.*)", k)
-        if m:
-            side, kind, i, sub, j, rest = m.groups()
-            i = int(i) if side == "encoder" else num_levels - 1 - int(i)
-            base = f"{side}.{'down' if side == 'encoder' else 'up'}.{i}"
-            if sub == "resnets":
-                k2 = f"{base}.block.{j}.{_rename(rest, _VAE_RES)}"
-            elif sub == "attentions":
-                k2 = f"{base}.attn.{j}.{_rename(rest, _VAE_ATTN)}"
-            else:
-                k2 = f"{base}.{'downsample' if sub == 'downsamplers' else 'upsample'}.{rest}"
-        elif ".mid_block." in k:
-            side, rest = k.split(".mid_block.")
-            rest = re.sub(r"^resnets\.(\d)", lambda mm: f"block_{int(mm.group(1)) + 1}", rest)
-            if rest.startswith("attentions.0."):
-                rest = "attn_1." + _rename(rest[len("attentions.0."):], _VAE_ATTN)
-            else:
-                rest = rest.replace("conv_shortcut", "nin_shortcut")
-            k2 = f"{side}.mid.{rest}"
-        else:
-            k2 = k.replace("conv_norm_out", "norm_out")
-        if (".attn_1." in k2 or re.search(r"\.attn\.\d+\.", k2)) and k2.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # linear -> 1x1 conv
-        out[k2] = v
-    return out
-
-
-def diffusers_unet_to_compvis(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    n = cfg.num_res_blocks
-    levels = len(cfg.channel_mult)
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", k)
-        if m:
-            side, i, sub, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            if side == "down_blocks":
-                idx = 1 + i * (n + 1) + j
-                k2 = {"resnets": f"input_blocks.{idx}.0.{_rename(rest, _UNET_RES)}",
-                      "attentions": f"input_blocks.{idx}.1.{rest}",
-                      "downsamplers": f"input_blocks.{(i + 1) * (n + 1)}.0.{rest.replace('conv', 'op', 1)}"}[sub]
-            else:
-                idx = i * (n + 1) + j
-                has_attn = 2 ** (levels - 1 - i) in cfg.attention_resolutions
-                k2 = {"resnets": f"output_blocks.{idx}.0.{_rename(rest, _UNET_RES)}",
-                      "attentions": f"output_blocks.{idx}.1.{rest}",
-                      "upsamplers": f"output_blocks.{i * (n + 1) + n}.{2 if has_attn else 1}.{rest}"}[sub]
-        elif k.startswith("mid_block."):
-            rest = k[len("mid_block."):]
-            if rest.startswith("attentions.0."):
-                k2 = "middle_block.1." + rest[len("attentions.0."):]
-            else:
-                j, rest2 = re.match(r"resnets\.(\d)\.(.*)", rest).groups()
-                k2 = f"middle_block.{0 if j == '0' else 2}.{_rename(rest2, _UNET_RES)}"
-        else:
-            k2 = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-                  "time_embedding.linear_2": "time_embed.2", "class_embedding": "label_emb",
-                  "conv_norm_out": "out.0", "conv_out": "out.2"}.get(k.rsplit(".", 1)[0], None)
-            if k2 is None:
-                raise KeyError(f"unexpected diffusers UNet key {k!r}")
-            k2 = f"{k2}.{k.rsplit('.', 1)[1]}"
-        out[k2] = v
-    return out
-
-
-def load_diffusers_vae(folder: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
-    dcfg, sd = _read_diffusers_folder(folder)
-    cfg = diffusers_vae_config(dcfg)
-    return cfg, diffusers_vae_to_compvis(sd, len(cfg.ch_mult))
-
+def load_diffusers_vae(folder: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor], float]:
+    """A diffusers AutoencoderKL folder (or a pipeline folder's vae/) -> (our config, our weights, its published
+    scaling_factor; 0 when it names none)."""
+    from ldm.convert.diffusers import vae_config_from_diffusers, vae_from_diffusers
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        folder = folder / "vae"
+    dcfg, sd = read_diffusers_folder(folder)
+    cfg = vae_config_from_diffusers(dcfg)
+    return cfg, vae_from_diffusers(sd, cfg), float(dcfg.get("scaling_factor") or 0.0)

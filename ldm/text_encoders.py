@@ -116,6 +116,11 @@ class FrozenHFTextEncoder(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encode_pooled(input_ids, attention_mask)[0]
 
+    def embed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) of captions."""
+        dev = next(self.model.parameters()).device
+        return self.encode_pooled(*(t.to(dev) for t in self.tokenize(captions)))
+
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenize(captions)
         dev = next(self.model.parameters()).device
@@ -146,6 +151,9 @@ class FrozenTextEncoders(nn.Module):
         """The first tokenizer's ids and mask (what the cache keeps of the caption)."""
         return self.encoders[0].tokenize(captions)
 
+    layer = property(lambda self: self.encoders[0].layer)
+    mask_padding = property(lambda self: self.encoders[0].mask_padding)
+
     @torch.no_grad()
     def embed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context (B, L, sum of widths), pooled (B, pooled_dim)): each encoder on its own tokens."""
@@ -155,6 +163,26 @@ class FrozenTextEncoders(nn.Module):
 
     def train(self, mode: bool = True):  # frozen
         return super().train(False)
+
+
+def text_settings(path: str) -> dict:
+    """How a frozen text encoder is read, from what the path is: a Stable Diffusion diffusers folder attends to every
+    token (SD 1.x / 2.x: the last layer; SDXL: both encoders' penultimate layers and the pooled projection); any
+    other folder (the offline MiniLM) masks its padding and gives its last layer."""
+    local = Path(resolve_local_dir(path)) if path else None
+    if local is None or not (local / "model_index.json").exists():
+        return {"layer": "last", "mask_padding": True, "pooled": False}
+    sdxl = (local / "text_encoder_2").is_dir()
+    return {"layer": "penultimate" if sdxl else "last", "mask_padding": False, "pooled": sdxl}
+
+
+def load_frozen_text(path: str, max_length: int) -> nn.Module:
+    """The frozen text encoder(s) behind `path` ("" = the offline MiniLM), read as `text_settings` says: one encoder
+    (FrozenHFTextEncoder), or SDXL's two (FrozenTextEncoders); both give `tokenize`, `embed` and their widths."""
+    s = text_settings(path)
+    if s["pooled"]:
+        return FrozenTextEncoders(path, max_length, s["layer"], s["mask_padding"])
+    return FrozenHFTextEncoder(path, max_length, s["layer"], s["mask_padding"])
 
 
 class TransformerTextEncoder(nn.Module):

@@ -147,10 +147,11 @@ def unet_config_from_diffusers(d: dict) -> tuple[UNetConfig, dict]:
     mc, levels = boc[0], len(boc)
     attn = [t.startswith("CrossAttn") for t in d["down_block_types"]]
     heads = _per_level(d.get("num_attention_heads") or d["attention_head_dim"], levels)  # diffusers' legacy name
-    widths = {c // h for c, h, a in zip(boc, heads, attn) if a}
+    used = [(c, h) for c, h, a in zip(boc, heads, attn) if a] + [(boc[-1], heads[-1])]  # the middle: the last's
+    widths, counts = {c // h for c, h in used}, {h for _, h in used}
     depth = _per_level(d.get("transformer_layers_per_block", 1), levels)
-    head_kw = ({"num_heads": heads[-1]} if len(set(h for h, a in zip(heads, attn) if a)) == 1
-               else {"num_head_channels": widths.pop()} if len(widths) == 1 else None)
+    head_kw = ({"num_head_channels": widths.pop()} if len(widths) == 1 else
+               {"num_heads": counts.pop()} if len(counts) == 1 else None)
     if head_kw is None:
         raise ValueError(f"a UNet whose levels have {heads} heads of widths {sorted(widths)}: neither one head count "
                          f"nor one head width, which our UNetConfig cannot express")

@@ -18,7 +18,7 @@ import torch
 
 from ldm.autoencoder import build_autoencoder
 from ldm.checkpoint import (load_components, load_diffusers_vae, load_first_stage_state_dict)
-from ldm.config import AutoencoderConfig, ConfigError, config_hash, from_dict, get_preset, to_dict
+from ldm.config import AutoencoderConfig, ConfigError, config_hash, from_dict, to_dict
 from pipeline.common import storage
 
 
@@ -67,9 +67,11 @@ def local_file(uri: str, tracking_uri: str = "") -> str:
 
 
 def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> LoadedAutoencoder:
+    published = 0.0
     if spec.startswith("random:"):
         parts = spec.split(":")
         name, seed = parts[1], int(parts[2]) if len(parts) > 2 else 0
+        from pipeline.presets import get_preset
         cfg = get_preset(name).autoencoder
         torch.manual_seed(seed)
         model = build_autoencoder(cfg)
@@ -77,9 +79,12 @@ def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> Loa
               f"!! meaningless for training a real model; use it only for tests and benchmarks.\n{'!' * 78}\n",
               file=sys.stderr, flush=True)
     else:
+        from pipeline.common.sd_import import is_sd, resolve_sd
         path = spec if Path(spec).is_dir() else local_file(spec, tracking_uri)
+        if is_sd(path):  # a Stable Diffusion model: its first stage, and the latent scale it was published with
+            path = str(resolve_sd(path))
         if Path(path).is_dir():
-            cfg, sd = load_diffusers_vae(path)
+            cfg, sd, published = load_diffusers_vae(path)
         elif path.endswith(".safetensors"):
             comps, config, _ = load_components(path)
             if "autoencoder" not in comps:
@@ -90,6 +95,7 @@ def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> Loa
             if not preset:
                 raise ConfigError(f"{spec} is a CompVis-style checkpoint without a config: pass --autoencoder-preset "
                                   f"(e.g. ldm-kl-8) or a YAML file describing it")
+            from pipeline.presets import get_preset
             cfg = get_preset(preset).autoencoder
             sd = load_first_stage_state_dict(path)
         model = build_autoencoder(cfg)
@@ -100,6 +106,8 @@ def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> Loa
     model.eval().requires_grad_(False)
     identity = {"source": spec, "config": to_dict(cfg), "config_hash": config_hash(cfg),
                 "weights_sha256": weights_sha256(model.state_dict())}
+    if published:  # the scale the model was published with (SD 1.x / 2.x 0.18215, SDXL 0.13025): training uses it
+        identity["scaling_factor"] = published
     return LoadedAutoencoder(model, cfg, identity)
 
 
@@ -113,13 +121,21 @@ def text_encoder_path(identity: dict) -> str:
 
 
 def text_encoder_identity(path: str, max_length: int, store_embeddings: bool) -> dict:
-    """What the cache's tokens (and embeddings) came from; `path` "" means the offline MiniLM."""
+    """What the cache's tokens (and embeddings) came from; `path` "" means the offline MiniLM, a Stable Diffusion
+    diffusers folder its text encoder(s) read as the family reads them (ldm.text_encoders.text_settings)."""
     if path == "none":
         return {"kind": "none"}
     from transformers import AutoConfig
-    from ldm.text_encoders import default_text_encoder_path, resolve_local_dir
+
+    from ldm.text_encoders import default_text_encoder_path, encoder_folders, resolve_local_dir, text_settings
     local = resolve_local_dir(path) if path else default_text_encoder_path()
-    cfg = AutoConfig.from_pretrained(local, local_files_only=True)
+    configs = [AutoConfig.from_pretrained(enc, local_files_only=True) for enc, _ in encoder_folders(local)]
+    settings = text_settings(path)
     name = path or DEFAULT_TEXT_ENCODER
-    return {"kind": "hf", "source": name, "model_type": cfg.model_type, "dim": cfg.hidden_size,
-            "vocab_size": cfg.vocab_size, "max_length": max_length, "embeddings": store_embeddings}
+    out = {"kind": "hf", "source": name, "model_type": configs[0].model_type,
+           "dim": sum(c.hidden_size for c in configs if settings["pooled"] or c is configs[0]),
+           "vocab_size": configs[0].vocab_size, "max_length": max_length, "embeddings": store_embeddings,
+           "layer": settings["layer"], "mask_padding": settings["mask_padding"]}
+    if settings["pooled"]:
+        out["pooled_dim"] = getattr(configs[-1], "projection_dim", configs[-1].hidden_size)
+    return out

@@ -53,8 +53,8 @@ class LatentEncoder:
         self.tokenizer = None
         self.store_text_embeddings = store_text_embeddings
         if text_encoder != "none":
-            from ldm.text_encoders import FrozenHFTextEncoder
-            self.text = FrozenHFTextEncoder(text_encoder, max_length).to(self.device)
+            from ldm.text_encoders import load_frozen_text
+            self.text = load_frozen_text(text_encoder, max_length).to(self.device)
             self.tokenizer = self.text.tokenizer
         self.max_length = max_length
         self.node = node_id()
@@ -127,7 +127,10 @@ class LatentEncoder:
             out["input_ids"] = ids.numpy().astype(np.int32)
             out["attention_mask"] = mask.numpy().astype(np.int8)
             if self.store_text_embeddings:
-                out["text_emb"] = self.embed(ids, mask).reshape(n, -1).astype(np.float16)
+                emb, pooled = self.embed(captions)
+                out["text_emb"] = emb.reshape(n, -1).astype(np.float16)
+                if getattr(self.text, "encoders", None) is not None:  # SDXL's pooled projection beside the context
+                    out["text_pooled"] = pooled.astype(np.float16)
         return out
 
     def encode_flipped(self, px: torch.Tensor, mean: torch.Tensor, good: np.ndarray) -> dict:
@@ -179,10 +182,11 @@ class LatentEncoder:
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             return encode_latent(self.ae, x)
 
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        """Text embeddings, each distinct (tokens, mask) row encoded once: captions repeat within a batch (templates,
-        stock phrases) and a row's embedding does not depend on its batch neighbours."""
-        rows, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
-        length = ids.shape[1]
-        emb = self.text.encode(rows[:, :length].to(self.device), rows[:, length:].to(self.device))
-        return emb.float().cpu().numpy()[inverse.numpy()]
+    def embed(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(context, pooled) embeddings of the captions, each distinct caption encoded once: captions repeat within a
+        batch (templates, stock phrases) and a row's embedding does not depend on its batch neighbours."""
+        distinct = sorted(set(captions))
+        where = {c: i for i, c in enumerate(distinct)}
+        context, pooled = self.text.embed(distinct)
+        pick = np.array([where[c] for c in captions])
+        return context.float().cpu().numpy()[pick], pooled.float().cpu().numpy()[pick]

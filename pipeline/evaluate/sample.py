@@ -17,8 +17,28 @@ from ldm.model import LatentDiffusion
 from ldm.sampling import generate
 
 
+def load_imported(path: str, device="cpu") -> tuple[LatentDiffusion, dict]:
+    """A Stable Diffusion model (diffusers folder or single file) -> the LatentDiffusion module and the metadata an
+    export would give: the published latent scale, its own first stage and text encoder(s), its training size."""
+    from pipeline.common.sd_import import import_sd, resolve_sd
+    m = import_sd(path)
+    net = LatentDiffusion(m.cfg)
+    net.unet.load_state_dict(m.unet, strict=True)
+    folder = str(resolve_sd(path))
+    ae = m.cfg.autoencoder
+    side = ae.resolution // ae.downsample_factor
+    return net.to(device).eval(), {"latent_scale": LatentScale(m.scale_factor or 1.0, 0.0),
+                                   "autoencoder": {"source": folder}, "text_encoder": {"source": folder},
+                                   "step": None, "mlflow_run_id": "", "precision": "fp32",
+                                   "latent_shape": (ae.embed_dim, side, side), "buckets": []}
+
+
 def load_ldm(export: str, use_ema: bool = True, device="cpu") -> tuple[LatentDiffusion, dict]:
-    """A consolidated export (jobs/train_ldm.py) -> the LatentDiffusion module and its metadata."""
+    """A consolidated export (jobs/train_ldm.py), or a Stable Diffusion model -> the LatentDiffusion module and its
+    metadata."""
+    from pipeline.common.sd_import import is_sd
+    if is_sd(export):
+        return load_imported(export, device)
     comps, config, meta = load_components(export)
     net = LatentDiffusion(from_dict(LDMConfig, config))
     pre = "ema_" if use_ema and "ema_unet" in comps else ""

@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 
 from helpers import perturb_  # noqa: E402
 from ldm.autoencoder import AutoencoderKL  # noqa: E402
-from ldm.checkpoint import diffusers_unet_to_compvis, diffusers_vae_to_compvis  # noqa: E402
+from ldm.convert.diffusers import unet_from_diffusers, vae_from_diffusers, vae_to_diffusers  # noqa: E402
 from ldm.config import AutoencoderConfig, UNetConfig  # noqa: E402
 from ldm.diffusion import make_betas  # noqa: E402
 from ldm.sampling import ddim_timesteps, sample_ddim  # noqa: E402
@@ -48,11 +48,12 @@ def test_autoencoder_kl_matches_diffusers():
 def test_diffusers_vae_folder_imports_into_ours():
     torch.manual_seed(1)
     ours, theirs, cfg = _vae_pair()
-    back = diffusers_vae_to_compvis(theirs.state_dict(), len(cfg.ch_mult))
+    back = vae_from_diffusers(theirs.state_dict(), cfg)
     again = AutoencoderKL(cfg)
     again.load_state_dict(back, strict=True)
     for k, v in ours.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+    theirs.load_state_dict(vae_to_diffusers(again.state_dict(), cfg), strict=True)  # and the way back
 
 
 def _unet_pair():
@@ -81,7 +82,7 @@ def test_unet_matches_diffusers_unet2dcondition():
 
 def test_diffusers_unet_folder_imports_into_ours():
     ours, theirs, cfg = _unet_pair()
-    back = diffusers_unet_to_compvis(theirs.state_dict(), cfg)
+    back = unet_from_diffusers(theirs.state_dict(), cfg)
     again = UNetModel(cfg)
     again.load_state_dict(back, strict=True)
     for k, v in ours.state_dict().items():
