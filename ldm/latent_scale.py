@@ -22,11 +22,15 @@ class LatentScale:
 
     @classmethod
     def choose(cls, config_scale: float, channel_mean: list[float], measured_scale: float,
-               channel_std: list[float] | None = None, per_channel: bool = False) -> "LatentScale":
-        """A fixed scale from the config (e.g. SD's 0.18215, no shift); else per channel (1/std and mean of each);
-        else 1/std and the mean of the data. A fixed scale that would leave the latents' std more than 2x off 1
+               channel_std: list[float] | None = None, per_channel: bool = False,
+               published: float = 0.0) -> "LatentScale":
+        """A fixed scale from the config (e.g. SD's 0.18215, no shift); else the scale the first stage was published
+        with (an imported SD autoencoder: its models were trained on it); else per channel (1/std and mean of each);
+        else 1/std and the mean of the data. A fixed config scale that would leave the latents' std more than 2x off 1
         belongs to another autoencoder: refused."""
         from ldm.config import ConfigError
+        if not config_scale and published:
+            return cls(float(published), 0.0)
         if config_scale:
             # the std the UNet would see: config_scale * (1 / measured_scale); a cache without a measured scale has 0
             std = config_scale / measured_scale if measured_scale > 0 else 1.0

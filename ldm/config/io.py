@@ -130,11 +130,13 @@ def format_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()
 
 
-def load_config(preset: str = "", yaml_path: str = "", overrides: list[str] | tuple[str, ...] = ()) -> LDMConfig:
-    """Preset, then a YAML file on top (whole sections or single keys), then key=value overrides."""
-    if not preset and not yaml_path:
+def load_config(preset: str = "", yaml_path: str = "", overrides: list[str] | tuple[str, ...] = (),
+                base: LDMConfig | None = None) -> LDMConfig:
+    """Preset (or a `base` config, e.g. an imported model's), then a YAML file on top (whole sections or single keys),
+    then key=value overrides."""
+    if not preset and not yaml_path and base is None:
         raise ConfigError("give a preset name or a YAML config file")
-    cfg = get_preset(preset) if preset else LDMConfig()
+    cfg = get_preset(preset) if preset else (base or LDMConfig())
     if yaml_path:
         data = yaml.safe_load(Path(yaml_path).read_text()) or {}
         cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in flatten(data)])

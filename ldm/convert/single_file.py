@@ -118,27 +118,39 @@ def to_pipeline(path: str | Path, out: str | Path, tokenizers: list[str] = (), p
     """A single-file checkpoint as a diffusers folder under `out` (then read with sd_folder.read_pipeline): the
     UNet (its EMA where the file has one), the first stage, the text encoders with their tokenizers (the file's
     own, or `tokenizers` folders), a DDIM scheduler (`prediction`: eps or v; default the file's, else eps)."""
-    from ldm.checkpoint import split_compvis_state_dict
     from ldm.convert.sd_folder import write_pipeline
     sd, meta = read_single_file(path)
+    family, cfg, parts, scale = contents(sd, meta)
+    if prediction:
+        cfg = _with_target(cfg, prediction)
+    out = Path(out)
+    folders = write_text_encoders(text_encoders(sd, family, meta), out, meta, tokenizers, path)
+    return write_pipeline(out, cfg, parts.get("ema_unet") or parts["unet"], parts["autoencoder"], scale, folders,
+                          cfg.autoencoder.resolution // cfg.autoencoder.downsample_factor)
+
+
+def contents(sd: dict, meta: dict) -> tuple[str, LDMConfig, dict, float]:
+    """(family, config, {unet, ema_unet, autoencoder, ...} in our names, published latent scale) of a single file:
+    the config from its metadata when written here, else read off the weights."""
+    from ldm.checkpoint import split_compvis_state_dict
     family = family_of(sd)
     parts = split_compvis_state_dict(sd)
-    unet = parts.get("ema_unet") or parts["unet"]
     if "ldm_ray.config" in meta:  # written here: the whole config
         cfg = from_dict(LDMConfig, json.loads(meta["ldm_ray.config"]))
     else:
         from ldm.config import get_preset
         base = get_preset({"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base"}[family])
         vae = infer_vae_config(parts["autoencoder"], base.autoencoder.resolution)
-        cfg = _with_target(replace(base, unet=infer_unet_config(unet, family), autoencoder=vae),
-                           "v" if family == "sd2" else "eps")
-    if prediction:
-        cfg = _with_target(cfg, prediction)
-    out = Path(out)
-    folders = write_text_encoders(text_encoders(sd, family, meta), out, meta, tokenizers, path)
-    scale = float(meta.get("ldm_ray.scale_factor", 0.13025 if family == "sdxl" else 0.18215))
-    return write_pipeline(out, cfg, unet, parts["autoencoder"], scale, folders,
-                          cfg.autoencoder.resolution // cfg.autoencoder.downsample_factor)
+        unet = infer_unet_config(parts.get("ema_unet") or parts["unet"], family)
+        cfg = _with_target(replace(base, unet=unet, autoencoder=vae), "v" if family == "sd2" else "eps")
+    return family, cfg, parts, float(meta.get("ldm_ray.scale_factor", 0.13025 if family == "sdxl" else 0.18215))
+
+
+def first_stage(path: str | Path) -> tuple[AutoencoderConfig, dict, float]:
+    """A single file's autoencoder: (config, weights in our names, published latent scale), as to_pipeline reads it."""
+    sd, meta = read_single_file(path)
+    _, cfg, parts, scale = contents(sd, meta)
+    return cfg.autoencoder, parts["autoencoder"], scale
 
 
 def _with_target(cfg: LDMConfig, prediction: str) -> LDMConfig:

@@ -79,12 +79,13 @@ def load_autoencoder(spec: str, preset: str = "", tracking_uri: str = "") -> Loa
               f"!! meaningless for training a real model; use it only for tests and benchmarks.\n{'!' * 78}\n",
               file=sys.stderr, flush=True)
     else:
-        from pipeline.common.sd_import import is_sd, resolve_sd
+        from pipeline.common.sd_import import is_sd
         path = spec if Path(spec).is_dir() else local_file(spec, tracking_uri)
-        if is_sd(path):  # a Stable Diffusion model: its first stage, and the latent scale it was published with
-            path = str(resolve_sd(path))
-        if Path(path).is_dir():
+        if Path(path).is_dir():  # a diffusers vae/ or pipeline folder: with the scale it was published with
             cfg, sd, published = load_diffusers_vae(path)
+        elif is_sd(path):  # a Stable Diffusion single file: its first stage
+            from ldm.convert.single_file import first_stage
+            cfg, sd, published = first_stage(path)
         elif path.endswith(".safetensors"):
             comps, config, _ = load_components(path)
             if "autoencoder" not in comps:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from pipeline.cache.reader import part_files
 from pipeline.common import storage
@@ -28,7 +28,8 @@ class EncodeOptions:
     output: str
     autoencoder: str
     autoencoder_preset: str = ""
-    text_encoder: str = ""               # "" = offline MiniLM; "none" = no text
+    text_encoder: str = ""               # "" = offline MiniLM; "none" = no text; or an SD folder / single file
+    tokenizers: tuple[str, ...] = ()     # a single-file SD checkpoint's tokenizer folders (it holds none)
     max_length: int = 77
     store_text_embeddings: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -59,6 +60,18 @@ class EncodeFailed(RuntimeError):
 def _fmt_eta(sec: float) -> str:
     sec = max(0, int(sec))
     return f"{sec // 3600:d}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
+
+
+def resolve_models(opts: EncodeOptions) -> EncodeOptions:
+    """A Stable Diffusion single file given as the text encoder: the diffusers folder it converts to (once, with its
+    tokenizers); given as the autoencoder too, that folder names both (in the manifest as well). An autoencoder alone
+    reads its first stage from the file directly."""
+    from pipeline.common.sd_import import is_sd, resolve_sd
+    text = opts.text_encoder
+    if text in ("", "none") or text.startswith(("mlflow-models:", "models:", "runs:")) or not is_sd(text):
+        return opts
+    folder = str(resolve_sd(text, opts.tokenizers))
+    return replace(opts, text_encoder=folder, autoencoder=folder if opts.autoencoder == text else opts.autoencoder)
 
 
 def check_preprocess(pre, res: int, f: int) -> None:
@@ -115,6 +128,7 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     with storage.reaching(opts.input, "the input"):
         shard_set = discover_shards(opts.input)
     storage.check_writable(opts.output)
+    opts = resolve_models(opts)
     ae = load_autoencoder(opts.autoencoder, opts.autoencoder_preset, opts.mlflow_uri)
     check_preprocess(opts.preprocess, opts.preprocess.resolution, ae.cfg.downsample_factor)
     header = cache_header(opts, ae, shard_set.layout)

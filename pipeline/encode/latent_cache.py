@@ -96,8 +96,9 @@ def _table(batch: dict, rows: np.ndarray) -> pa.Table:
     if "latent_flip_mean" in col:  # the posterior of the image mirrored left-right (--flip-latents)
         cols["latent_flip_mean"] = _fsl(col["latent_flip_mean"], pa.float16())
         cols["latent_flip_std"] = _fsl(col["latent_flip_std"], pa.float16())
-    if "text_emb" in col:
-        cols["text_emb"] = _fsl(col["text_emb"], pa.float16())
+    for c in ("text_emb", "text_pooled"):  # cached text embeddings (L*d), and SDXL's pooled embedding
+        if c in col:
+            cols[c] = _fsl(col[c], pa.float16())
     if "lowres" in col and len(col["lowres"]):  # the super-resolution condition: uint8 (r/k)x(r/k)x3 per row
         cols["lowres"] = _fsl(np.stack([np.frombuffer(b, np.uint8) for b in col["lowres"]]), pa.uint8())
     if "label_map" in col and len(col["label_map"]):  # semantic synthesis' condition: uint8 r*r class ids per row

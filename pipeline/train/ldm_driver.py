@@ -133,18 +133,28 @@ class Prepared:
     plan: object
     data: object
     cached_emb: bool
+    init_sha256: str = ""                # --init-from's weights, recorded with the run
 
 
 def prepare(opts: TrainOptions, log) -> Prepared:
     """Everything that can be checked before Ray starts: the config against the cache, the precision (resolved once:
     the run logs and exports the resolved value), the data plan, the resume target."""
     from pipeline.train import kit
-    cfg = load_config(opts.preset, opts.config_yaml, list(opts.overrides))
+    init = None
+    if opts.init_from:  # the starting weights, and with them the config unless --preset names one
+        from pipeline.train.init_weights import check_fits, load_init
+        init = load_init(opts.init_from, opts.mlflow_uri)
+    cfg = load_config(opts.preset or ("" if init else "demo"), opts.config_yaml, list(opts.overrides),
+                      base=init.config if init else None)
+    if init:
+        check_fits(init, cfg)
+        log(f"[train] initial weights from {opts.init_from} (sha256 {init.sha256[:16]}): {len(init.weights)} tensors")
     manifest = at_resolution(read_manifest(opts.latents), opts.resolution, opts.latents)
     check_cache(cfg, manifest, opts.latents)
     totals = manifest["totals"]
     scale = LatentScale.choose(cfg.scale_factor, totals["latent_channel_mean"], totals["scale_factor"],
-                               totals.get("latent_channel_std"), per_channel=cfg.latent_norm == "channel")
+                               totals.get("latent_channel_std"), per_channel=cfg.latent_norm == "channel",
+                               published=manifest["autoencoder"].get("scaling_factor", 0.0))
     files = part_files(opts.latents, manifest)
     cached_emb = bool(manifest.get("text_encoder", {}).get("embeddings")) and cfg.conditioning.text_encoder == "hf"
     prompts = sample_prompts(opts, cfg, files, manifest["resolution"])
@@ -154,7 +164,8 @@ def prepare(opts: TrainOptions, log) -> Prepared:
                    flip_prob=flip_prob(opts, cfg, manifest, log))
     data = train_data(opts, cfg, manifest, files, cached_emb, log)
     check_launch(opts, manifest, sum(data.filtered_rows) if data.filter else None)
-    return Prepared(opts, cfg, manifest, scale, prompts, resume_from(opts, plan, log), data, cached_emb)
+    return Prepared(opts, cfg, manifest, scale, prompts, resume_from(opts, plan, log), data, cached_emb,
+                    init.sha256 if init else "")
 
 
 def describe(p: Prepared, log) -> None:
@@ -177,7 +188,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     p = prepare(opts, log)
     opts, cfg, manifest, plan = p.opts, p.cfg, p.manifest, p.plan
     describe(p, log)
-    run_id = open_mlflow_run(opts, cfg, plan, manifest, p.scale, log) if opts.mlflow_uri else ""
+    run_id = open_mlflow_run(opts, cfg, plan, manifest, p.scale, log, p.init_sha256) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
     data = replace(p.data, keep=keep_parts(opts, p.data.files, list(p.data.columns),
                                            sum(p.data.filtered_rows or p.data.rows), log))
@@ -193,6 +204,7 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     if opts.mlflow_uri and run_id:
         summary["model_version"] = register_version(opts.mlflow_uri, run_id, opts.register_model or f"ldm-{cfg.name}",
                                                     log, artifact=pyfunc_artifact(opts, run_id, summary, job, log))
+        log_diffusers(opts, run_id, summary, log)
     log(f"[train] done: step {summary['step']}, {summary['images_seen']} images, final loss "
         f"{summary['loss']:.4f}, {summary['seconds']} s; export {summary.get('export')}")
     return summary
@@ -307,7 +319,7 @@ def pyfunc_artifact(opts: TrainOptions, run_id: str, summary: dict, job, log) ->
     fail to be written, the plain export (`model/`) with a warning."""
     if not summary.get("export"):
         return "model"
-    from pipeline.evaluate.pyfunc import log_pyfunc
+    from pipeline.export.pyfunc import log_pyfunc
     try:
         log_pyfunc(opts.mlflow_uri, run_id, summary["export"], job.autoencoder)
         return "pyfunc"
@@ -315,6 +327,24 @@ def pyfunc_artifact(opts: TrainOptions, run_id: str, summary: dict, job, log) ->
         log(f"[mlflow] WARNING: the pyfunc model could not be written ({type(e).__name__}: {e}); registering the "
             f"plain export (model/) instead")
         return "model"
+
+
+def log_diffusers(opts: TrainOptions, run_id: str, summary: dict, log) -> None:
+    """The export as a diffusers folder beside it in MLflow (`diffusers/`), where the model has a pipeline (a text
+    kind with a frozen text encoder); otherwise the reason, once."""
+    if not summary.get("export"):
+        return
+    import tempfile
+
+    import mlflow
+
+    from pipeline.export.formats import export_model
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            export_model(summary["export"], "diffusers", f"{d}/diffusers", tracking_uri=opts.mlflow_uri, log=log)
+            mlflow.MlflowClient(opts.mlflow_uri).log_artifacts(run_id, f"{d}/diffusers", "diffusers")
+    except ValueError as e:  # a kind without a diffusers pipeline: its export is the model
+        log(f"[mlflow] no diffusers folder: {e}")
 
 
 def stream_columns(cfg, cached_emb: bool) -> list[str]:
@@ -338,7 +368,8 @@ def summarize(result, plan, run_id: str, seconds: float) -> dict:
     return summary
 
 
-def open_mlflow_run(opts: TrainOptions, cfg, plan, manifest: dict, scale: LatentScale, log) -> str:
+def open_mlflow_run(opts: TrainOptions, cfg, plan, manifest: dict, scale: LatentScale, log,
+                    init_sha256: str = "") -> str:
     """A new MLflow run with the full config as params, or the run this run dir already has (resume); a new phase
     (--resume-from) is filed under the run it continues (mlflow.parentRunId), so the curriculum is one lineage."""
     run_dir, parent, tags = plan.run_dir, "", {}
@@ -354,4 +385,6 @@ def open_mlflow_run(opts: TrainOptions, cfg, plan, manifest: dict, scale: Latent
                    "cache.rows": manifest["counts"]["kept"], "latent.scale_factor": str(scale.scale),
                    "latent.shift": str(scale.shift), "resolution": manifest["resolution"]})
     return open_or_continue_run(opts.mlflow_uri, opts.experiment, run_dir, params,
-                                {"latent_cache": opts.latents, "preset": cfg.name, **tags}, log, parent_run_id=parent)
+                                {"latent_cache": opts.latents, "preset": cfg.name, **tags,
+                                 **({"init_from": opts.init_from, "init_from_sha256": init_sha256} if init_sha256
+                                    else {})}, log, parent_run_id=parent)

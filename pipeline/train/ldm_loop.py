@@ -357,6 +357,11 @@ class Trainee:
                                    auto_mpi_discovery=False)
         torch.manual_seed(o.seed)  # same initial weights on every rank
         model = LatentDiffusion(job.cfg)
+        init = None
+        if o.init_from:  # a new run's starting weights (a restored checkpoint replaces them)
+            from pipeline.train.init_weights import load_init
+            init = load_init(o.init_from, o.mlflow_uri)
+            model.load_state_dict(init.weights, strict=True)
         conditioner = Conditioner.build(model, job.text_encoder, w.device, job.latent_scale)
         if o.compile:  # in place: the UNet's state_dict keys stay as they are for checkpoints and the export
             model.unet.compile()
@@ -368,7 +373,7 @@ class Trainee:
                                  lr_lambda=lr_lambda(o.lr_schedule, o.warmup_steps, o.max_steps, o.min_lr_ratio)))
         harden_deepspeed(engine)  # its checkpoint files are read weights-only, like every other file we load
         weights = full_state(engine, o.zero_stage)  # ZeRO-3: a collective, so every rank gathers
-        ema = EMA(weights, o.ema_decay).to(w.device) if w.rank == 0 else None
+        ema = EMA(init.ema if init else weights, o.ema_decay).to(w.device) if w.rank == 0 else None
         gen = torch.Generator(device=w.device).manual_seed(o.seed * 1000 + w.rank)
         return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gen)
 

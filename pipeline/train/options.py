@@ -87,6 +87,8 @@ class RunOptions:
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions(RunOptions):
     latents: str
+    preset: str = ""                     # "" = demo, or with init_from the imported model's own config
+    init_from: str = ""                  # initial weights: an SD diffusers folder / single file, or an export
     zero_stage: int = 2
     precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU; fp32 | bf16 | autocast
     offload: bool = False

@@ -110,7 +110,7 @@ def test_super_resolution_task_from_lowres_copies_to_samples(label_cache, tmp_pa
 
     import pandas as pd
 
-    from pipeline.evaluate.pyfunc import LDMPyfunc
+    from pipeline.export.pyfunc import LDMPyfunc
     model = LDMPyfunc()
     model.load_context(SimpleNamespace(artifacts={"ldm": s["export"]}, model_config={}))
     png = io.BytesIO()
@@ -134,7 +134,7 @@ def test_inpainting_task_from_cached_mask_variants_to_samples(label_cache, tmp_p
     import pyarrow.parquet as pq
 
     from pipeline.data.preprocess import inpaint_masks
-    from pipeline.evaluate.pyfunc import LDMPyfunc
+    from pipeline.export.pyfunc import LDMPyfunc
     cache, _ = label_cache
     m = read_manifest(cache)
     assert m["preprocess"]["inpaint_variants"] == 2
@@ -187,7 +187,7 @@ def test_semantic_synthesis_task_from_label_maps_to_a_twice_larger_sample(ray_lo
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from pipeline.evaluate.pyfunc import LDMPyfunc
+    from pipeline.export.pyfunc import LDMPyfunc
 
     def recs():
         yield from scene_records("train", 40, 0)
@@ -238,7 +238,7 @@ def test_layout_to_image_task_from_scene_boxes_to_samples(ray_local, tiny_cache,
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from pipeline.evaluate.pyfunc import LDMPyfunc
+    from pipeline.export.pyfunc import LDMPyfunc
 
     scenes = list(scene_records("train", 40, 0))
 

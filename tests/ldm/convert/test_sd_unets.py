@@ -21,8 +21,8 @@ SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D
 SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 # the published unet/config.json of each (the fields that shape the network)
 PUBLISHED = {
-    "sd15": {**COMMON, "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
-             "down_block_types": SD_DOWN, "up_block_types": SD_UP, "sample_size": 64},
+    "sd15": {**COMMON, "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+             "cross_attention_dim": 768, "down_block_types": SD_DOWN, "up_block_types": SD_UP, "sample_size": 64},
     "sd21": {**COMMON, "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
              "cross_attention_dim": 1024, "down_block_types": SD_DOWN, "up_block_types": SD_UP, "sample_size": 96,
              "use_linear_projection": True, "upcast_attention": True},
@@ -64,7 +64,8 @@ def run_both(dcfg: dict, latent: int, seed: int = 0) -> tuple[torch.Tensor, torc
     again = diffusers.UNet2DConditionModel(**dcfg).eval()  # the way back: ours -> diffusers names, strictly
     again.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg), strict=True)
     g = torch.Generator().manual_seed(seed)
-    x, ctx = torch.randn(1, 4, latent, latent, generator=g), torch.randn(1, 77, dcfg["cross_attention_dim"], generator=g)
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    ctx = torch.randn(1, 77, dcfg["cross_attention_dim"], generator=g)
     t = torch.tensor([511])
     kw, y = {}, None
     if cfg.adm_in_channels:
@@ -85,6 +86,7 @@ def test_full_width_forward_matches_diffusers(preset):
 def test_sdxl_structure_at_reduced_width_matches_diffusers():
     small = {**PUBLISHED["sdxl-base"], "block_out_channels": [64, 128, 256], "attention_head_dim": [1, 2, 4]}
     cfg = unet_config_from_diffusers(small)[0]
-    assert cfg.depths() == (1, 2, 10) and cfg.attention_resolutions == (4, 2) and cfg.num_head_channels == 64 and cfg.adm_in_channels == 2816
+    assert cfg.depths() == (1, 2, 10) and cfg.attention_resolutions == (4, 2)
+    assert cfg.num_head_channels == 64 and cfg.adm_in_channels == 2816
     ours, theirs = run_both(small, latent=8)
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-4

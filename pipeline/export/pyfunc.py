@@ -4,18 +4,15 @@
     out = model.predict(pd.DataFrame({"prompt": ["a photo of a bag"], "seed": [0]}), params={"steps": 25})
     Image.open(io.BytesIO(out["image"][0]))
 
-(`mlflow models serve`, `mlflow.pyfunc.spark_udf` and batch inference read the same model). Input: a `prompt`
-column (a caption; the class id of a class-conditional model; "" for an unconditional one) and an optional
-`seed` column (default: the row number); a super-resolution model reads low-res PNG/JPEG bytes from an `image`
-column instead of the prompt (use cfg_scale 1), an inpainting model an `image` and a `mask` column (white = the
-hole), a semantic synthesis model a `label_map` column (PNG of class ids), a layout-to-image model a `layout` column
-(JSON: {"size": [H, W], "boxes": [[class, top, left, height, width], ...]} in pixels); params `steps`, `cfg_scale`,
-`sampler`, `eta`. Output: one row per prompt with `prompt`, `seed` and `image` (PNG bytes, the training size; the
-low-res size x the factor for SR; the image's or the label map's size for inpainting and semantic synthesis).
+or `mlflow models serve -m models:/ldm-demo/3 --env-manager local -h 127.0.0.1 -p 5001`, then POST JSON to
+/invocations. Input: the columns of the model's conditioning kind (ldm/kinds/: `prompt` for text and class models,
+`image` for super-resolution, `image` + `mask` for inpainting, `label_map`, `layout`) and an optional `seed` column
+(default: the row number); params `steps`, `cfg_scale`, `sampler`, `eta`. Output: one row per input row with
+`prompt`, `seed` and `image` (PNG bytes).
 
-The model folder carries everything it samples with: the export (UNet, EMA UNet, trained text transformer) and
-its first stage as artifacts, and the `ldm` and `pipeline` packages as code; a frozen HF text encoder is read from
-the folder the export names (the offline MiniLM by default)."""
+The model is logged from code (pyfunc_model.py: nothing pickled) and carries everything it samples with as
+artifacts: the export (UNet, EMA UNet, trained tau_theta), its first stage, and its frozen text encoder(s) with their
+tokenizers; `pip_requirements` lists what that code imports, so it serves from a fresh environment."""
 from __future__ import annotations
 
 import os
@@ -33,7 +30,8 @@ class LDMPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipeline.evaluate.sample import LDMSampler
         ae = context.artifacts.get("autoencoder") or context.model_config.get("autoencoder", "")
-        self.sampler = LDMSampler(context.artifacts["ldm"], autoencoder=ae)
+        self.sampler = LDMSampler(context.artifacts["ldm"], autoencoder=ae,
+                                  text_encoder=context.artifacts.get("text_encoder", ""))
 
     def predict(self, context, model_input, params: dict | None = None):
         import pandas as pd
@@ -79,29 +77,63 @@ def signature():
                             ParamSpec("sampler", "string", PARAMS["sampler"]), ParamSpec("eta", "double", 0.0)]))
 
 
-def log_pyfunc(uri: str, run_id: str, export: str, autoencoder: str, artifact: str = "pyfunc") -> None:
-    """Write the pyfunc model of `export` (its first stage `autoencoder`: a file or MLflow/S3 URI is copied in;
-    `random:PRESET` is recorded as such) and log it as the run's `artifact` folder."""
-    import mlflow
-    import safetensors
-    import torch
-    import transformers
+REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "safetensors", "transformers", "tokenizers", "pyyaml",
+                "fsspec", "mlflow")
 
-    from pipeline.common.models import local_file
-    artifacts = {"ldm": local_file(export, uri)}
-    config = {}
-    if autoencoder.startswith("random:"):
-        config["autoencoder"] = autoencoder
-    else:
-        artifacts["autoencoder"] = local_file(autoencoder, uri)
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"safetensors=={safetensors.__version__}",
-            f"transformers=={transformers.__version__}", f"mlflow=={mlflow.__version__}", "pillow", "pandas",
-            "pyyaml"]
+
+def requirements() -> list[str]:
+    """The packages the served code imports, pinned to what this environment runs."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def text_artifact(source: str, dest: Path) -> str:
+    """The frozen text encoder(s) an export names, copied into one folder the served model reads: a Hugging Face
+    folder as it is, a diffusers pipeline's text_encoder(s) and tokenizer(s) with its model_index.json."""
+    import shutil
+
+    from ldm.text_encoders import default_text_encoder_path, encoder_folders, resolve_local_dir
+    local = Path(resolve_local_dir(source) if source else default_text_encoder_path())
+    if not (local / "model_index.json").exists():
+        shutil.copytree(local, dest)
+        return str(dest)
+    dest.mkdir(parents=True)
+    shutil.copy(local / "model_index.json", dest / "model_index.json")
+    for enc, tok in encoder_folders(str(local)):
+        for src in (enc, tok):
+            shutil.copytree(src, dest / Path(src).name, dirs_exist_ok=True)
+    return str(dest)
+
+
+def log_pyfunc(uri: str, run_id: str, export: str, autoencoder: str, artifact: str = "pyfunc") -> None:
+    """Write the pyfunc model of `export` from code (pyfunc_model.py), with its first stage (a file, folder or MLflow
+    URI is copied in; `random:PRESET` is recorded as such) and text encoder as artifacts, and log it as the run's
+    `artifact` folder."""
+    import mlflow
+
+    from pipeline.common.models import local_file, text_encoder_path
+    from pipeline.evaluate.sample import load_ldm
+    export = local_file(export, uri)
+    _, info = load_ldm(export)
     with tempfile.TemporaryDirectory() as d:
+        artifacts, config = {"ldm": export}, {}
+        if autoencoder.startswith("random:"):
+            config["autoencoder"] = autoencoder
+        else:
+            artifacts["autoencoder"] = autoencoder if Path(autoencoder).is_dir() else local_file(autoencoder, uri)
+        if info["text_encoder"].get("kind") == "hf":
+            artifacts["text_encoder"] = text_artifact(text_encoder_path(info["text_encoder"]), Path(d) / "text")
         path = os.path.join(d, artifact)
         with warnings.catch_warnings():  # the signature is given; an input example would make MLflow run it
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-            mlflow.pyfunc.save_model(path, python_model=LDMPyfunc(), artifacts=artifacts, model_config=config,
-                                     code_paths=[str(ROOT / "ldm"), str(ROOT / "pipeline")], signature=signature(),
-                                     pip_requirements=reqs)
+            mlflow.pyfunc.save_model(path, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                                     artifacts=artifacts, model_config=config, signature=signature(),
+                                     code_paths=[str(ROOT / "ldm"), str(ROOT / "pipeline")],
+                                     pip_requirements=requirements())
         mlflow.MlflowClient(uri).log_artifacts(run_id, path, artifact)
