@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +31,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per precision and round first")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (fp32, autocast, fp32, ...); best kept")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    a = ap.parse_args()
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), preset="tiny", batch_size=4, steps=1, warmup=1, rounds=1)
 
     import copy
 
@@ -95,6 +98,9 @@ def main() -> None:
     for name in nets:
         print(f"  {name:9s}: {best[name]:8.1f} samples/s")
     print(f"  RATIO autocast/fp32 {best['autocast'] / best['fp32']:5.2f}x")
+    figures(fp32_samples_per_s=best["fp32"], autocast_samples_per_s=best["autocast"],
+            autocast_over_fp32=best["autocast"] / best["fp32"], forward_relative_difference=rel,
+            native_bf16=int(cpu_bf16()))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 OVERRIDES = ("unet.micro_cond=true",)
 
 
@@ -54,7 +56,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="", help="work folder (default: a temporary one)")
     p.add_argument("--figure", default="", help="also write the sample grid here (e.g. docs/figures/buckets_grid.png)")
-    a = p.parse_args()
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the wide, tall and square samples")
+    add_tiny(p)
+    a = tiny(p.parse_args(), ae_steps=4, ldm_steps=4, phase2_steps=2, batch_size=4, sample_steps=2)
     from pipeline.data.preprocess import PreprocessConfig
     from pipeline.encode.flow import EncodeOptions, run_encode
     from pipeline.evaluate.grid import save_grid
@@ -110,7 +114,7 @@ def main() -> None:
     prompts = [r["caption"] for r in _captions(out / "latents-buckets", 4)]
     rows = []
     for size, what in (((48, 80), "wide"), ((80, 48), "tall"), ((64, 64), "square")):
-        images, _ = sample_images(p2["export"], prompts, 1, steps=25, cfg_scale=3.0, size=size)
+        images, _ = sample_images(p2["export"], prompts, 1, steps=a.sample_steps, cfg_scale=3.0, size=size)
         rows.append(images)
         print(f"samples {what}: asked {size[0]}x{size[1]}, drawn at the bucket {images.shape[-2]}x{images.shape[-1]}")
     if a.figure:
@@ -119,6 +123,8 @@ def main() -> None:
         padded = [torch.nn.functional.pad(r, (0, side - r.shape[-1], 0, side - r.shape[-2]), value=1.0) for r in rows]
         save_grid(torch.cat(padded), a.figure, nrow=len(prompts), upscale=2)
         print(f"grid (rows wide, tall, square; prompts {prompts}) -> {a.figure}")
+    figures(buckets_over_square=bk / sq, square_samples_per_s=sq, buckets_samples_per_s=bk,
+            phase2_samples_per_s=p2["samples_per_s"], encode_buckets_over_square=enc["square"][0] / enc["buckets"][0])
 
 
 def _captions(cache: Path, n: int) -> list[dict]:

@@ -36,6 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 LATENT = 4 * 32 * 32
 TOKENS = 77
 
@@ -135,7 +137,8 @@ def commit_costs(tmp: Path, sizes: list[int], repeats: int) -> dict:
         uris = [f"s3://laion/new/{i:06d}.tar" for i in range(repeats)]
         ledger.shard_uris = dict(enumerate(uris))
         p = {"got": 1, "total": 1, "error": None, "read": 10000, "kept": 9876, "skipped": {"too_small": 124},
-             "files": entry["files"], "rows": dict.fromkeys(entry["files"], 987), "stats": entry["stats"]}
+             "files": entry["files"], "rows": dict.fromkeys(entry["files"], 987), "buckets": {},
+             "stats": entry["stats"]}
         t0 = time.perf_counter()
         for i in range(repeats):
             ledger.commit(i, dict(p))
@@ -160,7 +163,9 @@ def main() -> None:
     ap.add_argument("--progress-bars", choices=["on", "off"], default="off",
                     help="Ray Data progress bars in the driver (off: only the pipeline's own work is timed)")
     ap.add_argument("--num-cpus", type=int, default=0, help="embedded Ray CPUs (0 = all)")
-    a = ap.parse_args()
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), rows=1000, rows_per_shard=100, batch_size=200, write_batch_size=200, writers="1",
+             commit_sizes="1000,50000", commit_repeats=2)
 
     from pipeline.common.runtime import init_ray
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-scale-"))
@@ -190,7 +195,7 @@ def main() -> None:
         print(" ".join(f"writer_scaling_{w}_vs_{lo}={rates[w] / rates[lo]:.2f}x" for w in sorted(rates) if w != lo),
               flush=True)
     costs = commit_costs(tmp, [int(x) for x in a.commit_sizes.split(",") if x], a.commit_repeats)
-    print(" ".join(f"{k}={v:.2f}" for k, v in costs.items()), flush=True)
+    figures(**{k: round(v, 2) for k, v in costs.items()})
     sizes = [int(x) for x in a.commit_sizes.split(",") if x]
     if len(sizes) > 1:
         print(f"commit_growth_{sizes[-1]}_vs_{sizes[0]}="

@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 
 def tree_rss(pid: int) -> int:
     import psutil
@@ -119,7 +121,8 @@ def main() -> None:
     ap.add_argument("--num-encoders", type=int, default=1)
     ap.add_argument("--scale", type=int, default=10, help="input multiple for the memory comparison")
     ap.add_argument("--baseline", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), images=64, shard_size=32, scale=2, batch_size=32)
     if a.baseline:
         n = baseline_loop(a.baseline[0], a.baseline[1], a.autoencoder, a.resolution, a.batch_size)
         print(f"BASELINE_IMAGES {n}")
@@ -153,6 +156,10 @@ def main() -> None:
     print(f"  loop: 1x {ml1 / 2 ** 20:6.0f} MiB, {a.scale}x {mlk / 2 ** 20:6.0f} MiB "
           f"| RATIO {a.scale}x/1x {mlk / ml1:5.2f}x")
     print("  (streaming keeps the ratio near 1 whatever the input size)")
+    (t_l1, _, t_j1, _), (t_lk, _, t_jk, _) = res[1], res[a.scale]
+    figures(job_over_loop_1x=t_l1 / t_j1, **{f"job_over_loop_{a.scale}x": t_lk / t_jk},
+            job_img_per_s_1x=a.images / t_j1, loop_img_per_s_1x=a.images / t_l1,
+            **{f"job_memory_{a.scale}x_over_1x": mjk / mj1})
 
 
 if __name__ == "__main__":

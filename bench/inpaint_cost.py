@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 
 def encode(shards: str, out: str, variants: int, autoencoder: str, resolution: int, batch: int) -> dict:
     from pipeline.data.preprocess import PreprocessConfig
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="demo-inpaint", help="the inpainting LDM (its first stage is the encoder)")
     p.add_argument("--batch-size", type=int, default=64, help="encode batch and training batch")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps / encoder passes")
-    a = p.parse_args(argv)
+    add_tiny(p)
+    a = tiny(p.parse_args(argv), images=64, variants=2, batch_size=16, repeats=1)
 
     from ldm.autoencoder import build_autoencoder
     from ldm.checkpoint import save_components
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
           f"{steps['pixel_bytes']} B of pixels")
     print(f"  break-even     caching K={k} costs {k} encoder passes per image once, train-time one per epoch: "
           f"caching is the cheaper compute from {k} epochs on")
+    figures(encode_time_ratio=cached["seconds"] / plain["seconds"], cache_bytes_ratio=cached["bytes"] / plain["bytes"],
+            train_time_encoding_step_share=steps["encoder"] / steps["unet_step"])
     return 0
 
 

@@ -1,6 +1,6 @@
-"""diffusers' UNet2DConditionModel built to match one of our UNets, holding the same weights (converted by
-diffusers' own CompVis converter), so that the two are timed on identical work; and our UNet moved off its zero init,
-so that two runs of it can be compared."""
+"""What the benches share: diffusers' UNet2DConditionModel built to match one of our UNets and holding the same
+weights (so the two are timed on identical work); our UNet moved off its zero init (so two runs of it can be
+compared); `--tiny` (the size CI runs) and the `name=value` lines every bench ends with."""
 from __future__ import annotations
 
 
@@ -18,17 +18,31 @@ def seeded_unet(unet_cfg, seed: int = 0):
     return unet
 
 
-def diffusers_twin(unet, sample_size: int, context_dim: int):
+def diffusers_twin(unet, sample_size: int, context_dim: int | None = None):
+    """diffusers' UNet2DConditionModel of our UNet's config (ldm/convert/diffusers.py) with its weights."""
     import diffusers
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    u = unet.cfg
-    types = ["CrossAttnDownBlock2D" if 2 ** i in u.attention_resolutions else "DownBlock2D"
-             for i in range(len(u.channel_mult))]
-    dcfg = dict(sample_size=sample_size, in_channels=u.in_channels, out_channels=u.out_channels,
-                block_out_channels=[u.model_channels * k for k in u.channel_mult], layers_per_block=u.num_res_blocks,
-                down_block_types=types, up_block_types=[t.replace("Down", "Up") for t in reversed(types)],
-                cross_attention_dim=context_dim, attention_head_dim=u.num_heads, norm_num_groups=u.norm_groups)
+
+    from ldm.convert.diffusers import unet_config_to_diffusers, unet_to_diffusers
+    dcfg = {k: v for k, v in unet_config_to_diffusers(unet.cfg, sample_size).items() if not k.startswith("_")}
     theirs = diffusers.UNet2DConditionModel(**dcfg)
-    theirs.load_state_dict(convert_ldm_unet_checkpoint(
-        {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}, dcfg), strict=True)
+    theirs.load_state_dict(unet_to_diffusers(unet.state_dict(), unet.cfg), strict=True)
     return theirs
+
+
+def add_tiny(ap) -> None:
+    ap.add_argument("--tiny", action="store_true",
+                    help="the smallest size that runs every part (what CI runs: its figures say nothing)")
+
+
+def tiny(a, **small):
+    """With --tiny, the arguments set to `small` (the bench at the size CI runs)."""
+    if getattr(a, "tiny", False):
+        for k, v in small.items():
+            setattr(a, k, v)
+    return a
+
+
+def figures(**values) -> None:
+    """The bench's figures as `name=value` lines, after its table: what a script or CI reads."""
+    for k, v in values.items():
+        print(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")

@@ -19,7 +19,7 @@ convolutions and attention, as MFU counts them; no recomputation), and divided b
 device's dense bf16 peak (the vendor's figure, --peak-tflops to override) and by the peak a large bf16 matmul
 reaches on this device in the same run.
 
-  python bench/mfu.py --device cuda --preset sd-v1-like --unet-batch 32 --encoder-preset ldm-kl-8 \
+  python bench/mfu.py --device cuda --preset sd15 --unet-batch 32 --encoder-preset ldm-kl-8 \
       --encoder-resolution 256 --encoder-batch 128 --modes autocast,bf16,bf16+cl,bf16+cl+compile
   python bench/mfu.py --preset tiny --unet-batch 8 --encoder-preset tiny --encoder-resolution 32   # CPU check
 """
@@ -38,6 +38,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from matched import add_tiny, tiny  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "H100": 989.4, "A100": 312.0,
@@ -223,10 +225,10 @@ def encoder_fn(preset: str, mode: set[str], batch: int, res: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--preset", default="sd-v1-like", help="model preset whose UNet is timed ('' skips the UNet)")
+    ap.add_argument("--preset", default="sd15", help="model preset whose UNet is timed ('' skips the UNet)")
     ap.add_argument("--unet-batch", type=int, default=32, help="latents per UNet step")
     ap.add_argument("--latent", type=int, default=0,
-                    help="latent side (0 = the preset's resolution / f: 64 for sd-v1-like's 512 px)")
+                    help="latent side (0 = the preset's resolution / f: 64 for sd15's 512 px)")
     ap.add_argument("--encoder-preset", default="ldm-kl-8",
                     help="preset whose autoencoder the encoder stage runs, random weights ('' skips it)")
     ap.add_argument("--encoder-resolution", type=int, default=256, help="image side fed to the encoder")
@@ -241,7 +243,9 @@ def main() -> None:
     ap.add_argument("--profile-dir", type=Path, default=None, help="write each profile's full kernel table here")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="dense bf16 peak of the device in TFLOP/s (default: the vendor's figure for known GPUs)")
-    a = ap.parse_args()
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), device="cpu", preset="tiny", unet_batch=2, latent=8, encoder_preset="tiny",
+             encoder_resolution=16, encoder_batch=2, modes="autocast", steps=1, warmup=1)
 
     dev = torch.device(a.device)
     if dev.type == "cuda":

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +41,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4,
                     help="epochs of --images each for the in-process step variants, run interleaved; the median "
                     "epoch is reported (this machine's speed drifts by +-20%% over minutes)")
-    a = ap.parse_args()
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), images=64, batch_size=8, steps=4, warmup=1, rounds=1)
 
     import numpy as np
     import ray
@@ -251,6 +254,10 @@ def main() -> None:
     print("  ours vs diffusers UNet2DConditionModel (matched config, same weights):")
     print(f"    ours {ips_ours:8.1f} samples/s | diffusers {ips_diffusers:8.1f} samples/s | RATIO ours/diffusers "
           f"{ips_ours / ips_diffusers:5.2f}x")
+    figures(stream_over_in_memory=ips_stream / ips_mem, kept_over_in_memory=ips_kept / ips_mem,
+            kept_over_ray_data=ips_kept / ips_ray, deepspeed_over_bare=ips_ds / ips_mem,
+            worker_over_bare=ips_worker / bare_around, cache_over_on_the_fly=ips_unet / ips_fly,
+            ours_over_diffusers=ips_ours / ips_diffusers)
     ray.shutdown()
 
 

@@ -6,7 +6,7 @@ Also prints how far the two forward passes are apart in the chosen precision (th
 same function) and the peak GPU memory of each.
 
   python bench/unet_step.py --preset demo --batch-size 32                        # CPU, fp32
-  python bench/unet_step.py --preset sd-v1-like --batch-size 16 --device cuda --precision bf16
+  python bench/unet_step.py --preset sd15 --batch-size 16 --device cuda --precision bf16
 """
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from matched import add_tiny, figures, tiny  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo",
-                    help="model preset whose UNet is timed (a preset of ldm/config.py, e.g. tiny, demo, sd-v1-like)")
+                    help="model preset whose UNet is timed (e.g. tiny, demo, sd15, sd21, sdxl-base)")
     ap.add_argument("--batch-size", type=int, default=32, help="latents per step")
     ap.add_argument("--context-len", type=int, default=77, help="text tokens the cross-attention attends to")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model, after the warm-up")
@@ -32,13 +34,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast(bfloat16)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    a = ap.parse_args()
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), preset="tiny", batch_size=4, context_len=8, steps=1, warmup=1, rounds=1)
 
     import torch
 
-    from pipeline.presets import get_preset
     from ldm.diffusion import Schedule, diffusion_loss
     from matched import diffusers_twin, seeded_unet
+    from pipeline.presets import get_preset
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -109,6 +112,8 @@ def main() -> None:
         mem = f" | peak {peak[name]:.1f} GiB allocated (both models resident)" if peak else ""
         print(f"  {name:9s}: {best[name]:8.1f} samples/s{mem}")
     print(f"  RATIO ours/diffusers {best['ours'] / best['diffusers']:5.2f}x")
+    figures(ours_samples_per_s=best["ours"], diffusers_samples_per_s=best["diffusers"],
+            ours_over_diffusers=best["ours"] / best["diffusers"], forward_relative_difference=rel)
 
 
 if __name__ == "__main__":

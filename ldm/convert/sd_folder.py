@@ -18,6 +18,12 @@ from ldm.convert.diffusers import (unet_config_from_diffusers, unet_config_to_di
                                    vae_from_diffusers, vae_to_diffusers)
 
 PIPELINES = {"text": "StableDiffusionPipeline", "text_pooled": "StableDiffusionXLPipeline"}
+# how each pipeline reads its text encoder(s), and what else its model_index.json says
+TEXT_LAYER = {"text": "last", "text_pooled": "penultimate"}
+INDEX_EXTRA = {"text": {"safety_checker": [None, None], "feature_extractor": [None, None],
+                        "requires_safety_checker": False, "image_encoder": [None, None]},
+               "text_pooled": {"force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
+                               "feature_extractor": [None, None]}}
 SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours: diffusers'
 TARGETS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -74,8 +80,8 @@ def read_pipeline(folder: str | Path) -> SDModel:
     last = json.loads((texts[-1][0] / "config.json").read_text())
     cond = ConditioningConfig(kind=kind, text_encoder="hf", text_encoder_path=str(folder), mask_padding=False,
                               max_length=_max_length(texts[0][1], last), cond_drop_prob=0.1,
-                              text_layer="last" if kind == "text" else "penultimate",
-                              pooled_dim=last.get("projection_dim", 0) if kind == "text_pooled" else 0,
+                              text_layer=TEXT_LAYER[kind], pooled_dim=last.get("projection_dim", 0) if len(texts) > 1
+                              else 0,
                               micro_dim=extra["micro_dim"])
     cfg = LDMConfig(name=f"imported-{index['_class_name']}", autoencoder=vae_cfg, unet=unet_cfg,
                     diffusion=_diffusion(scheduler), conditioning=cond)
@@ -149,11 +155,7 @@ def write_pipeline(folder: str | Path, cfg: LDMConfig, unet: dict, vae: dict, sc
         arch = (AutoConfig.from_pretrained(src_enc, local_files_only=True).architectures or ["CLIPTextModel"])[0]
         index[enc] = ["transformers", arch]
         index[tok] = ["transformers", _tokenizer_class(Path(src_tok))]
-    if kind == "text":
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
-                     image_encoder=[None, None])
-    else:
-        index.update(force_zeros_for_empty_prompt=True, image_encoder=[None, None], feature_extractor=[None, None])
+    index.update(INDEX_EXTRA[kind])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
