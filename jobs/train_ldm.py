@@ -27,7 +27,8 @@ def parse(argv=None):
     d = p.add_argument_group("data and model")
     d.add_argument("--latents", required=True, help="latent cache written by jobs/encode_latents.py (local or s3://)")
     d.add_argument("--preset", default=D["preset"],
-                   help="config preset (ldm/config/presets.py; the demo tasks' in pipeline/demo/tasks/): "
+                   help="config preset (default: demo, or with --init-from the model's own; ldm/config/presets.py, "
+                   "the demo tasks' in pipeline/demo/tasks/): "
                    + ", ".join(PRESETS))
     d.add_argument("--config", default=D["config_yaml"], help="YAML config applied on top of the preset")
     d.add_argument("--autoencoder", default=D["autoencoder"],
@@ -53,6 +54,13 @@ def parse(argv=None):
                    "256 px run continued at --resolution 512: its weights, optimizer, EMA and step carry over and the "
                    "data position restarts; this run gets its own --name and MLflow run, filed under the other's. "
                    "--max-steps counts on from the other's steps")
+    d.add_argument("--init-from", default=D["init_from"],
+                   help="start a new run from these weights: a Stable Diffusion diffusers folder or single .safetensors "
+                   "/.ckpt file (SD 1.x, 2.x, SDXL base), or an export of ours (a folder, mlflow:RUN_ID or "
+                   "models:/NAME/VERSION). Without --preset the config comes from the model; the cache must be "
+                   "encoded with the same autoencoder and text encoder (encode_latents.py --autoencoder/--text-encoder "
+                   "FOLDER). The weights carry over (the run's EMA starts from the source's EMA where it has one); the "
+                   "optimizer and the step count start fresh")
     g = add_run_args(p, TrainOptions, "latents")
     t = g["optimisation"]
     t.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="micro-steps per optimizer step")

@@ -64,3 +64,18 @@ def test_functions_stay_short_and_no_module_is_named_like_a_package_beside_it():
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     clash = [p for p in (ROOT / "pipeline").rglob("*.py") if p.stem in packages]
     assert not clash, clash
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = [f"{md.relative_to(ROOT)}: {target}" for md in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+              for target in link.findall(md.read_text()) if "://" not in target
+              and not (md.parent / target).exists()]
+    assert not broken, broken
+
+
+def test_the_product_stands_alone():
+    texts = [ROOT / "README.md", ROOT / "pyproject.toml", *(ROOT / "docs").glob("*.md"), *CODE,
+             *(ROOT / "infra").rglob("*.sh")]
+    hits = [str(p.relative_to(ROOT)) for p in texts if "../shared" in p.read_text() or "DESIGN.md" in p.read_text()]
+    assert not hits, hits

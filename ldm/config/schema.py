@@ -240,7 +240,8 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),
     "diffusion.loss_weighting": _one_of("simple", "min_snr"), "diffusion.min_snr_gamma": _pos,
     "diffusion.offset_noise": _nonneg,
-    "conditioning.kind": (lambda v: v in _kinds(), "a registered kind (ldm/kinds/)"),
+    "conditioning.kind": (lambda v: v in _kinds(),
+                          lambda: "one of the registered kinds (ldm/kinds/): " + ", ".join(map(repr, _kinds()))),
     "conditioning.text_encoder": _one_of("hf", "transformer"),
     "conditioning.text_layer": _one_of("last", "penultimate"), "conditioning.pooled_dim": _nonneg,
     "conditioning.micro_dim": _pos,
@@ -263,4 +264,5 @@ def check_domains(cfg: Any, prefix: str = "") -> None:
         elif key in DOMAINS:
             ok, what = DOMAINS[key]
             if not ok(value):
+                what = what() if callable(what) else what
                 raise ConfigError(f"{key}={value!r} is not valid: it must be {what}")

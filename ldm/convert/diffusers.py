@@ -41,7 +41,7 @@ def _unet_key(k: str, cfg: UNetConfig) -> str:
     if m is None:
         base, leaf = k.rsplit(".", 1)
         if base not in _TOP:
-            raise KeyError(f"{k!r} has no diffusers counterpart (UNet2DConditionModel has no micro_embed)")
+            raise ValueError(f"the UNet weight {k!r} has no counterpart in diffusers' UNet2DConditionModel")
         return f"{_TOP[base]}.{leaf}"
     part, a, b, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
     if part == "middle_block":  # middle_block.0 / .2 are ResBlocks, .1 the transformer

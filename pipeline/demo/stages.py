@@ -39,7 +39,7 @@ def train_stage1(out: Path, size: DemoSize, uri: str, seed: int, log) -> dict:
             return prev
     summary = run_train_autoencoder(AETrainOptions(
         input=str(out / "shards" / "train"), preset="demo", overrides=("loss.rec_loss=l2",), max_steps=size.ae_steps,
-        batch_size=16, lr=2e-3, warmup_steps=20,
+        batch_size=16, lr=2e-3, warmup_steps=20, in_memory="yes",  # 12,000 small images: decode them once
         checkpoint_every=max(100, size.ae_steps // 2), sample_every=max(50, size.ae_steps // 2), log_every=100,
         storage_path=str(out / "runs"), name="stage1", mlflow_uri=uri, experiment="demo-stage1",
         register_model="demo-autoencoder", eval_max_images=min(1000, size.test_images), eval_fd=False,

@@ -74,6 +74,10 @@ def refuse(x: Exportable, fmt: str) -> None:
         raise ValueError(f"a {kind}-conditioned model has no diffusers pipeline and no single-file layout that "
                          f"loads it ({', '.join(PIPELINES.values())} are text-to-image): its ldm-ray export is the "
                          f"model, for jobs/sample.py, the served MLflow model and --init-from")
+    if x.cfg.unet.micro_cond:
+        raise ValueError("the UNet's size-and-crop embedding (unet.micro_cond) has no counterpart in diffusers' "
+                         "UNet2DConditionModel (SDXL's size conditioning is the text_pooled kind's): its ldm-ray "
+                         "export is the model")
     if x.cfg.conditioning.text_encoder != "hf" or not x.text_folders:
         raise ValueError("the model's text encoder is trained with it (conditioning.text_encoder=transformer): no "
                          "Stable Diffusion pipeline loads that; its ldm-ray export is the model")

@@ -4,18 +4,19 @@ from ldm.config import ConfigError, LDMConfig, apply_overrides, config_hash, loa
 from pipeline.presets import PRESETS, get_preset, load_config
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "ldm-kl-8", "sd-v1-like"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "ldm-kl-8", "sd15", "sd21", "sdxl-base"])
 def test_presets_validate(name):
     cfg = get_preset(name).validate()
     assert cfg.name == name
 
 
 def test_required_presets_exist_and_shapes():
-    assert {"tiny", "demo", "ldm-kl-8", "sd-v1-like"} <= set(PRESETS)
+    assert {"tiny", "demo", "ldm-kl-8", "sd15", "sd21", "sdxl-base"} <= set(PRESETS)
     demo = get_preset("demo")
     assert demo.autoencoder.resolution == 32 and demo.autoencoder.downsample_factor == 4
     assert get_preset("ldm-kl-8").autoencoder.downsample_factor == 8
-    assert get_preset("sd-v1-like").unet.context_dim == 768
+    assert get_preset("sd15").unet.context_dim == 768 and get_preset("sd21").unet.context_dim == 1024
+    assert get_preset("sdxl-base").unet.context_dim == 2048
 
 
 def test_yaml_roundtrip(tmp_path):

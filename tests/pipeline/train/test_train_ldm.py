@@ -53,7 +53,7 @@ def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, s
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.safetensors"]
     assert s["model_version"] is not None
     local = mlflow.artifacts.download_artifacts(f"models:/ldm-tiny/{s['model_version']}", tracking_uri=mlflow_server)
-    comps, config, meta = load_components(glob.glob(f"{local}/**/*.safetensors", recursive=True)[0])
+    comps, config, meta = load_components(glob.glob(f"{local}/**/model.safetensors", recursive=True)[0])
     assert {"unet", "ema_unet"} <= set(comps) and config["unet"]["model_channels"] == 32
     assert json.loads(meta["latent_scale"])["scale"] > 0 and json.loads(meta["autoencoder"])["source"] == "random:tiny"
     assert "scale_factor" not in meta and config["scale_factor"] == 0.0  # the scale is stored once, in latent_scale
@@ -348,7 +348,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_explicit_resume_wins(tiny_cach
 
 
 @pytest.mark.parametrize("override, message", [
-    ("conditioning.kind=cls", "conditioning.kind='cls' is not valid: it must be one of 'text', 'class', 'none'"),
+    ("conditioning.kind=cls", "conditioning.kind='cls' is not valid: it must be one of the registered kinds "
+                              "(ldm/kinds/): 'text', 'class', 'none'"),
     ("unet.model_channels=0", "unet.model_channels=0 is not valid: it must be > 0"),
     ("unet.model_channels=-32", "unet.model_channels=-32 is not valid: it must be > 0"),
 ])
