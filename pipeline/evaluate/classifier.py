@@ -100,6 +100,7 @@ def write_judge(path: Path = JUDGE, log=print) -> float:
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp,
               {"test_accuracy": str(acc), "recipe": json.dumps(RECIPE)})
+    os.chmod(tmp, 0o644)  # a file of the repository: readable by everyone, as git checks it out
     os.replace(tmp, path)
     return acc
 

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -39,8 +40,10 @@ def metric_history(uri, run_id, key):
     return [m.value for m in sorted(mlflow.MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, stage):
+def test_zero3_run_tracks_to_mlflow_server_and_registers_a_pyfunc(tiny_cache, mlflow_server, tmp_path):
+    """Two workers under ZeRO-3 (the partitioned weights gathered for samples and the export; every other run here
+    is ZeRO-2 or plain DDP) tracked to a real `mlflow server`."""
+    stage = 3
     s = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, mlflow_uri=mlflow_server,
                         experiment=f"zero{stage}", name=f"z{stage}"))
     assert s["step"] == 12 and s["images_seen"] == 12 * 8 * 2
@@ -60,18 +63,18 @@ def test_zero_runs_track_to_mlflow_server(tiny_cache, mlflow_server, tmp_path, s
     # ema differs from the raw weights after training
     k = "out.2.weight"
     assert not torch.equal(comps["unet"][k], comps["ema_unet"][k])
-    if stage == 2:  # the registered version is an MLflow pyfunc: load it from the registry and predict images
-        import io
+    # the registered version is an MLflow pyfunc: load it from the registry and predict images
+    import io
 
-        import pandas as pd
-        from PIL import Image
-        model = mlflow.pyfunc.load_model(f"models:/ldm-tiny/{s['model_version']}")
-        out = model.predict(pd.DataFrame({"prompt": ["a photo of a bag", "a photo of a dress"], "seed": [3, 4]}),
-                            params={"steps": 2, "cfg_scale": 2.0})
-        assert list(out.columns) == ["prompt", "seed", "image"] and list(out["seed"]) == [3, 4]
-        assert Image.open(io.BytesIO(out["image"][0])).size == (16, 16)
-        with pytest.raises(Exception, match="prompt"):
-            model.predict(pd.DataFrame({"caption": ["x"]}))
+    import pandas as pd
+    from PIL import Image
+    model = mlflow.pyfunc.load_model(f"models:/ldm-tiny/{s['model_version']}")
+    out = model.predict(pd.DataFrame({"prompt": ["a photo of a bag", "a photo of a dress"], "seed": [3, 4]}),
+                        params={"steps": 2, "cfg_scale": 2.0})
+    assert list(out.columns) == ["prompt", "seed", "image"] and list(out["seed"]) == [3, 4]
+    assert Image.open(io.BytesIO(out["image"][0])).size == (16, 16)
+    with pytest.raises(Exception, match="prompt"):
+        model.predict(pd.DataFrame({"caption": ["x"]}))
     # the export also lies in the last Ray checkpoint
     assert Path(s["export"]).exists()
 
@@ -295,12 +298,26 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_checkpoint_that_carries_code_is_refused_not_run(tiny_cache, tmp_path):
+@pytest.fixture(scope="module")
+def checkpointed(tiny_cache, tmp_path_factory):
+    """(storage path, summary) of a 6-step one-worker run with a checkpoint every 2 steps, all kept: [2, 4, 6]."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    s = run_train(topts(tiny_cache, root, num_workers=1, max_steps=6, checkpoint_every=2, keep_checkpoints=10,
+                        sample_every=0, log_every=1, name="fallback"))
+    return root, s
+
+
+def run_checkpoints(run_dir: Path) -> tuple[list[Path], list[int]]:
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return ckpts, [json.loads((c / "train_state.json").read_text())["step"] for c in ckpts]
+
+
+def test_checkpoint_that_carries_code_is_refused_not_run(tiny_cache, checkpointed, tmp_path):
     from pipeline.train.checkpoints import seal
     from pipeline.common.errors import CheckpointError
-    good = run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=4, checkpoint_every=100, sample_every=0,
-                           name="victim", max_failures=3))
-    ckpt = Path(good["checkpoint"])
+    first = run_checkpoints(checkpointed[0] / "runs" / "fallback")[0][0]  # step 2: no other test alters it
+    ckpt = tmp_path / "runs" / "victim" / first.name  # a copy, as it would lie in a run dir of its own
+    shutil.copytree(first, ckpt)
     marker = tmp_path / "PWNED"
     target = ckpt / "ds" / "mp_rank_00_model_states.pt"
     state = torch.load(target, weights_only=True)
@@ -315,36 +332,31 @@ def test_checkpoint_that_carries_code_is_refused_not_run(tiny_cache, tmp_path):
     assert time.time() - t0 < 120  # raised as itself, at once: not after 3 worker-group restarts
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_explicit_resume_wins(tiny_cache, tmp_path):
-    def job(*extra, name="fallback"):
-        cmd = [sys.executable, str(ROOT / "jobs" / "train_ldm.py"), "--latents", tiny_cache, "--preset", "tiny",
-               *TINY_TEXT, "--num-workers", "1", "--zero-stage", "2", "--batch-size", "8", "--checkpoint-every", "2",
-               "--keep-checkpoints", "10", "--sample-every", "0", "--log-every", "1", "--storage-path",
-               str(tmp_path / "runs"), "--name", name, *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def test_corrupt_latest_checkpoint_falls_back_and_explicit_resume_wins(tiny_cache, checkpointed):
+    root, _ = checkpointed
+    run_dir = root / "runs" / "fallback"
 
-    r = job("--max-steps", "6")
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpts = sorted(p for p in (tmp_path / "runs" / "fallback").glob("checkpoint_*") if p.is_dir())
-    steps = [json.loads((c / "train_state.json").read_text())["step"] for c in ckpts]
-    assert steps == [2, 4, 6], steps
+    def run(max_steps, resume=""):
+        return run_train(topts(tiny_cache, root, num_workers=1, max_steps=max_steps, checkpoint_every=2,
+                               keep_checkpoints=10, sample_every=0, log_every=1, name="fallback", resume=resume))
+
+    ckpts, got = run_checkpoints(run_dir)
+    assert got == [2, 4, 6], got
     bad = ckpts[-1] / "ds" / "mp_rank_00_model_states.pt"
     bad.write_bytes(bad.read_bytes()[:1000])  # truncated: a crash mid-upload, a full disk
-    r = job("--max-steps", "8")
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
-    assert f"checkpoint {ckpts[-1]} is corrupt: ds/mp_rank_00_model_states.pt has 1000 bytes" in out
-    assert "resumed at step 4" in out and "done: step 8" in out
-    # an explicit --resume is honoured over the run's own latest checkpoint
-    r = job("--max-steps", "5", "--resume", str(ckpts[0]))
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "resumed at step 2" in out and "done: step 5" in out, out[-3000:]
-    # ... and an explicit one that is corrupt is refused with exit 2, naming the file, before Ray starts
+    assert run(8)["step"] == 8
+    assert run_checkpoints(run_dir)[1] == [2, 4, 6, 6, 8]  # resumed from step 4, the newest intact checkpoint
+    # an explicit --resume is honoured over the run's own latest checkpoint (step 8): from step 2 on to 5
+    assert run(5, resume=str(ckpts[0]))["step"] == 5
+    assert run_checkpoints(run_dir)[1] == [2, 4, 6, 6, 8, 4, 5]
+    # ... and an explicit one that is corrupt is refused by the job with exit 2, naming the file, before Ray starts
     (ckpts[1] / "train_state.json").write_text("")
-    r = job("--max-steps", "9", "--resume", str(ckpts[1]), name="explicit-bad")
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_ldm.py"), "--latents", tiny_cache, "--preset",
+                        "tiny", *TINY_TEXT, "--max-steps", "9", "--resume", str(ckpts[1]), "--storage-path",
+                        str(root / "runs"), "--name", "explicit-bad"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"checkpoint {ckpts[1]} is corrupt: train_state.json has 0 bytes" in r.stderr.splitlines()[-1]
-    assert "[train] ray " not in r.stdout and not (tmp_path / "runs" / "explicit-bad").exists()
+    assert "[train] ray " not in r.stdout and not (root / "runs" / "explicit-bad").exists()
 
 
 @pytest.mark.parametrize("override, message", [
