@@ -55,8 +55,8 @@ def parse(argv=None):
                    "data position restarts; this run gets its own --name and MLflow run, filed under the other's. "
                    "--max-steps counts on from the other's steps")
     d.add_argument("--init-from", default=D["init_from"],
-                   help="start a new run from these weights: a Stable Diffusion diffusers folder or single .safetensors "
-                   "/.ckpt file (SD 1.x, 2.x, SDXL base), or an export of ours (a folder, mlflow:RUN_ID or "
+                   help="start a new run from these weights: a Stable Diffusion diffusers folder or single "
+                   ".safetensors/.ckpt file (SD 1.x, 2.x, SDXL base), or an export of ours (a folder, mlflow:RUN_ID or "
                    "models:/NAME/VERSION). Without --preset the config comes from the model; the cache must be "
                    "encoded with the same autoencoder and text encoder (encode_latents.py --autoencoder/--text-encoder "
                    "FOLDER). The weights carry over (the run's EMA starts from the source's EMA where it has one); the "

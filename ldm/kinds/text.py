@@ -94,14 +94,19 @@ class Text(Kind):
         return self._encode(c, prompts), {k: v.expand(len(prompts), *v.shape[1:]) for k, v in c.null.items()}
 
     def sample_prompts(self, cfg, rows, side):
-        seen: list[str] = []
-        for r in rows:
-            if r["caption"] and r["caption"] not in seen:
-                seen.append(r["caption"])
-        return seen[:8] or [""]
+        return distinct_captions(rows)
 
     def held_out(self, cfg, held) -> list:
         return list(held.captions)
+
+
+def distinct_captions(rows, n: int = 8) -> list[str]:
+    """The first n distinct non-empty captions of the rows (the sample grid's prompts), or one empty prompt."""
+    seen: list[str] = []
+    for r in rows:
+        if r["caption"] and r["caption"] not in seen:
+            seen.append(r["caption"])
+    return seen[:n] or [""]
 
 
 def masked(c, cond: dict, mask):

@@ -11,7 +11,7 @@ import torch
 from ldm.kinds.base import CacheMismatch, Input, Kind, register
 from ldm.kinds.common import apply_drop
 from ldm.kinds.inputs import read_text
-from ldm.kinds.text import check_embeddings
+from ldm.kinds.text import check_embeddings, distinct_captions
 
 
 def size_features(micro: torch.Tensor, dim: int) -> torch.Tensor:
@@ -92,11 +92,7 @@ class TextPooled(Kind):
                 None if uncond is None else self.with_sizes(c, uncond, micro, keep))
 
     def sample_prompts(self, cfg, rows, side):
-        seen: list[str] = []
-        for r in rows:
-            if r["caption"] and r["caption"] not in seen:
-                seen.append(r["caption"])
-        return seen[:8] or [""]
+        return distinct_captions(rows)
 
     def held_out(self, cfg, held) -> list:
         return list(held.captions)

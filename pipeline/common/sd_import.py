@@ -3,7 +3,6 @@
 diffusers folder once (kept under the cache, keyed by the file's content), so everything downstream reads folders."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -37,14 +36,6 @@ def _ours(path: Path) -> bool:
         return (f.metadata() or {}).get("format", "").startswith("ldm-ray")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_sd(path: str, tokenizers: tuple[str, ...] = (), prediction: str = "") -> Path:
     """A local diffusers folder for a Stable Diffusion model: the folder itself, an s3:// folder copied once, or a
     single file converted once into $LDM_CACHE/imported/<sha256>/ (written under a temporary name, then renamed)."""
@@ -60,7 +51,7 @@ def resolve_sd(path: str, tokenizers: tuple[str, ...] = (), prediction: str = ""
     if not local.exists():
         raise FileNotFoundError(f"Stable Diffusion checkpoint {path!r} does not exist")
     from ldm.convert.single_file import to_pipeline
-    dest = cache_root() / "imported" / f"{sha256_of(local)[:16]}{('-' + prediction) if prediction else ''}"
+    dest = cache_root() / "imported" / f"{storage.sha256_files(local)[:16]}{('-' + prediction) if prediction else ''}"
     if not (dest / "model_index.json").exists():
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

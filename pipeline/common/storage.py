@@ -6,6 +6,7 @@ Local files are written under a temporary name and renamed; an object-store PUT 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,16 @@ from typing import Any
 import fsspec
 
 from ldm.checkpoint import atomic_write_bytes
+
+
+def sha256_files(*paths) -> str:
+    """sha256 of local files' bytes, read in 4 MiB blocks, in the order given (one file: that file's sha256)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def is_remote(uri: str) -> bool:

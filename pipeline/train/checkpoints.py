@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -58,14 +57,6 @@ def harden_deepspeed(engine) -> None:
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(d: str) -> list[str]:
     out = []
     for root, _, names in os.walk(d):
@@ -79,7 +70,7 @@ def _files(d: str) -> list[str]:
 def seal(d: str, rank: int, world: int, own: list[str] | None = None) -> None:
     """Written last by each rank into its checkpoint dir: what it wrote, so a reader can tell a whole checkpoint
     from a truncated, emptied or half-uploaded one."""
-    files = {rel: {"bytes": os.path.getsize(os.path.join(d, rel)), "sha256": _sha256(os.path.join(d, rel))}
+    files = {rel: {"bytes": os.path.getsize(os.path.join(d, rel)), "sha256": storage.sha256_files(os.path.join(d, rel))}
              for rel in (own if own is not None else _files(d))}
     with open(os.path.join(d, f"{SEAL}{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world": world, "files": files}, f)
@@ -105,7 +96,7 @@ def verify(d: str, hashes: bool = True) -> list[str] | None:
                 problems.append(f"{rel} is missing")
             elif os.path.getsize(p) != want["bytes"]:
                 problems.append(f"{rel} has {os.path.getsize(p)} bytes, {want['bytes']} were written")
-            elif hashes and _sha256(p) != want["sha256"]:
+            elif hashes and storage.sha256_files(p) != want["sha256"]:
                 problems.append(f"{rel} does not match its sha256")
     if world is not None and len(seals) != world:
         problems.append(f"{len(seals)} of {world} ranks' seals present")

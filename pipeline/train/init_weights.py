@@ -3,13 +3,13 @@ UNet, and its EMA where a single file keeps one) or an ldm-ray export (UNet, EMA
 config comes with it unless --preset names one, and the weights must fit the run's config exactly."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ldm.config import LDMConfig
+from pipeline.common import storage
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,7 @@ class InitFrom:
 def _digest(path: Path) -> str:
     """sha256 of a file, or of a folder's weight files in name order (what identifies the source's weights)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin"))
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    return storage.sha256_files(*files)
 
 
 def load_init(path: str, tracking_uri: str = "") -> InitFrom:
