@@ -18,7 +18,12 @@ def cache_root() -> Path:
 def is_sd(path: str) -> bool:
     """Whether `path` names a Stable Diffusion model (a diffusers folder or a single file) rather than an export."""
     if storage.is_remote(path):
-        return storage.exists(storage.join(path, "model_index.json")) or _single_file_suffix(path)
+        if storage.exists(storage.join(path, "model_index.json")):
+            return True
+        if not _single_file_suffix(path):
+            return False
+        from pipeline.common.models import local_file
+        return not _ours(Path(local_file(path)))  # copied once into the cache: the copy a load would read anyway
     p = Path(path)
     return (p.is_dir() and is_pipeline_folder(p)) or (p.is_file() and _single_file_suffix(path) and not _ours(p))
 
