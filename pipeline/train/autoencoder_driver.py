@@ -68,7 +68,7 @@ def run_train_autoencoder(opts: AETrainOptions, log=print, parent_run_id: str = 
         f"run dir {plan.run_dir}")
     t0 = time.time()
     result = kit.fit(ae_train_loop, job, opts, plan, res, {"train": ds})
-    export = storage.join(result.checkpoint.path, "export", "autoencoder.safetensors")
+    export = storage.join(kit.checkpoint_uri(result, plan), "export", "autoencoder.safetensors")
     metrics = result.metrics or {}
     summary = {"run_dir": plan.run_dir, "name": plan.name, "export": export, "step": metrics.get("step"),
                "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id, "reg": ae.reg,

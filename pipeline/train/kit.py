@@ -155,6 +155,15 @@ def fit(loop, job, opts: RunOptions, plan: RunPlan, res: Resources, datasets: di
     return result
 
 
+def checkpoint_uri(result, plan: RunPlan) -> str | None:
+    """The result's last checkpoint as a URI that storage/fsspec reads: Ray Train gives a remote one's path
+    without its protocol ('bucket/runs/...'), so it gets the run dir's back."""
+    if not result.checkpoint:
+        return None
+    path = result.checkpoint.path
+    return path if "://" in path else storage.unstrip(None, path, plan.run_dir)
+
+
 # ---------------------------------------------------------------- worker side
 def _quiet(*_) -> None:
     pass

@@ -345,6 +345,9 @@ def log_diffusers(opts: TrainOptions, run_id: str, summary: dict, log) -> None:
             mlflow.MlflowClient(opts.mlflow_uri).log_artifacts(run_id, f"{d}/diffusers", "diffusers")
     except ValueError as e:  # a kind without a diffusers pipeline: its export is the model
         log(f"[mlflow] no diffusers folder: {e}")
+    except Exception as e:  # noqa: BLE001 - the trained model is safe in the checkpoint and registered already
+        log(f"[mlflow] WARNING: the diffusers folder could not be written ({type(e).__name__}: {e}); "
+            f"`jobs/export.py --model {summary['export']} --format diffusers` writes it later")
 
 
 def stream_columns(cfg, cached_emb: bool) -> list[str]:
@@ -356,15 +359,16 @@ def stream_columns(cfg, cached_emb: bool) -> list[str]:
 
 
 def summarize(result, plan, run_id: str, seconds: float) -> dict:
+    from pipeline.train import kit
     metrics = result.metrics or {}
     summary = {"run_dir": plan.run_dir, "name": plan.name, "mlflow_run_id": run_id, "seconds": round(seconds, 1),
-               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "checkpoint": kit.checkpoint_uri(result, plan),
                "samples_per_s": metrics.get("steady_samples_per_s"),
                # rank 0's reads: part files read from storage, epochs begun or resumed by this run's workers
                "parts_read": metrics.get("parts_read"), "epochs_begun": metrics.get("epochs_begun")}
     summary.update({k: metrics.get(k) for k in ("step", "loss", "images_seen", "skipped_steps")})
     if result.checkpoint:
-        summary["export"] = storage.join(result.checkpoint.path, "export", "model.safetensors")
+        summary["export"] = storage.join(summary["checkpoint"], "export", "model.safetensors")
     return summary
 
 

@@ -185,6 +185,9 @@ def test_ray_job_submit_encode_then_train(stack):
         a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.safetensors"]
     assert client.search_model_versions("name='ldm-tiny'")
+    # the export read back from s3:// by the driver: the served model and the diffusers folder beside it
+    assert "diffusers/model_index.json" in {a.path for a in client.list_artifacts(run.info.run_id, "diffusers")}
+    assert "[mlflow] WARNING" not in log
     assert fs.exists("ldm/runs/e2e")
     (enc_run,) = client.search_runs([client.get_experiment_by_name("encode_latents").experiment_id],
                                     "tags.latent_cache = 's3://ldm/latents'")
