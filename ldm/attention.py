@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class CrossAttention(nn.Module):
@@ -65,8 +66,14 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout, upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.checkpointed = False  # UNetModel.set_grad_checkpointing
 
     def forward(self, x, context=None, mask=None):
+        if self.checkpointed and torch.is_grad_enabled():  # activations recomputed in backward, not kept
+            return checkpoint(self._forward, x, context, mask, use_reentrant=False)
+        return self._forward(x, context, mask)
+
+    def _forward(self, x, context=None, mask=None):
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context, mask if context is not None else None) + x
         return self.ff(self.norm3(x)) + x

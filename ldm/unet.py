@@ -10,8 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ldm.attention import SpatialTransformer
+from ldm.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.config import UNetConfig
 
 
@@ -47,8 +48,14 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.out_layers[-1].weight)  # zero-init the residual branch
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        self.checkpointed = False
 
     def forward(self, x, emb):
+        if self.checkpointed and torch.is_grad_enabled():  # activations recomputed in backward, not kept
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):
         h = self.in_layers(x)
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
@@ -151,6 +158,15 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, on: bool = True) -> "UNetModel":
+        """Activation checkpointing: each residual and transformer block keeps only its inputs in forward and
+        recomputes the rest in backward (the same gradients, for about one more forward pass)."""
+        for m in self.modules():
+            if isinstance(m, (ResBlock, BasicTransformerBlock)):
+                m.checkpointed = on
+        return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, mask: torch.Tensor | None = None,

@@ -81,6 +81,7 @@ class UNetConfig:
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
     norm_groups: int = 32
+    grad_checkpointing: bool = False     # recompute each residual/transformer block in backward: memory for time
 
     def __post_init__(self):
         if isinstance(self.transformer_depth, int):  # one depth for every level, as CompVis configs write it

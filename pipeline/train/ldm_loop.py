@@ -28,13 +28,13 @@ from ldm.autoencoder import DiagonalGaussian
 from ldm.conditioning import Conditioner, drop_mask
 from ldm.config import LDMConfig, to_dict
 from ldm.diffusion import Schedule, diffusion_loss
-from ldm.ema import EMA
 from ldm.latent_scale import LatentScale
 from ldm.model import LatentDiffusion
 from pipeline.common.errors import CheckpointError, NonFiniteLoss
 from pipeline.train.checkpoints import harden_deepspeed, read_state, safe_load
 from pipeline.train.kit import Progress, Worker, WorkerRun, restore_checkpoint, save_checkpoint
 from pipeline.train.options import TrainOptions, load_deepspeed_preset, lr_lambda
+from pipeline.train.sharded_ema import RankZeroEMA, ShardedEMA, build_ema
 
 
 @dataclass(frozen=True)
@@ -153,20 +153,20 @@ def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int, job: "LDMJo
     rng = os.path.join(d, f"rng_rank{rank}.pt")
     if os.path.exists(rng):
         t.gen.set_state(safe_load(rng))
-    if t.ema is not None:
-        t.ema.load_state_dict(safe_load(os.path.join(d, "ema.pt")))
+    t.ema.load(d)
 
 
-def export(job: LDMJob, engine, ema: EMA | None, step: int, out_dir: str) -> str | None:
+def export(job: LDMJob, engine, ema: RankZeroEMA | ShardedEMA, rank: int, step: int, out_dir: str) -> str | None:
     """Rank 0: consolidated safetensors (UNet, EMA UNet, trained text transformer), the config, the latent scale
     and the identities of the first stage and text encoder. Every rank calls it (ZeRO-3 gathers)."""
     from ldm.checkpoint import save_components
-    if ema is None and job.opts.zero_stage != 3:  # ZeRO-3 ranks without the EMA still join the gather
+    if rank != 0 and job.opts.zero_stage != 3:  # ZeRO-3 ranks still join the gathers
         return None
     full = full_state(engine, job.opts.zero_stage)
-    if ema is None:
+    shadow = ema.full()
+    if rank != 0:
         return None
-    shadow = ema.state_dict()["shadow"]
+    shadow = {k: v.cpu() for k, v in shadow.items()}
     comps = {"unet": _split(full, "unet."), "ema_unet": _split(shadow, "unet.")}
     if engine.module.cond_stage is not None:
         comps["cond_stage"] = _split(full, "cond_stage.")
@@ -186,11 +186,11 @@ def checkpoint(job: LDMJob, w: Worker, t: "Trainee", state: dict, metrics: dict,
     with save_checkpoint(w, metrics, every_rank_writes=True) as d:
         t.engine.save_checkpoint(d, tag="ds", client_state={"step": state["step"]})
         torch.save(t.gen.get_state(), os.path.join(d, f"rng_rank{w.rank}.pt"))
-        if t.ema is not None:
-            torch.save(t.ema.state_dict(), os.path.join(d, "ema.pt"))
+        t.ema.save(d)  # ema.pt from rank 0, or (ZeRO-3) every rank's ema_rank{r}.pt
+        if w.rank == 0:
             with open(os.path.join(d, "train_state.json"), "w") as f:
                 json.dump(state, f)
-        path = export(job, t.engine, t.ema, state["step"], os.path.join(d, "export")) if final else None
+        path = export(job, t.engine, t.ema, w.rank, state["step"], os.path.join(d, "export")) if final else None
         if path:
             w.tracker.artifact(path, "model")
 
@@ -210,11 +210,11 @@ class EMAImages:
         return self.first_stage
 
     @torch.no_grad()
-    def __call__(self, ema: EMA, prompts: list, seeds: list[int] | None = None) -> torch.Tensor:
+    def __call__(self, ema: dict, prompts: list, seeds: list[int] | None = None) -> torch.Tensor:
         from ldm.sampling import generate
         job, o, dev = self.job, self.job.opts, self.w.device
         net = LatentDiffusion(job.cfg).to(dev).eval()
-        net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}, strict=False)
+        net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.items()}, strict=False)
         if self.conditioner.encode is None:  # a kind that encodes images (inpainting's held-out images and masks)
             from ldm.autoencoder import pixel_encoder
             self.conditioner.encode = pixel_encoder(self.decoder().model)
@@ -224,7 +224,7 @@ class EMAImages:
                         parameterization=job.cfg.diffusion.parameterization, device=dev, seeds=seeds).cpu()
 
 
-def sample_grid(make: EMAImages, ema: EMA, step: int) -> None:
+def sample_grid(make: EMAImages, ema: dict, step: int) -> None:
     """A grid from the fixed prompts and seed, logged to MLflow with its prompts."""
     from pipeline.evaluate.grid import save_grid
     job, w = make.job, make.w
@@ -255,7 +255,7 @@ class SampleEval:
         self.prompts = kind.held_out(cfg, held)
         self.scores = SampleScores(load_feature_net(), held.images)
 
-    def __call__(self, ema: EMA, step: int) -> dict:
+    def __call__(self, ema: dict, step: int) -> dict:
         from pipeline.evaluate.scores import format_scores, from_uint8, to_uint8
         images = from_uint8(to_uint8(self.make(ema, self.prompts, seeds=list(range(len(self.prompts))))))
         r = self.scores.score(images, seed=0)
@@ -269,10 +269,19 @@ class SampleEval:
 
 
 class NanGuard:
-    """Skips a step whose loss or gradients are not finite; raises after `tolerance` such steps in a row."""
+    """One rule for non-finite values, counted in optimizer steps. A micro-batch whose loss is not finite is set
+    aside before backward (on every rank) and the next batch takes its place; a step whose gradients DeepSpeed
+    finds non-finite is not applied and its losses are dropped. Since the last applied step, --grad-accum set-aside
+    micro-batches (or part of them) count as one skipped step, and each step not applied as one; `skipped_steps`
+    and --nan-tolerance (skipped steps in a row) count those."""
 
-    def __init__(self, tolerance: int, state: dict, w: Worker):
-        self.tolerance, self.state, self.w, self.in_a_row = tolerance, state, w, 0
+    def __init__(self, tolerance: int, grad_accum: int, state: dict, w: Worker):
+        self.tolerance, self.grad_accum, self.state, self.w = tolerance, grad_accum, state, w
+        self.set_aside = self.not_applied = 0  # since the last applied step
+
+    @property
+    def in_a_row(self) -> int:
+        return -(-self.set_aside // self.grad_accum) + self.not_applied
 
     def finite(self, loss: torch.Tensor) -> bool:
         """Every rank agrees before anyone calls backward (the flag lives on the loss's device: NCCL reduces
@@ -280,14 +289,24 @@ class NanGuard:
         ok = torch.isfinite(loss.detach()).float().reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1:
-            self.skip("non-finite loss", "non-finite losses")
+            before = self.in_a_row
+            self.set_aside += 1
+            self._count(self.in_a_row - before, "non-finite loss, micro-batch set aside", "non-finite losses")
         return ok.item() >= 1
 
-    def skip(self, what: str, plural: str) -> None:
-        self.state["skipped_steps"] += 1
-        self.in_a_row += 1
+    def applied(self, applied: bool) -> bool:
+        """After an optimizer step: False (and counted) when DeepSpeed skipped it for non-finite gradients."""
+        if applied:
+            self.set_aside = self.not_applied = 0
+            return True
+        self.not_applied += 1
+        self._count(1, "non-finite gradient, step not applied", "non-finite gradient steps")
+        return False
+
+    def _count(self, new_steps: int, what: str, plural: str) -> None:
+        self.state["skipped_steps"] += new_steps
         self.w.tracker.metric("skipped_steps", self.state["skipped_steps"], self.state["step"])
-        self.w.say(f"step {self.state['step']}: {what}, step skipped ({self.in_a_row} in a row, "
+        self.w.say(f"after step {self.state['step']}: {what} ({self.in_a_row} skipped step(s) in a row, "
                    f"{self.state['skipped_steps']} in all)")
         if self.in_a_row >= self.tolerance:
             self.w.tracker.flush()
@@ -341,11 +360,12 @@ def log_step(w: Worker, progress: Progress, state: dict, loss: float, engine, lr
 
 @dataclass
 class Trainee:
-    """What a worker trains with: DeepSpeed's engine and LR schedule, the conditioner, EMA (rank 0), the noise."""
+    """What a worker trains with: DeepSpeed's engine and LR schedule, the conditioner, the EMA (ZeRO-3: this rank's
+    partition of it; below: rank 0's whole one), the noise."""
     engine: object
     lr_sched: object
     conditioner: Conditioner
-    ema: EMA | None
+    ema: RankZeroEMA | ShardedEMA
     schedule: Schedule
     gen: torch.Generator
 
@@ -372,18 +392,9 @@ class Trainee:
             lr_scheduler=partial(torch.optim.lr_scheduler.LambdaLR,
                                  lr_lambda=lr_lambda(o.lr_schedule, o.warmup_steps, o.max_steps, o.min_lr_ratio)))
         harden_deepspeed(engine)  # its checkpoint files are read weights-only, like every other file we load
-        weights = full_state(engine, o.zero_stage)  # ZeRO-3: a collective, so every rank gathers
-        ema = EMA(init.ema if init else weights, o.ema_decay).to(w.device) if w.rank == 0 else None
+        ema = build_ema(engine, o.zero_stage, w.rank, w.world, o.ema_decay, init.ema if init else None)
         gen = torch.Generator(device=w.device).manual_seed(o.seed * 1000 + w.rank)
         return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gen)
-
-    def update_ema(self, zero_stage: int) -> None:
-        """Rank 0 keeps the average; at ZeRO-3 the gather is a collective that every rank joins."""
-        if self.ema is None and zero_stage != 3:
-            return
-        weights = full_state(self.engine, 3) if zero_stage == 3 else self.engine.module.state_dict()
-        if self.ema is not None:
-            self.ema.update(weights)
 
 
 def restored(job: LDMJob, w: Worker, t: Trainee) -> dict:
@@ -412,42 +423,35 @@ def train_loop_per_worker(config: dict) -> None:
     state = restored(job, w, t)
 
     # ---- the loop: micro-steps of L_LDM until an optimizer step is applied, then the periodic work
-    progress, guard = Progress(state, o.max_steps), NanGuard(o.nan_tolerance, state, w)
+    progress, guard = Progress(state, o.max_steps), NanGuard(o.nan_tolerance, o.grad_accum, state, w)
     make = EMAImages(job, w, t.conditioner)
-    evaluate = SampleEval(make) if t.ema is not None and o.eval_every else None
+    evaluate = SampleEval(make) if w.rank == 0 and o.eval_every else None
     losses, last_loss = [], float("nan")
     data = job.data.batches(o, w)
     # the data position counts a batch as consumed once it is handed out: stop before asking for one more
     for batch in data(state) if state["step"] < o.max_steps else ():
         loss, n = ldm_loss(t.engine, batch, job, t.conditioner, t.schedule, t.gen, w.device)
-        if not guard.finite(loss):
+        if not guard.finite(loss):  # set aside: the next batch takes its place
             continue
         t.engine.backward(loss)
         t.engine.step()
         losses.append(loss.item())
-        if len(losses) % o.grad_accum:
+        if len(losses) < o.grad_accum:
             continue
-        if not t.engine.was_step_applied():  # DeepSpeed saw non-finite gradients and skipped the update
-            guard.skip("non-finite gradient", "non-finite gradient steps")
+        step_losses, losses = losses, []
+        if not guard.applied(t.engine.was_step_applied()):  # non-finite gradients: DeepSpeed skipped the update
             continue
-        guard.in_a_row = 0
         state["step"] += 1
         state["images_seen"] += n * o.grad_accum * w.world
-        last_loss, losses = mean_over_ranks(losses, w), []
+        last_loss = mean_over_ranks(step_losses, w)  # the mean of the applied step's micro-batches
         step = state["step"]
 
         # ---- periodic work: EMA, the step line, a sample grid, a checkpoint
         if step % o.ema_every == 0:
-            t.update_ema(o.zero_stage)
+            t.ema.update()  # ZeRO-3: each rank its own partition, no collective
         progress.tick()
         log_step(w, progress, state, last_loss, t.engine, t.lr_sched.get_last_lr()[0], o.log_every)
-        if t.ema is not None and o.sample_every and step % o.sample_every == 0 and job.autoencoder:
-            try:
-                sample_grid(make, t.ema, step)
-            except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
-                w.say(f"WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
-        if evaluate is not None and progress.due(o.eval_every):
-            evaluate(t.ema, step)
+        ema_images(job, t, make, evaluate, progress)
         if step >= o.max_steps:
             break
         if step % o.checkpoint_every == 0:
@@ -457,6 +461,24 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint(job, w, t, state, {**metrics(state, last_loss), "steady_samples_per_s": progress.steady(),
                                   "parts_read": data.reader.parts_read, "epochs_begun": data.epochs}, final=True)
     w.tracker.flush()
+
+
+def ema_images(job: LDMJob, t: Trainee, make: EMAImages, evaluate: SampleEval | None, progress: Progress) -> None:
+    """The sample grid and the evaluation when due, from the whole EMA (at ZeRO-3 gathered: every rank joins)."""
+    o, step, w = job.opts, progress.state["step"], make.w
+    grid = bool(o.sample_every and step % o.sample_every == 0 and job.autoencoder)
+    if not (grid or progress.due(o.eval_every)):
+        return
+    ema = t.ema.full()
+    if ema is None:  # not rank 0
+        return
+    if grid:
+        try:
+            sample_grid(make, ema, step)
+        except Exception as e:  # noqa: BLE001 - a sampling problem must not kill training
+            w.say(f"WARNING: sampling at step {step} failed: {type(e).__name__}: {e}")
+    if evaluate is not None and progress.due(o.eval_every):
+        evaluate(ema, step)
 
 
 def mean_over_ranks(losses: list[float], w: Worker) -> float:

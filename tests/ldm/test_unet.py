@@ -1,6 +1,9 @@
+from dataclasses import replace
+
+import pytest
 import torch
 
-from ldm.config import UNetConfig, get_preset
+from ldm.config import PRESETS, UNetConfig, get_preset
 from ldm.unet import UNetModel, timestep_embedding
 
 
@@ -62,3 +65,49 @@ def test_runs_in_its_weights_dtype_like_a_deepspeed_bf16_module():
         out = unet.to(torch.bfloat16)(x, t, context=ctx)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+def _small(cfg: UNetConfig) -> UNetConfig:
+    """A preset's UNet structure (levels, attention, depths, conditioning inputs) at a width that runs in a test."""
+    return replace(cfg, model_channels=16, norm_groups=8, dropout=0.1,
+                   num_head_channels=8 if cfg.num_head_channels > 0 else -1,
+                   num_heads=2 if cfg.num_head_channels <= 0 else cfg.num_heads,
+                   transformer_depth=tuple(min(d, 2) for d in cfg.transformer_depth),
+                   transformer_depth_middle=min(cfg.transformer_depth_middle, 2),
+                   context_dim=min(cfg.context_dim, 64) if cfg.context_dim else None,
+                   adm_in_channels=min(cfg.adm_in_channels, 24))
+
+
+def _inputs(cfg: UNetConfig, g: torch.Generator) -> dict:
+    side = 2 ** (len(cfg.channel_mult) - 1) * 2
+    kw = {"x": torch.randn(2, cfg.in_channels, side, side, generator=g), "t": torch.tensor([3, 700])}
+    if cfg.context_dim:
+        kw["context"] = torch.randn(2, 5, cfg.context_dim, generator=g)
+    if cfg.num_classes:
+        kw["y"] = torch.tensor([0, cfg.num_classes - 1])
+    elif cfg.adm_in_channels:
+        kw["y"] = torch.randn(2, cfg.adm_in_channels, generator=g)
+    if cfg.micro_cond:
+        kw["micro"] = torch.tensor([[64.0, 48, 0, 8, 64, 64], [32, 32, 4, 0, 64, 64]])
+    return kw
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_activation_checkpointing_gives_the_plain_models_gradients(preset):
+    cfg = _small(get_preset(preset).unet)
+    torch.manual_seed(0)
+    plain = UNetModel(cfg).train()
+    for p in plain.parameters():  # off the zero-init so every block's gradient is non-trivial
+        p.data.add_(0.05 * torch.randn_like(p))
+    ckpt = UNetModel(replace(cfg, grad_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert sum(m.checkpointed for m in ckpt.modules() if hasattr(m, "checkpointed")) >= 2
+    kw = _inputs(cfg, torch.Generator().manual_seed(1))
+    grads = []
+    for net in (plain, ckpt):
+        torch.manual_seed(2)  # the same dropout masks: checkpointing replays the RNG in its recomputation
+        net(**kw).square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in net.named_parameters()})
+    for k, g in grads[0].items():
+        assert torch.allclose(g, grads[1][k], atol=1e-5, rtol=1e-5), (preset, k)
+    assert any(g.abs().sum() > 0 for g in grads[1].values())

@@ -1,0 +1,180 @@
+"""The EMA of a DeepSpeed-trained model, kept where its weights are.
+
+ZeRO 0-2 (`RankZeroEMA`): every rank holds the whole model, so rank 0 keeps the whole fp32 average (ldm/ema.py).
+ZeRO-3 (`ShardedEMA`): each rank holds one flat partition of every parameter (`p.ds_tensor`) and keeps the fp32
+average of that partition only, updated from it with no collective; the whole average is gathered to rank 0 only
+when a sample grid, an evaluation or the export needs it. Both save into the checkpoint dir (`ema.pt` from rank 0;
+ZeRO-3: `ema_rank{r}.pt` from every rank) and read either form back at any world size.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from ldm.ema import EMA, ema_decay
+from pipeline.common.errors import CheckpointError
+from pipeline.train.checkpoints import safe_load
+
+BUCKET = 1 << 24  # fp32 elements per gather (64 MiB): a few collectives for the whole model, bounded memory
+
+
+def build_ema(engine, zero_stage: int, rank: int, world: int, decay: float, init: dict | None):
+    """The EMA for this engine: sharded at ZeRO-3, whole on rank 0 below. `init` (a whole state dict) starts the
+    average elsewhere than the initial weights (--init-from carries its EMA)."""
+    if zero_stage == 3:
+        return ShardedEMA(engine.module, rank, world, decay, init)
+    return RankZeroEMA(engine.module, rank, decay, init)
+
+
+def _whole_from_files(d: str) -> dict:
+    """A checkpoint's EMA as one whole state ({'shadow', 'num_updates', ...}), from `ema.pt` or every rank's part."""
+    whole = os.path.join(d, "ema.pt")
+    if os.path.exists(whole):
+        return safe_load(whole)
+    files = sorted(glob.glob(os.path.join(d, "ema_rank*.pt")))
+    if not files:
+        raise CheckpointError(f"{d} holds no EMA (ema.pt or ema_rank*.pt)")
+    parts = [safe_load(f) for f in files]
+    world = parts[0]["world"]
+    if len(parts) != world or sorted(p["rank"] for p in parts) != list(range(world)):
+        raise CheckpointError(f"{d} holds {len(parts)} of the {world} ranks' EMA files ema_rank*.pt: the checkpoint "
+                              f"is incomplete; resume from an earlier one")
+    parts.sort(key=lambda p: p["rank"])
+    shadow = {k: torch.cat([p["parts"][k] for p in parts])[:math.prod(shape)].view(shape)
+              for k, shape in parts[0]["shapes"].items()}
+    shadow.update(parts[0]["buffers"])
+    return {**{k: parts[0][k] for k in ("num_updates", "max_decay", "warmup")}, "shadow": shadow}
+
+
+class RankZeroEMA:
+    """ZeRO 0-2: rank 0 averages the whole (replicated) model; other ranks hold nothing."""
+
+    def __init__(self, module: torch.nn.Module, rank: int, decay: float, init: dict | None):
+        self.module, self.rank = module, rank
+        self.ema = EMA(init if init is not None else module.state_dict(), decay) if rank == 0 else None
+        if self.ema is not None:
+            self.ema.to(next(module.parameters()).device)
+
+    @property
+    def num_updates(self) -> int:
+        return self.ema.num_updates if self.ema is not None else 0
+
+    def update(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.module.state_dict())
+
+    def full(self) -> dict[str, torch.Tensor] | None:
+        """The whole average on rank 0, None elsewhere."""
+        return self.ema.shadow if self.ema is not None else None
+
+    def save(self, d: str) -> None:
+        if self.ema is not None:
+            torch.save(self.ema.state_dict(), os.path.join(d, "ema.pt"))
+
+    def load(self, d: str) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(_whole_from_files(d))
+
+
+class ShardedEMA:
+    """ZeRO-3: the fp32 average of this rank's partition of every parameter (paper App. / LitEma, sharded)."""
+
+    def __init__(self, module: torch.nn.Module, rank: int, world: int, decay: float, init: dict | None):
+        self.rank, self.world, self.max_decay, self.warmup, self.num_updates = rank, world, decay, True, 0
+        self.params = dict(module.named_parameters())
+        names = set(self.params)
+        # buffers are replicated, not partitioned: rank 0 averages them whole
+        self.buffers = {k: v for k, v in module.state_dict().items() if k not in names and v.is_floating_point()}
+        self.shadow = {k: self._own(k, init[k]) if init is not None else p.ds_tensor.detach().float().clone()
+                       for k, p in self.params.items()}
+        self.buffer_shadow = ({k: (init[k] if init is not None else v).detach().float().clone()
+                               for k, v in self.buffers.items()} if rank == 0 else {})
+
+    def _own(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's partition of a whole tensor, cut as DeepSpeed cuts it: flat, padded to world x size."""
+        p = self.params[name].ds_tensor
+        return own_part(whole, self.rank, p.numel()).to(p.device)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = ema_decay(self.num_updates, self.max_decay, self.warmup)
+        own = list(self.shadow.values())
+        torch._foreach_lerp_(own, [self.params[k].ds_tensor.detach().float() for k in self.shadow], 1.0 - decay)
+        if self.buffer_shadow:
+            torch._foreach_lerp_(list(self.buffer_shadow.values()),
+                                 [self.buffers[k].detach().float() for k in self.buffer_shadow], 1.0 - decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def full(self) -> dict[str, torch.Tensor] | None:
+        """The whole average on rank 0 (None elsewhere): a gather every rank joins, in buckets of partitions."""
+        names = list(self.shadow)
+        out: dict[str, torch.Tensor] = {}
+        i = 0
+        while i < len(names):
+            bucket, size = [], 0
+            while i < len(names) and (not bucket or size + self.shadow[names[i]].numel() <= BUCKET):
+                bucket.append(names[i])
+                size += self.shadow[names[i]].numel()
+                i += 1
+            flat = torch.cat([self.shadow[k] for k in bucket])
+            got = [torch.empty_like(flat) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(flat, got, dst=0)
+            if self.rank == 0:
+                self._unpack(bucket, got, out)
+        if self.rank != 0:
+            return None
+        out.update(self.buffer_shadow)
+        return out
+
+    def _unpack(self, bucket: list[str], got: list[torch.Tensor], out: dict) -> None:
+        offset = 0
+        for k in bucket:
+            n = self.shadow[k].numel()
+            p = self.params[k]
+            out[k] = torch.cat([g[offset:offset + n] for g in got])[:p.ds_numel].view(p.ds_shape).cpu()
+            offset += n
+
+    def save(self, d: str) -> None:
+        torch.save({"rank": self.rank, "world": self.world, "num_updates": self.num_updates,
+                    "max_decay": self.max_decay, "warmup": self.warmup,
+                    "parts": {k: v.cpu() for k, v in self.shadow.items()},
+                    "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()},
+                    "buffers": {k: v.cpu() for k, v in self.buffer_shadow.items()}},
+                   os.path.join(d, f"ema_rank{self.rank}.pt"))
+
+    def load(self, d: str) -> None:
+        """This rank's part: its own file when the world size is the checkpoint's, else cut from the whole."""
+        mine = os.path.join(d, f"ema_rank{self.rank}.pt")
+        state = safe_load(mine) if os.path.exists(mine) else None
+        if state is None or state["world"] != self.world:
+            whole = _whole_from_files(d)
+            _check_keys(set(self.shadow) | set(self.buffer_shadow), whole["shadow"], d)
+            state = {**whole, "parts": {k: self._own(k, whole["shadow"][k]) for k in self.shadow},
+                     "buffers": {k: whole["shadow"][k] for k in self.buffer_shadow}}
+        _check_keys(set(self.shadow), state["parts"], d)
+        dev = next(iter(self.shadow.values())).device
+        self.shadow = {k: state["parts"][k].to(dev, torch.float32).clone() for k in self.shadow}
+        if self.rank == 0:
+            self.buffer_shadow = {k: state["buffers"][k].to(dev, torch.float32).clone() for k in self.buffer_shadow}
+        self.num_updates, self.max_decay, self.warmup = (int(state["num_updates"]), float(state["max_decay"]),
+                                                         bool(state["warmup"]))
+
+
+def _check_keys(wanted: set, got: dict, d: str) -> None:
+    missing = wanted - set(got)
+    if missing:
+        raise CheckpointError(f"the EMA in {d} lacks {sorted(missing)[:5]}: it was written for another model")
+
+
+def own_part(whole: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Elements [rank x size, (rank + 1) x size) of the flattened tensor, zero-padded past its end."""
+    flat = whole.detach().reshape(-1).float()
+    part = torch.zeros(size, dtype=torch.float32)
+    lo, hi = min(rank * size, flat.numel()), min((rank + 1) * size, flat.numel())
+    part[:hi - lo] = flat[lo:hi]
+    return part
