@@ -63,13 +63,21 @@ def parse(argv=None):
                    "optimizer and the step count start fresh")
     g = add_run_args(p, TrainOptions, "latents")
     t = g["optimisation"]
-    t.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="micro-steps per optimizer step")
+    t.add_argument("--grad-accum", type=int, default=D["grad_accum"],
+                   help="micro-steps per optimizer step; the global batch is --batch-size x data streams x this")
+    t.add_argument("--data-streams", type=int, default=D["data_streams"],
+                   help="the streams the data order is planned over, each --batch-size rows per micro-step; fixed "
+                   "for a run, so a restart on another --num-workers (any that divides it) reads the same global "
+                   "batches in the same order, with the same noise (default: a continued run's own, else "
+                   "--num-workers)")
     t.add_argument("--weight-decay", type=float, default=D["weight_decay"], help="AdamW weight decay")
     t.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="clip the global gradient norm (0 = off)")
     t.add_argument("--ema-every", type=int, default=D["ema_every"],
-                   help="update the EMA every N steps (ZeRO-3 gathers weights)")
+                   help="update the EMA every N steps (ZeRO-3: each worker averages its own partition, no gather)")
     t.add_argument("--nan-tolerance", type=int, default=D["nan_tolerance"],
-                   help="stop after this many non-finite steps in a row")
+                   help="stop after this many skipped optimizer steps in a row: a micro-batch with a non-finite "
+                   "loss is set aside and replaced (--grad-accum of them count one step), a step with non-finite "
+                   "gradients is not applied (counts one)")
     s = g["distribution"]
     s.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=D["zero_stage"], help="DeepSpeed ZeRO stage")
     s.add_argument("--precision", choices=PRECISIONS, default=D["precision"],

@@ -104,15 +104,20 @@ def sample_noise(x0: torch.Tensor, offset: float = 0.0, generator: torch.Generat
     return noise.to(x0.device)
 
 
+def sample_timesteps(n: int, schedule: Schedule, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """t ~ U{0, ..., T-1} (eq. 2), drawn where the generator lives."""
+    dev = generator.device if generator is not None else device
+    return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=dev).to(device)
+
+
 def diffusion_loss(model, x0: torch.Tensor, cfg: DiffusionConfig, schedule: Schedule,
                    generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-                   **model_kwargs) -> torch.Tensor:
-    """L_LDM per sample (eq. 2): draw t and eps, noise z_0, regress the chosen target."""
-    b = x0.shape[0]
+                   noise: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+    """L_LDM per sample (eq. 2): draw t and eps (unless given), noise z_0, regress the chosen target."""
     if t is None:
-        dev = generator.device if generator is not None else x0.device
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=dev).to(x0.device)
-    noise = sample_noise(x0, cfg.offset_noise, generator)
+        t = sample_timesteps(x0.shape[0], schedule, generator, x0.device)
+    if noise is None:
+        noise = sample_noise(x0, cfg.offset_noise, generator)
     zt = q_sample(x0, t, noise, schedule.alphas_cumprod)
     target = training_target(x0, noise, t, schedule.alphas_cumprod, cfg.parameterization)
     out = model(zt, t, **model_kwargs)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -199,3 +200,65 @@ def read_state(d: str, name: str = "train_state.json") -> dict:
         return json.loads(open(os.path.join(d, name)).read())
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{os.path.join(d, name)} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def saved_world(d: str) -> int | None:
+    """How many ranks wrote checkpoint `d` (its seals say; None when it has none)."""
+    for name in sorted(os.listdir(d)):
+        if name.startswith(SEAL) and name.endswith(".json"):
+            return int(json.loads(open(os.path.join(d, name)).read())["world"])
+    return None
+
+
+def load_deepspeed(engine, d: str, world: int, log) -> str:
+    """The engine's weights, optimizer state and LR schedule from checkpoint `d` (DeepSpeed tag 'ds'): directly when
+    `world` ranks wrote it, else re-partitioned for this world size through DeepSpeed's universal checkpoint (ZeRO
+    1-3; a ZeRO-0 optimizer is not partitioned and loads as it is)."""
+    saved = saved_world(d) or world
+    partitioned = bool(glob.glob(os.path.join(d, "ds", "*optim_states.pt")))
+    if saved == world or not partitioned:
+        path, _ = engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+    else:
+        log(f"[train] the checkpoint's DeepSpeed state was partitioned for {saved} rank(s): converting it to a "
+            f"universal checkpoint to load it on {world}")
+        with universal_copy(d) as u:
+            engine._config.load_universal_checkpoint = True  # DeepSpeed's `checkpoint.load_universal`, for this load
+            try:
+                path, _ = engine.load_checkpoint(u, tag="ds", load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+            finally:
+                engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise CheckpointError(f"{d} holds no DeepSpeed checkpoint 'ds'")
+    return path
+
+
+@contextlib.contextmanager
+def universal_copy(d: str):
+    """A private universal copy of checkpoint `d`'s DeepSpeed state (deepspeed.checkpoint.ds_to_universal), as a
+    directory holding the tag 'ds'. The converter unpickles freely, so every file is first read with safe_load:
+    one that would run code is refused before the converter sees it."""
+    import argparse
+    import io
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+    for f in glob.glob(os.path.join(d, "ds", "*.pt")):
+        safe_load(f, map_location="cpu")
+    out = tempfile.mkdtemp(prefix="ldm-universal-")
+    args = argparse.Namespace(input_folder=os.path.join(d, "ds"), output_folder=os.path.join(out, "ds"),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # no tensor parallelism: the default info
+    stdout, sys.stdout = sys.stdout, io.StringIO()  # the converter prints a page per conversion
+    try:
+        ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - named for the user, with the way out
+        raise CheckpointError(f"{d}: its DeepSpeed state cannot be re-partitioned for another world size "
+                              f"({type(e).__name__}: {str(e)[:300]}); resume it with the number of workers that "
+                              f"wrote it") from e
+    finally:
+        sys.stdout = stdout
+    try:
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -7,8 +7,10 @@ one source shard's rows in key order (`KeyOrderedUnits`: however the encode job 
 - a rank's range is a list of slices (unit, first row, end row), grouped into windows of whole slices holding at
   least `shuffle_rows` rows; each window's rows are shuffled by a permutation seeded by (seed, epoch, rank, window).
 So two encodes of the same shards train on the same rows in the same order: one seed, one model.
-Every rank consumes one batch per micro-step, so the data position, (epoch, batches consumed), is the same on all
-ranks: a restart finds the window it stopped in and reads from there, the same rows in the same order as an
+The plan's "ranks" are data streams (`Streams`): a run fixes their number once, and a worker hosts an equal share
+of them, so a run that continues on another number of workers reads the same rows in the same global batches.
+Every stream consumes one batch per micro-step, so the data position, (epoch, batches consumed), is the same for
+all streams: a restart finds the window it stopped in and reads from there, the same rows in the same order as an
 uninterrupted run, having re-read at most that one window. Ray Data still does the reading (`RayDataParts`); the
 plan only decides what it reads and in what order.
 """
@@ -103,8 +105,10 @@ class RayDataParts:
     and later epochs read no file again."""
 
     def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False,
-                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None):
+                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None,
+                 read_cpus: float = 1.0):
         self.files, self.rows, self.columns, self.keep = list(files), list(rows), list(columns), keep
+        self.read_cpus = read_cpus       # CPUs each Ray Data read task asks for
         self.rename = rename or {}  # cache column -> the name a step reads it by (another resolution's latents)
         # --filter (pipeline/train/row_filter.py): a part's rows that pass, `filtered_rows[p]` of them
         self.filter, self.filtered_rows = row_filter, list(filtered_rows) if filtered_rows is not None else None
@@ -142,7 +146,8 @@ class RayDataParts:
         from pipeline.common.runtime import training_stream_context
         columns = self.columns + [c for c in (self.filter.columns if self.filter else []) if c not in self.columns]
         with training_stream_context(preserve_order=True):
-            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=columns)
+            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=columns,
+                                       ray_remote_args={"num_cpus": self.read_cpus})
         k, pending, have = 0, [], 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             while len(block):
@@ -318,3 +323,31 @@ class BucketedBatches:
             batch["target_h"] = torch.full((len(table),), h, dtype=torch.int32)  # the bucket's size in pixels
             batch["target_w"] = torch.full((len(table),), w, dtype=torch.int32)
             yield batch
+
+
+class Streams:
+    """The data streams a worker hosts (rank r of `world` hosts streams r x k .. r x k + k - 1, k = streams / world),
+    read together: each micro-step yields one batch of every hosted stream, as (stream, batch) pairs. `make(stream)`
+    builds one stream's batches (PlannedBatches or BucketedBatches planned over `streams` ranks)."""
+
+    def __init__(self, make, streams: int, world: int, rank: int):
+        if streams % world:
+            raise DataError(f"{world} worker(s) cannot share {streams} data stream(s) equally: use a number of "
+                            f"workers that divides {streams}")
+        k = streams // world
+        self.ids = list(range(rank * k, rank * k + k))
+        self.sources = [make(s) for s in self.ids]
+
+    @property
+    def reader(self):
+        return self.sources[0].reader
+
+    @property
+    def epochs(self) -> int:
+        return self.sources[0].epochs
+
+    def __call__(self, state: dict) -> Iterator[list[tuple[int, dict]]]:
+        own = [dict(state) for _ in self.sources]  # each stream moves its own copy; they stay equal
+        for batches in zip(*(src(st) for src, st in zip(self.sources, own))):
+            state["epoch"], state["batch_in_epoch"] = own[0]["epoch"], own[0]["batch_in_epoch"]
+            yield list(zip(self.ids, batches))

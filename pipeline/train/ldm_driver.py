@@ -3,6 +3,7 @@ with Ray Data and run the Ray Train TorchTrainer (workers: pipeline/train/ldm_lo
 exported model."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -82,18 +83,18 @@ def check_launch(opts: TrainOptions, manifest: dict, rows: int | None = None) ->
     or of the `rows` that --filter keeps), a first stage for the sample grids that is not the one the cache was
     encoded with."""
     filtered = rows is not None
-    rows, world = manifest["counts"]["kept"] if rows is None else rows, opts.num_workers
+    rows, world = manifest["counts"]["kept"] if rows is None else rows, opts.data_streams or opts.num_workers
     if manifest["totals"].get("buckets") and not filtered:  # a batch is drawn from one aspect bucket
         rows = max(manifest["totals"]["buckets"].values())
         if rows // world < opts.batch_size:
             raise DataError(f"--batch-size {opts.batch_size}: a batch comes from one aspect bucket, and none holds a "
-                            f"batch for each of {world} worker(s) (rows per bucket: {manifest['totals']['buckets']}); "
-                            f"lower --batch-size or --num-workers, or add data")
+                            f"batch for each of {world} data stream(s) (rows per bucket: "
+                            f"{manifest['totals']['buckets']}); lower --batch-size or --num-workers, or add data")
     if rows // world < opts.batch_size:
         what = (f"the rows --filter '{opts.filter}' keeps" if opts.filter else
                 f"the rows with a latent at {manifest['resolution']}px" if filtered else "the cache")
         raise DataError(f"--batch-size {opts.batch_size} is larger than a worker's share of {what} ({rows} rows / "
-                        f"{world} worker(s) = {rows // world}); lower --batch-size or --num-workers, or add data"
+                        f"{world} data stream(s) = {rows // world}); lower --batch-size or --num-workers, or add data"
                         + (" or loosen the filter" if opts.filter else ""))
     if opts.eval_every:
         if not opts.eval_input:
@@ -162,10 +163,41 @@ def prepare(opts: TrainOptions, log) -> Prepared:
     load_deepspeed_preset(opts.zero_stage, opts.deepspeed_config or None)  # fail early on a bad file
     opts = replace(opts, precision=resolve_precision(opts.precision, cuda=opts.use_gpu),
                    flip_prob=flip_prob(opts, cfg, manifest, log))
+    plan = resume_from(opts, plan, log)
+    opts = replace(opts, data_streams=data_streams(opts, plan, log))
     data = train_data(opts, cfg, manifest, files, cached_emb, log)
     check_launch(opts, manifest, sum(data.filtered_rows) if data.filter else None)
-    return Prepared(opts, cfg, manifest, scale, prompts, resume_from(opts, plan, log), data, cached_emb,
-                    init.sha256 if init else "")
+    return Prepared(opts, cfg, manifest, scale, prompts, plan, data, cached_emb, init.sha256 if init else "")
+
+
+def workers_text(opts) -> str:
+    return f"{opts.min_workers}-{opts.num_workers}" if opts.min_workers else str(opts.num_workers)
+
+
+def data_streams(opts: TrainOptions, plan, log) -> int:
+    """The run's number of data streams (pipeline/train/epoch_plan.py Streams), fixed for the run so that it reads
+    the same global batches on any number of workers: the checkpoint's when it continues one, else --data-streams,
+    else --num-workers. Every worker hosts an equal share of them."""
+    ckpt = plan.resume_from or (plan.known_checkpoints[0] if plan.known_checkpoints else "")
+    saved = storage.read_json(storage.join(ckpt, "train_state.json"), {}) if ckpt and not plan.phase_start else {}
+    sizes = range(opts.min_workers or opts.num_workers, opts.num_workers + 1)  # elastic: any of these
+    streams = saved.get("data_streams") or saved.get("world") or opts.data_streams or math.lcm(*sizes)
+    if opts.data_streams and opts.data_streams != streams:
+        raise ValueError(f"--data-streams {opts.data_streams}: the run this continues reads {streams} data stream(s) "
+                         f"(its data order); leave --data-streams out or pass {streams}")
+    if any(streams % n for n in sizes):
+        fit = [n for n in range(1, streams + 1) if streams % n == 0]
+        raise DataError(f"--num-workers {workers_text(opts)} cannot share the run's {streams} data stream(s) equally: "
+                        f"use {' or '.join(map(str, fit))} worker(s)" + ("" if saved else
+                        " (or set --data-streams to a number that each of them divides)"))
+    if opts.min_workers:
+        log(f"[train] elastic: {workers_text(opts)} workers share {streams} data stream(s); a worker-group restart "
+            f"takes as many workers as Ray can place then, and the global batch stays {streams} x "
+            f"{opts.batch_size} x {opts.grad_accum}")
+    if not opts.min_workers and saved.get("world", opts.num_workers) != opts.num_workers:
+        log(f"[train] continuing a run of {saved['world']} worker(s) on {opts.num_workers}: its {streams} data "
+            f"stream(s), {streams // opts.num_workers} per worker, keep the global batches and their order")
+    return streams
 
 
 def describe(p: Prepared, log) -> None:
@@ -190,13 +222,15 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     describe(p, log)
     run_id = open_mlflow_run(opts, cfg, plan, manifest, p.scale, log, p.init_sha256) if opts.mlflow_uri else ""
     res = kit.start_ray(opts, log)
+    # an elastic run's workers are sized to what a node has left; its reads ask half a CPU so they fit beside them
     data = replace(p.data, keep=keep_parts(opts, p.data.files, list(p.data.columns),
-                                           sum(p.data.filtered_rows or p.data.rows), log))
+                                           sum(p.data.filtered_rows or p.data.rows), log),
+                   read_cpus=0.5 if opts.min_workers else 1.0)
     text_id = manifest.get("text_encoder", {})
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), opts.precision, tuple(manifest["latent_shape"]),
                  p.scale, p.prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
                  opts.text_encoder or text_encoder_path(text_id), text_id, data, plan.name)
-    log(f"[train] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
+    log(f"[train] ray {res.mode}: {workers_text(opts)} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
         f"ZeRO-{opts.zero_stage} {opts.precision}, run dir {plan.run_dir}")
     t0 = time.time()
     result = kit.fit(train_loop_per_worker, job, opts, plan, res, {})

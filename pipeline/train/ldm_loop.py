@@ -27,11 +27,11 @@ import torch.distributed as dist
 from ldm.autoencoder import DiagonalGaussian
 from ldm.conditioning import Conditioner, drop_mask
 from ldm.config import LDMConfig, to_dict
-from ldm.diffusion import Schedule, diffusion_loss
+from ldm.diffusion import Schedule, diffusion_loss, sample_noise, sample_timesteps
 from ldm.latent_scale import LatentScale
 from ldm.model import LatentDiffusion
-from pipeline.common.errors import CheckpointError, NonFiniteLoss
-from pipeline.train.checkpoints import harden_deepspeed, read_state, safe_load
+from pipeline.common.errors import NonFiniteLoss
+from pipeline.train.checkpoints import harden_deepspeed, load_deepspeed, read_state, safe_load
 from pipeline.train.kit import Progress, Worker, WorkerRun, restore_checkpoint, save_checkpoint
 from pipeline.train.options import TrainOptions, load_deepspeed_preset, lr_lambda
 from pipeline.train.sharded_ema import RankZeroEMA, ShardedEMA, build_ema
@@ -72,22 +72,30 @@ class TrainData:
     rename: tuple[tuple[str, str], ...] = ()   # another resolution's latent columns -> the names a step reads
     scale: int = 1                       # that resolution / the cache's first (crop offsets are the first's)
     units: tuple[tuple[int, ...], ...] = ()  # part indices of each unit; () = every part its own unit
+    read_cpus: float = 1.0               # per Ray Data read task (elastic: half, to fit beside a node-sized worker)
 
     def batches(self, o: TrainOptions, w: "Worker"):
-        from pipeline.train.epoch_plan import BucketedBatches, KeyOrderedUnits, PlannedBatches, RayDataParts
+        """This worker's data streams (epoch_plan.Streams), each planned over the run's `o.data_streams`."""
+        from pipeline.train.epoch_plan import (BucketedBatches, KeyOrderedUnits, PlannedBatches, RayDataParts,
+                                               Streams)
         from pipeline.train.row_filter import RowFilter
         flt = RowFilter.parse(self.filter)
         rows = self.filtered_rows if flt else self.rows
         units = self.units or tuple((p,) for p in range(len(self.files)))
         sort = "key" not in self.columns  # the key orders a unit's rows and is dropped after
         reader = RayDataParts(self.files, self.rows, self.columns + (("key",) if sort else ()), self.keep, flt,
-                              self.filtered_rows, dict(self.rename))
+                              self.filtered_rows, dict(self.rename), self.read_cpus)
         reader = KeyOrderedUnits(reader, units, drop_key=sort)
         unit_rows = [sum(rows[p] for p in u) for u in units]
         if self.buckets:
-            return BucketedBatches(reader, unit_rows, [self.buckets[u[0]] for u in units], w.world, w.rank,
-                                   o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
-        return PlannedBatches(reader, unit_rows, w.world, w.rank, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
+            def make(stream):
+                return BucketedBatches(reader, unit_rows, [self.buckets[u[0]] for u in units], o.data_streams,
+                                       stream, o.batch_size, o.shuffle_buffer, o.seed, log=w.say)
+        else:
+            def make(stream):
+                return PlannedBatches(reader, unit_rows, o.data_streams, stream, o.batch_size, o.shuffle_buffer,
+                                      o.seed, log=w.say)
+        return Streams(make, o.data_streams, w.world, w.rank)
 
 
 def import_deepspeed(cpu: bool):
@@ -106,9 +114,10 @@ def deepspeed_config(o: TrainOptions, precision: str, world: int, cuda: bool) ->
     # bench/train_throughput.py), so it is on where the device is CUDA unless --deepspeed-config says otherwise
     if o.zero_stage >= 2:
         ds["zero_optimization"].setdefault("contiguous_gradients", cuda)
-    ds["train_micro_batch_size_per_gpu"] = o.batch_size
+    micro = o.batch_size * (o.data_streams or world) // world  # --batch-size rows from each data stream it hosts
+    ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = o.grad_accum
-    ds["train_batch_size"] = o.batch_size * o.grad_accum * world
+    ds["train_batch_size"] = micro * o.grad_accum * world
     ds["gradient_clipping"] = o.grad_clip
     # torch's fused AdamW over ZeRO's flat partition: a fraction of the per-tensor loop's cost (docs/measurements.md)
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True, "fused": True}})
@@ -139,9 +148,7 @@ def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int, job: "LDMJob", w: "Worker") -> None:
-    path, _ = t.engine.load_checkpoint(d, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"{d} holds no DeepSpeed checkpoint 'ds'")
+    load_deepspeed(t.engine, d, w.world, w.log)  # re-partitioned when another number of workers wrote it
     saved = read_state(d)
     state.update(saved)
     here = job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor
@@ -149,10 +156,15 @@ def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int, job: "LDMJo
         state.update(epoch=0, batch_in_epoch=0)
         w.say(f"new phase at {here}px from a run at {saved.get('resolution', '?')}px (step {saved['step']}): weights, "
               f"optimizer, EMA and step carried over; the data position restarts")
-    state.update(resolution=here, run=job.run_name)
-    rng = os.path.join(d, f"rng_rank{rank}.pt")
-    if os.path.exists(rng):
-        t.gen.set_state(safe_load(rng))
+    if saved.get("world", w.world) != w.world:
+        w.say(f"checkpoint written by {saved['world']} worker(s), continued on {w.world}: the same "
+              f"{job.opts.data_streams} data stream(s), so the same global batches")
+    state.update(resolution=here, run=job.run_name, world=w.world, data_streams=job.opts.data_streams)
+    for s, gen in t.gens.items():  # each data stream's noise goes on where it stopped, whichever worker hosts it
+        rng = next((f for f in (os.path.join(d, f"rng_stream{s}.pt"), os.path.join(d, f"rng_rank{s}.pt"))
+                    if os.path.exists(f)), None)
+        if rng:
+            gen.set_state(safe_load(rng))
     t.ema.load(d)
 
 
@@ -185,7 +197,8 @@ def export(job: LDMJob, engine, ema: RankZeroEMA | ShardedEMA, rank: int, step: 
 def checkpoint(job: LDMJob, w: Worker, t: "Trainee", state: dict, metrics: dict, final: bool = False) -> None:
     with save_checkpoint(w, metrics, every_rank_writes=True) as d:
         t.engine.save_checkpoint(d, tag="ds", client_state={"step": state["step"]})
-        torch.save(t.gen.get_state(), os.path.join(d, f"rng_rank{w.rank}.pt"))
+        for s, gen in t.gens.items():
+            torch.save(gen.get_state(), os.path.join(d, f"rng_stream{s}.pt"))
         t.ema.save(d)  # ema.pt from rank 0, or (ZeRO-3) every rank's ema_rank{r}.pt
         if w.rank == 0:
             with open(os.path.join(d, "train_state.json"), "w") as f:
@@ -326,9 +339,10 @@ def flipped_posterior(batch: dict, p: float, gen, device) -> tuple[torch.Tensor,
             torch.where(flip, batch["latent_flip_std"].to(device), std))
 
 
-def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedule: Schedule, gen, device):
-    """L_LDM (eq. 2) on z ~ q(z|x) drawn from the cached posterior and rescaled to unit variance (§4.3.2), with
-    the condition dropped for classifier-free guidance training."""
+def ldm_inputs(batch: dict, job: LDMJob, conditioner: Conditioner, schedule: Schedule, gen, device) -> tuple:
+    """One data stream's share of a micro-step, every draw from that stream's generator (so a stream's noise does
+    not depend on which worker hosts it): z ~ q(z|x) from the cached posterior rescaled to unit variance (§4.3.2),
+    the condition with classifier-free-guidance drops, t and eps of eq. 2."""
     shape = job.latent_shape
     if "target_h" in batch:  # an aspect bucket's batch: its latents have the bucket's shape
         f = job.cfg.autoencoder.downsample_factor
@@ -340,8 +354,19 @@ def ldm_loss(engine, batch: dict, job: LDMJob, conditioner: Conditioner, schedul
     posterior = DiagonalGaussian(mean=mean.float().view(-1, *shape), std=std.float().view(-1, *shape))
     z0 = job.latent_scale.to_diffusion(posterior.sample(gen))
     drop = drop_mask(z0.shape[0], job.cfg.conditioning.cond_drop_prob, gen, device)
-    return diffusion_loss(engine, z0, job.cfg.diffusion, schedule, generator=gen,
-                          **conditioner.batch(batch, drop, gen)).mean(), z0.shape[0]
+    cond = conditioner.batch(batch, drop, gen)
+    t = sample_timesteps(z0.shape[0], schedule, gen, device)
+    return z0, t, sample_noise(z0, job.cfg.diffusion.offset_noise, gen), cond
+
+
+def ldm_loss(engine, chunks: list[tuple[int, dict]], job: LDMJob, conditioner: Conditioner, schedule: Schedule,
+             gens: dict, device):
+    """L_LDM (eq. 2) over this worker's streams' batches, `chunks` = (stream, batch) pairs, in one forward."""
+    parts = [ldm_inputs(batch, job, conditioner, schedule, gens[s], device) for s, batch in chunks]
+    z0, t, noise = (torch.cat([p[i] for p in parts]) for i in range(3))
+    conds = [p[3] for p in parts]
+    cond = {k: torch.cat([c[k] for c in conds]) if isinstance(v, torch.Tensor) else v for k, v in conds[0].items()}
+    return diffusion_loss(engine, z0, job.cfg.diffusion, schedule, t=t, noise=noise, **cond).mean(), z0.shape[0]
 
 
 def log_step(w: Worker, progress: Progress, state: dict, loss: float, engine, lr: float, every: int) -> None:
@@ -367,7 +392,7 @@ class Trainee:
     conditioner: Conditioner
     ema: RankZeroEMA | ShardedEMA
     schedule: Schedule
-    gen: torch.Generator
+    gens: dict[int, torch.Generator]      # the noise of each data stream this worker hosts
 
     @classmethod
     def build(cls, job: LDMJob, w: Worker) -> "Trainee":
@@ -393,15 +418,18 @@ class Trainee:
                                  lr_lambda=lr_lambda(o.lr_schedule, o.warmup_steps, o.max_steps, o.min_lr_ratio)))
         harden_deepspeed(engine)  # its checkpoint files are read weights-only, like every other file we load
         ema = build_ema(engine, o.zero_stage, w.rank, w.world, o.ema_decay, init.ema if init else None)
-        gen = torch.Generator(device=w.device).manual_seed(o.seed * 1000 + w.rank)
-        return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gen)
+        k = o.data_streams // w.world
+        gens = {s: torch.Generator(device=w.device).manual_seed(o.seed * 1000 + s)
+                for s in range(w.rank * k, w.rank * k + k)}
+        return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gens)
 
 
 def restored(job: LDMJob, w: Worker, t: Trainee) -> dict:
     """The run's state (step, images seen, data position): fresh, or a checkpoint's (this run's latest, --resume, or
     another run's for a new phase), with the engine, EMA and noise restored alongside."""
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
-             "resolution": job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor, "run": job.run_name}
+             "resolution": job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor, "run": job.run_name,
+             "world": w.world, "data_streams": job.opts.data_streams}  # the layout a restart reads back
     if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank, job=job, w=w), w):
         w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
               f"batch {state['batch_in_epoch']} of it)")
@@ -430,7 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
     data = job.data.batches(o, w)
     # the data position counts a batch as consumed once it is handed out: stop before asking for one more
     for batch in data(state) if state["step"] < o.max_steps else ():
-        loss, n = ldm_loss(t.engine, batch, job, t.conditioner, t.schedule, t.gen, w.device)
+        loss, n = ldm_loss(t.engine, batch, job, t.conditioner, t.schedule, t.gens, w.device)
         if not guard.finite(loss):  # set aside: the next batch takes its place
             continue
         t.engine.backward(loss)

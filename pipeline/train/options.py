@@ -53,10 +53,11 @@ class RunOptions:
     preset: str = "demo"
     config_yaml: str = ""
     overrides: tuple[str, ...] = ()
-    num_workers: int = 1
+    num_workers: int = 1                 # with min_workers: the most (Ray Train elastic)
+    min_workers: int = 0                 # > 0: elastic, between min_workers and num_workers (LDM job only)
     placement_strategy: str = "PACK"     # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray Train workers over nodes)
     max_steps: int = 1000
-    batch_size: int = 32                 # per worker, per micro-step
+    batch_size: int = 32                 # LDM: per data stream, per micro-step; stage 1: per worker
     lr: float = 1e-4
     lr_schedule: str = "constant"        # constant | cosine | linear (after warm-up)
     warmup_steps: int = 100
@@ -95,6 +96,7 @@ class TrainOptions(RunOptions):
     compile: bool = False                # torch.compile the UNet (pays on a GPU: docs/benchmarks.md, bench/mfu.py)
     deepspeed_config: str = ""
     grad_accum: int = 1
+    data_streams: int = 0                # the data order's streams, fixed for a run: 0 = the checkpoint's, else workers
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_every: int = 1

@@ -17,6 +17,7 @@ FIGURES = {  # each bench and the figures it must print
     "mfu": ("samples_per_s", "images_per_s"),
     "train_throughput": ("kept_over_in_memory", "worker_over_bare", "ours_over_diffusers"),
     "unet_step": ("ours_over_diffusers", "forward_relative_difference"),
+    "zero3_ema": ("ema_step_ratio", "ema_memory_ratio", "ckpt_step_ratio", "ckpt_memory_ratio"),
 }
 
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.common.errors import DataError
-from pipeline.train.epoch_plan import BucketedBatches, PlannedBatches, RayDataParts, rank_slices, seek, windows
+from pipeline.train.epoch_plan import (BucketedBatches, PlannedBatches, RayDataParts, Streams, rank_slices, seek,
+                                       windows)
 
 ROWS = [37, 50, 13, 64, 41, 29, 50, 8]  # uneven parts, as a real cache's are
 
@@ -145,6 +146,37 @@ def test_a_bucket_without_a_batch_per_worker_sits_out():
     assert bb.active == [(12, 20), (20, 12)] and "16x16 hold less than a batch per worker" in lines[0]  # 79 rows
     with pytest.raises(DataError, match="no aspect bucket holds a batch of 90"):
         BucketedBatches(CountingReader(part_tables()), ROWS, BUCKETS, 2, 0, 90, 20, seed=0)
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_four_streams_give_the_same_global_batches_on_four_two_or_one_workers(bucketed):
+    """Each micro-step's (stream, rows) over all workers are the same whatever the number of workers hosting the
+    streams, and so is the data position a checkpoint keeps; a restart on another number of workers goes on alike."""
+    tables, streams = part_tables(), 4
+
+    def make(stream):
+        if bucketed:
+            return BucketedBatches(CountingReader(tables), ROWS, BUCKETS, streams, stream, 4, 20, seed=1)
+        return PlannedBatches(CountingReader(tables), ROWS, streams, stream, 4, 20, seed=1)
+
+    def global_steps(world, state, n):
+        per_rank = []
+        for rank in range(world):
+            st = dict(state)
+            got = list(itertools.islice(Streams(make, streams, world, rank)(st), n))
+            per_rank.append(got)
+        state.update(st)  # every rank's position is the same
+        return [sorted((s, b["key"].tolist()) for r in per_rank for s, b in r[i]) for i in range(n)]
+
+    straight = global_steps(4, {"epoch": 0, "batch_in_epoch": 0}, 30)
+    assert [len(step) for step in straight] == [4] * 30
+    for world in (2, 1):
+        assert global_steps(world, {"epoch": 0, "batch_in_epoch": 0}, 30) == straight
+    state = {"epoch": 0, "batch_in_epoch": 0}
+    first = global_steps(4, state, 11)  # 4 workers, then the run continues on 1
+    assert first + global_steps(1, dict(state), 19) == straight
+    with pytest.raises(DataError, match="3 worker.s. cannot share 4 data stream"):
+        Streams(make, streams, 3, 0)
 
 
 def test_two_encodes_cut_into_other_parts_train_on_the_same_rows_in_the_same_order(tiny_cache, tmp_path):
