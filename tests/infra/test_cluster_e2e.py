@@ -212,8 +212,9 @@ def test_killing_the_second_nodes_raylet_goes_on_elastic_on_one_worker(stack):
         test_ray_job_submit_encode_then_train(stack)
     sid = f"e2e-kill-{uuid.uuid4().hex[:8]}"
     args = ["jobs/train_ldm.py", "--latents", "s3://ldm/latents", "--preset", "tiny", "conditioning.text_encoder=hf",
-            "unet.context_dim=384", "--num-workers", "1-2", "--zero-stage", "2", "--max-steps", "40", "--batch-size", "8",
-            "--checkpoint-every", "4", "--sample-every", "0", "--log-every", "1", "--storage-path", "s3://ldm/runs",
+            "unet.context_dim=384", "--num-workers", "1-2", "--zero-stage", "2", "--max-steps", "40",
+            "--batch-size", "8", "--checkpoint-every", "4", "--sample-every", "0", "--log-every", "1",
+            "--storage-path", "s3://ldm/runs",
             "--name", "killed", "--placement-strategy", "SPREAD", "--cpus-per-worker", "1.5", "--max-failures", "2"]
     ray_bin = [str(BIN / "ray"), "job"]
     addr = ["--address", env["RAY_API_SERVER_ADDRESS"]]
