@@ -69,11 +69,16 @@ def emas(engine, variant: str, rank: int, world: int):
     return sharded, whole
 
 
-def step(engine, batch, variant: str, sharded, whole) -> None:
+def step(engine, batch, variant: str, sharded, whole, window=None) -> None:
+    """One training step; `window(on)` marks forward + backward, where the activations live."""
     from pipeline.train.ldm_loop import full_state
     x, t, ctx = batch
+    if window:
+        window(True)
     loss = engine(x, t, context=ctx).float().square().mean()
     engine.backward(loss)
+    if window:
+        window(False)
     engine.step()
     if variant == "sharded":
         sharded.update()
@@ -108,25 +113,36 @@ def rss() -> int:
 
 
 def memory(rank: int, world: int, port: int, a, variant: str, out: str) -> None:
-    """After one step (the optimizer state exists), the RSS at rest, then its peak over the measured steps."""
+    """After one step (the optimizer state exists): the peak RSS over the measured steps, and the activations' own
+    share: the peak during forward + backward over the RSS as each forward starts."""
     import gc
     engine, batch = build(a, rank, world, port, ckpt=variant == "ckpt")
     sharded, whole = emas(engine, variant, rank, world)
     step(engine, batch, variant, sharded, whole)
     gc.collect()
-    base, peak, done = rss(), [0], threading.Event()
+    peak, act, at, done = [rss()], [0], {"on": False, "start": 0, "top": 0}, threading.Event()
+
+    def window(on: bool) -> None:
+        if on:
+            at.update(on=True, start=rss(), top=0)
+        else:
+            at["on"] = False
+            act[0] = max(act[0], at["top"] - at["start"])
 
     def poll():
         while not done.is_set():
-            peak[0] = max(peak[0], rss())
+            now = rss()
+            peak[0] = max(peak[0], now)
+            if at["on"]:
+                at["top"] = max(at["top"], now)
             time.sleep(0.002)
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     for _ in range(a.steps):
-        step(engine, batch, variant, sharded, whole)
+        step(engine, batch, variant, sharded, whole, window)
     done.set()
     th.join()
-    Path(out, f"memory_{variant}_{rank}.json").write_text(json.dumps({"base": base, "peak": max(peak[0], base)}))
+    Path(out, f"memory_{variant}_{rank}.json").write_text(json.dumps({"act": act[0], "peak": peak[0]}))
 
 
 def spawn(fn, *args) -> None:
@@ -143,8 +159,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="sd15", help="the model preset whose UNet structure is trained")
     ap.add_argument("--width", type=int, default=128, help="the UNet's model_channels (sd15: 320 = its full 860 M)")
-    ap.add_argument("--latent", type=int, default=16, help="latent side (8 x this pixels)")
-    ap.add_argument("--batch-size", type=int, default=2, help="latents per worker per step")
+    ap.add_argument("--latent", type=int, default=32, help="latent side (8 x this pixels)")
+    ap.add_argument("--batch-size", type=int, default=4, help="latents per worker per step")
     ap.add_argument("--context-len", type=int, default=77, help="text tokens the cross-attention attends to")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds of every variant first")
@@ -163,18 +179,18 @@ def main() -> None:
     med = {v: statistics.median(t["times"][v]) for v in VARIANTS}
     mem = {v: [json.loads(Path(out, f"memory_{v}_{r}.json").read_text()) for r in (0, 1)] for v in VARIANTS}
     peak = {v: max(m["peak"] for m in mem[v]) / 2 ** 20 for v in VARIANTS}
-    act = {v: max(m["peak"] - m["base"] for m in mem[v]) / 2 ** 20 for v in VARIANTS}
+    act = {v: max(m["act"] for m in mem[v]) / 2 ** 20 for v in VARIANTS}
     print(f"ZeRO-3 x 2 workers, {a.preset} UNet at width {a.width}: {t['params'] / 1e6:.1f} M parameters, latent "
           f"{a.latent}x{a.latent}, batch {a.batch_size} per worker, fp32, {a.threads} thread(s) per worker")
     for v in VARIANTS:
         print(f"  {v:9s} step {med[v]:.3f} s (median of {len(t['times'][v])}) | peak RSS per worker {peak[v]:.0f} MB, "
-              f"of it the step's own {act[v]:.0f} MB")
+              f"forward + backward's own {act[v]:.0f} MB")
     print(f"ema_step_ratio={med['sharded'] / med['off']:.3f}")
     print(f"ema_memory_ratio={peak['sharded'] / peak['off']:.3f}")
     print(f"gathered_ema_step_ratio={med['gathered'] / med['off']:.3f}")
     print(f"gathered_ema_memory_ratio={peak['gathered'] / peak['off']:.3f}")
     print(f"ckpt_step_ratio={med['ckpt'] / med['off']:.3f}")
-    print(f"ckpt_memory_ratio={act['ckpt'] / max(act['off'], 1e-9):.3f}")  # the activations' memory, what it saves
+    print(f"ckpt_memory_ratio={act['ckpt'] / max(act['off'], 1e-9):.3f}")  # forward + backward's memory: what it saves
     print(f"ckpt_total_memory_ratio={peak['ckpt'] / peak['off']:.3f}")
 
 

@@ -105,10 +105,8 @@ class RayDataParts:
     and later epochs read no file again."""
 
     def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False,
-                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None,
-                 read_cpus: float = 1.0):
+                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None):
         self.files, self.rows, self.columns, self.keep = list(files), list(rows), list(columns), keep
-        self.read_cpus = read_cpus       # CPUs each Ray Data read task asks for
         self.rename = rename or {}  # cache column -> the name a step reads it by (another resolution's latents)
         # --filter (pipeline/train/row_filter.py): a part's rows that pass, `filtered_rows[p]` of them
         self.filter, self.filtered_rows = row_filter, list(filtered_rows) if filtered_rows is not None else None
@@ -146,8 +144,7 @@ class RayDataParts:
         from pipeline.common.runtime import training_stream_context
         columns = self.columns + [c for c in (self.filter.columns if self.filter else []) if c not in self.columns]
         with training_stream_context(preserve_order=True):
-            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=columns,
-                                       ray_remote_args={"num_cpus": self.read_cpus})
+            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=columns)
         k, pending, have = 0, [], 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             while len(block):

@@ -72,7 +72,6 @@ class TrainData:
     rename: tuple[tuple[str, str], ...] = ()   # another resolution's latent columns -> the names a step reads
     scale: int = 1                       # that resolution / the cache's first (crop offsets are the first's)
     units: tuple[tuple[int, ...], ...] = ()  # part indices of each unit; () = every part its own unit
-    read_cpus: float = 1.0               # per Ray Data read task (elastic: half, to fit beside a node-sized worker)
 
     def batches(self, o: TrainOptions, w: "Worker"):
         """This worker's data streams (epoch_plan.Streams), each planned over the run's `o.data_streams`."""
@@ -84,7 +83,7 @@ class TrainData:
         units = self.units or tuple((p,) for p in range(len(self.files)))
         sort = "key" not in self.columns  # the key orders a unit's rows and is dropped after
         reader = RayDataParts(self.files, self.rows, self.columns + (("key",) if sort else ()), self.keep, flt,
-                              self.filtered_rows, dict(self.rename), self.read_cpus)
+                              self.filtered_rows, dict(self.rename))
         reader = KeyOrderedUnits(reader, units, drop_key=sort)
         unit_rows = [sum(rows[p] for p in u) for u in units]
         if self.buckets:

@@ -14,6 +14,7 @@ FIGURES = {  # each bench and the figures it must print
     "encode_scale": ("commit_ms_1000_shards", "commit_ms_50000_shards", "driver_side_us_per_row"),
     "encode_throughput": ("job_over_loop_1x", "job_memory_2x_over_1x"),
     "inpaint_cost": ("encode_time_ratio", "train_time_encoding_step_share"),
+    "memory_plan": ("tiny_total_gib", "plan_over_measured"),
     "mfu": ("samples_per_s", "images_per_s"),
     "train_throughput": ("kept_over_in_memory", "worker_over_bare", "ours_over_diffusers"),
     "unet_step": ("ours_over_diffusers", "forward_relative_difference"),

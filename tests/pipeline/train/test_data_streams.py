@@ -22,11 +22,9 @@ def plan_with(tmp_path, state: dict | None, phase_start=False):
                    phase_start=phase_start)
 
 
-def test_a_new_run_takes_the_workers_or_the_elastic_ranges_lcm(tmp_path):
+def test_a_new_run_takes_the_workers_or_its_own_number(tmp_path):
     said = []
     assert data_streams(opts(num_workers=3), plan_with(tmp_path, None), said.append) == 3
-    assert data_streams(opts(num_workers=4, min_workers=2), plan_with(tmp_path, None), said.append) == 12
-    assert "elastic: 2-4 workers share 12 data stream(s)" in said[-1]
     assert data_streams(opts(num_workers=2, data_streams=6), plan_with(tmp_path, None), said.append) == 6
     with pytest.raises(DataError, match="--num-workers 4 cannot share the run's 6 data stream"):
         data_streams(opts(num_workers=4, data_streams=6), plan_with(tmp_path, None), said.append)

@@ -201,9 +201,10 @@ def test_two_encodes_cut_into_other_parts_train_on_the_same_rows_in_the_same_ord
                        units=units_of(part_units(m)) if by_unit else ())
         out = []
         for rank in (0, 1):
-            data = td.batches(SimpleNamespace(batch_size=8, shuffle_buffer=100, seed=5),
+            data = td.batches(SimpleNamespace(batch_size=8, shuffle_buffer=100, seed=5, data_streams=2),
                               SimpleNamespace(world=2, rank=rank, say=lambda _m: None))
-            out.append([t.column("key").to_pylist() for t in itertools.islice(data.tables(
+            (stream,) = data.sources  # two workers, two streams: one each
+            out.append([t.column("key").to_pylist() for t in itertools.islice(stream.tables(
                 {"epoch": 0, "batch_in_epoch": 0}), 45)])  # 20 batches an epoch: into the third
         return out, len(td.files)
 
