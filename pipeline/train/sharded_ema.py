@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ldm.ema import EMA, ema_decay
+from ldm.ema import EMA
 from pipeline.common.errors import CheckpointError
 from pipeline.train.checkpoints import safe_load
 
@@ -31,7 +31,8 @@ def build_ema(engine, zero_stage: int, rank: int, world: int, decay: float, init
 
 
 def _whole_from_files(d: str) -> dict:
-    """A checkpoint's EMA as one whole state ({'shadow', 'num_updates', ...}), from `ema.pt` or every rank's part."""
+    """A checkpoint's EMA as one whole EMA state ({'shadow', 'num_updates', ...}), from `ema.pt` or every rank's
+    part (`ShardedEMA.save`: the EMA state of its partitions, rank 0's also of the buffers, and each one's shape)."""
     whole = os.path.join(d, "ema.pt")
     if os.path.exists(whole):
         return safe_load(whole)
@@ -44,9 +45,10 @@ def _whole_from_files(d: str) -> dict:
         raise CheckpointError(f"{d} holds {len(parts)} of the {world} ranks' EMA files ema_rank*.pt: the checkpoint "
                               f"is incomplete; resume from an earlier one")
     parts.sort(key=lambda p: p["rank"])
-    shadow = {k: torch.cat([p["parts"][k] for p in parts])[:math.prod(shape)].view(shape)
-              for k, shape in parts[0]["shapes"].items()}
-    shadow.update(parts[0]["buffers"])
+    shapes = parts[0]["shapes"]
+    shadow = {k: torch.cat([p["shadow"][k] for p in parts])[:math.prod(shape)].view(shape)
+              for k, shape in shapes.items()}
+    shadow.update({k: v for k, v in parts[0]["shadow"].items() if k not in shapes})  # the buffers
     return {**{k: parts[0][k] for k in ("num_updates", "max_decay", "warmup")}, "shadow": shadow}
 
 
@@ -81,38 +83,43 @@ class RankZeroEMA:
 
 
 class ShardedEMA:
-    """ZeRO-3: the fp32 average of this rank's partition of every parameter (paper App. / LitEma, sharded)."""
+    """ZeRO-3: the EMA (ldm/ema.py) of this rank's partition of every parameter, and on rank 0 of the buffers."""
 
     def __init__(self, module: torch.nn.Module, rank: int, world: int, decay: float, init: dict | None):
-        self.rank, self.world, self.max_decay, self.warmup, self.num_updates = rank, world, decay, True, 0
+        self.rank, self.world = rank, world
         self.params = dict(module.named_parameters())
-        names = set(self.params)
         # buffers are replicated, not partitioned: rank 0 averages them whole
-        self.buffers = {k: v for k, v in module.state_dict().items() if k not in names and v.is_floating_point()}
-        self.shadow = {k: self._own(k, init[k]) if init is not None else p.ds_tensor.detach().float().clone()
-                       for k, p in self.params.items()}
-        self.buffer_shadow = ({k: (init[k] if init is not None else v).detach().float().clone()
-                               for k, v in self.buffers.items()} if rank == 0 else {})
+        self.buffers = ({k: v for k, v in module.state_dict().items() if k not in self.params and v.is_floating_point()}
+                        if rank == 0 else {})
+        self.ema = EMA(self._own_state(init) if init is not None else self._current(), decay)
 
-    def _own(self, name: str, whole: torch.Tensor) -> torch.Tensor:
-        """This rank's partition of a whole tensor, cut as DeepSpeed cuts it: flat, padded to world x size."""
-        p = self.params[name].ds_tensor
-        return own_part(whole, self.rank, p.numel()).to(p.device)
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        return self.ema.shadow
 
-    @torch.no_grad()
+    @property
+    def num_updates(self) -> int:
+        return self.ema.num_updates
+
+    def _current(self) -> dict[str, torch.Tensor]:
+        return {**{k: p.ds_tensor for k, p in self.params.items()}, **self.buffers}
+
+    def _own_state(self, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a whole state dict: each parameter cut as DeepSpeed cuts it (flat, padded to world x
+        size), the buffers whole."""
+        own = {}
+        for k, p in self.params.items():
+            part = p.ds_tensor
+            own[k] = own_part(whole[k], self.rank, part.numel()).to(part.device)
+        return {**own, **{k: whole[k] for k in self.buffers}}
+
     def update(self) -> None:
-        decay = ema_decay(self.num_updates, self.max_decay, self.warmup)
-        own = list(self.shadow.values())
-        torch._foreach_lerp_(own, [self.params[k].ds_tensor.detach().float() for k in self.shadow], 1.0 - decay)
-        if self.buffer_shadow:
-            torch._foreach_lerp_(list(self.buffer_shadow.values()),
-                                 [self.buffers[k].detach().float() for k in self.buffer_shadow], 1.0 - decay)
-        self.num_updates += 1
+        self.ema.update(self._current())  # this rank's partitions only: no collective
 
     @torch.no_grad()
     def full(self) -> dict[str, torch.Tensor] | None:
         """The whole average on rank 0 (None elsewhere): a gather every rank joins, in buckets of partitions."""
-        names = list(self.shadow)
+        names = list(self.params)
         out: dict[str, torch.Tensor] = {}
         i = 0
         while i < len(names):
@@ -128,7 +135,7 @@ class ShardedEMA:
                 self._unpack(bucket, got, out)
         if self.rank != 0:
             return None
-        out.update(self.buffer_shadow)
+        out.update({k: self.shadow[k] for k in self.buffers})
         return out
 
     def _unpack(self, bucket: list[str], got: list[torch.Tensor], out: dict) -> None:
@@ -140,11 +147,8 @@ class ShardedEMA:
             offset += n
 
     def save(self, d: str) -> None:
-        torch.save({"rank": self.rank, "world": self.world, "num_updates": self.num_updates,
-                    "max_decay": self.max_decay, "warmup": self.warmup,
-                    "parts": {k: v.cpu() for k, v in self.shadow.items()},
-                    "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()},
-                    "buffers": {k: v.cpu() for k, v in self.buffer_shadow.items()}},
+        torch.save({"rank": self.rank, "world": self.world, **self.ema.state_dict(),
+                    "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()}},
                    os.path.join(d, f"ema_rank{self.rank}.pt"))
 
     def load(self, d: str) -> None:
@@ -153,16 +157,10 @@ class ShardedEMA:
         state = safe_load(mine) if os.path.exists(mine) else None
         if state is None or state["world"] != self.world:
             whole = _whole_from_files(d)
-            _check_keys(set(self.shadow) | set(self.buffer_shadow), whole["shadow"], d)
-            state = {**whole, "parts": {k: self._own(k, whole["shadow"][k]) for k in self.shadow},
-                     "buffers": {k: whole["shadow"][k] for k in self.buffer_shadow}}
-        _check_keys(set(self.shadow), state["parts"], d)
-        dev = next(iter(self.shadow.values())).device
-        self.shadow = {k: state["parts"][k].to(dev, torch.float32).clone() for k in self.shadow}
-        if self.rank == 0:
-            self.buffer_shadow = {k: state["buffers"][k].to(dev, torch.float32).clone() for k in self.buffer_shadow}
-        self.num_updates, self.max_decay, self.warmup = (int(state["num_updates"]), float(state["max_decay"]),
-                                                         bool(state["warmup"]))
+            _check_keys(set(self.shadow), whole["shadow"], d)
+            state = {**whole, "shadow": self._own_state(whole["shadow"])}
+        _check_keys(set(self.shadow), state["shadow"], d)
+        self.ema.load_state_dict(state)
 
 
 def _check_keys(wanted: set, got: dict, d: str) -> None:
