@@ -322,17 +322,22 @@ class BucketedBatches:
             yield batch
 
 
+def hosted_streams(streams: int, world: int, rank: int) -> list[int]:
+    """The data streams worker `rank` of `world` hosts: an equal, consecutive share."""
+    if streams % world:
+        raise DataError(f"{world} worker(s) cannot share {streams} data stream(s) equally: use a number of "
+                        f"workers that divides {streams}")
+    k = streams // world
+    return list(range(rank * k, rank * k + k))
+
+
 class Streams:
     """The data streams a worker hosts (rank r of `world` hosts streams r x k .. r x k + k - 1, k = streams / world),
     read together: each micro-step yields one batch of every hosted stream, as (stream, batch) pairs. `make(stream)`
     builds one stream's batches (PlannedBatches or BucketedBatches planned over `streams` ranks)."""
 
     def __init__(self, make, streams: int, world: int, rank: int):
-        if streams % world:
-            raise DataError(f"{world} worker(s) cannot share {streams} data stream(s) equally: use a number of "
-                            f"workers that divides {streams}")
-        k = streams // world
-        self.ids = list(range(rank * k, rank * k + k))
+        self.ids = hosted_streams(streams, world, rank)
         self.sources = [make(s) for s in self.ids]
 
     @property

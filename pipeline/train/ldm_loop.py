@@ -146,7 +146,7 @@ def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(d: str, *, t: "Trainee", state: dict, rank: int, job: "LDMJob", w: "Worker") -> None:
+def load_checkpoint(d: str, *, t: "Trainee", state: dict, job: "LDMJob", w: "Worker") -> None:
     load_deepspeed(t.engine, d, w.world, w.log)  # re-partitioned when another number of workers wrote it
     saved = read_state(d)
     state.update(saved)
@@ -417,9 +417,9 @@ class Trainee:
                                  lr_lambda=lr_lambda(o.lr_schedule, o.warmup_steps, o.max_steps, o.min_lr_ratio)))
         harden_deepspeed(engine)  # its checkpoint files are read weights-only, like every other file we load
         ema = build_ema(engine, o.zero_stage, w.rank, w.world, o.ema_decay, init.ema if init else None)
-        k = o.data_streams // w.world
+        from pipeline.train.epoch_plan import hosted_streams
         gens = {s: torch.Generator(device=w.device).manual_seed(o.seed * 1000 + s)
-                for s in range(w.rank * k, w.rank * k + k)}
+                for s in hosted_streams(o.data_streams, w.world, w.rank)}
         return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gens)
 
 
@@ -429,7 +429,7 @@ def restored(job: LDMJob, w: Worker, t: Trainee) -> dict:
     state = {"step": 0, "images_seen": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
              "resolution": job.latent_shape[-1] * job.cfg.autoencoder.downsample_factor, "run": job.run_name,
              "world": w.world, "data_streams": job.opts.data_streams}  # the layout a restart reads back
-    if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, rank=w.rank, job=job, w=w), w):
+    if restore_checkpoint(job.run, partial(load_checkpoint, t=t, state=state, job=job, w=w), w):
         w.say(f"resumed at step {state['step']} ({state['images_seen']} images seen, epoch {state['epoch']}, "
               f"batch {state['batch_in_epoch']} of it)")
     nodes = w.nodes()
