@@ -1,6 +1,6 @@
 """What the benches share: diffusers' UNet2DConditionModel built to match one of our UNets and holding the same
 weights (so the two are timed on identical work); our UNet moved off its zero init (so two runs of it can be
-compared); `--tiny` (the size CI runs) and the `name=value` lines every bench ends with."""
+compared); `--tiny` (the size CI runs), the `name=value` lines every bench ends with, a free loopback port."""
 from __future__ import annotations
 
 
@@ -40,6 +40,14 @@ def tiny(a, **small):
         for k, v in small.items():
             setattr(a, k, v)
     return a
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (a rank group's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def figures(**values) -> None:

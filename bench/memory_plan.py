@@ -19,6 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from matched import add_tiny, figures, free_port, tiny  # noqa: E402
 
 SD = ("sd15", "sd21", "sdxl-base")
 
@@ -48,7 +51,7 @@ def table(a) -> None:
         print(f"| {p} | {px} | " + " | ".join(f"{r[k]:.2f}" for k in ("params", "grads", "optimizer", "ema",
                                                                        "activations", "step", "framework", "total"))
               + " |")
-        print(f"{p.replace('-', '_')}_total_gib={r['total']:.2f}")
+        figures(**{f"{p.replace('-', '_')}_total_gib": r["total"]})
 
 
 def measure(a) -> dict:
@@ -103,7 +106,7 @@ def check(a) -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS = what is live
     cmd = [sys.executable, __file__, "--measure-one", "--preset", a.preset, "--width", str(a.width), "--zero",
            str(a.zero), "--batch", str(a.batch), "--resolution", str(a.resolution), "--steps", str(a.steps),
-           "--threads", str(a.threads), "--port", str(_free_port())] + (["--grad-checkpointing"] if
+           "--threads", str(a.threads), "--port", str(free_port())] + (["--grad-checkpointing"] if
                                                                         a.grad_checkpointing else [])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode:
@@ -116,14 +119,7 @@ def check(a) -> None:
     print("  plan (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
     print(f"  measured peak RSS: {measured / GiB:.2f} GiB over {a.steps} training steps (set-up and the first step, "
           f"where DeepSpeed builds its flat buffers and the optimizer state: {got['start_peak'] / GiB:.2f} GiB)")
-    print(f"plan_over_measured={p.total / measured:.3f}")
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    figures(plan_over_measured=p.total / measured)
 
 
 def main() -> None:
@@ -143,15 +139,14 @@ def main() -> None:
                     "128, 256 px, batch 4)")
     ap.add_argument("--steps", type=int, default=3, help="--check: training steps measured (after a first one)")
     ap.add_argument("--threads", type=int, default=2, help="--check: torch threads")
-    ap.add_argument("--tiny", action="store_true", help="seconds: the tiny preset's table and check")
+    add_tiny(ap)
     ap.add_argument("--measure-one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = tiny(ap.parse_args(), preset="tiny", width=0, batch=2, resolution=0, steps=1)
     if a.measure_one:
         print(json.dumps(measure(a)))
         return
-    if a.tiny:
-        a.preset, a.width, a.batch, a.resolution, a.steps = "tiny", 0, 2, 0, 1
+    if a.tiny:  # the table and the check, both
         table(a)
         a.check = True
     elif a.check and not a.width:

@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from matched import add_tiny, figures, free_port, tiny  # noqa: E402
 
 VARIANTS = ("off", "sharded", "gathered", "ckpt")
 
@@ -146,13 +149,8 @@ def memory(rank: int, world: int, port: int, a, variant: str, out: str) -> None:
 
 
 def spawn(fn, *args) -> None:
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:  # a free port on loopback for the rank pair's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fn, args=(2, port, *args), nprocs=2, join=True)
+    mp.spawn(fn, args=(2, free_port(), *args), nprocs=2, join=True)
 
 
 def main() -> None:
@@ -165,10 +163,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds of every variant first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--tiny", action="store_true", help="a seconds-long run that only checks the bench works")
-    a = ap.parse_args()
-    if a.tiny:
-        a.preset, a.width, a.latent, a.batch_size, a.context_len, a.steps, a.warmup = "tiny", 32, 8, 1, 4, 1, 1
+    add_tiny(ap)
+    a = tiny(ap.parse_args(), preset="tiny", width=32, latent=8, batch_size=1, context_len=4, steps=1, warmup=1)
     # large tensors mmapped and returned to the OS when freed, so the RSS follows what is live
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = tempfile.mkdtemp(prefix="zero3-ema-")
@@ -185,13 +181,11 @@ def main() -> None:
     for v in VARIANTS:
         print(f"  {v:9s} step {med[v]:.3f} s (median of {len(t['times'][v])}) | peak RSS per worker {peak[v]:.0f} MB, "
               f"forward + backward's own {act[v]:.0f} MB")
-    print(f"ema_step_ratio={med['sharded'] / med['off']:.3f}")
-    print(f"ema_memory_ratio={peak['sharded'] / peak['off']:.3f}")
-    print(f"gathered_ema_step_ratio={med['gathered'] / med['off']:.3f}")
-    print(f"gathered_ema_memory_ratio={peak['gathered'] / peak['off']:.3f}")
-    print(f"ckpt_step_ratio={med['ckpt'] / med['off']:.3f}")
-    print(f"ckpt_memory_ratio={act['ckpt'] / max(act['off'], 1e-9):.3f}")  # forward + backward's memory: what it saves
-    print(f"ckpt_total_memory_ratio={peak['ckpt'] / peak['off']:.3f}")
+    figures(ema_step_ratio=med["sharded"] / med["off"], ema_memory_ratio=peak["sharded"] / peak["off"],
+            gathered_ema_step_ratio=med["gathered"] / med["off"],
+            gathered_ema_memory_ratio=peak["gathered"] / peak["off"], ckpt_step_ratio=med["ckpt"] / med["off"],
+            ckpt_memory_ratio=act["ckpt"] / max(act["off"], 1e-9),  # forward + backward's memory: what it saves
+            ckpt_total_memory_ratio=peak["ckpt"] / peak["off"])
 
 
 if __name__ == "__main__":
