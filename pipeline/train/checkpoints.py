@@ -240,7 +240,6 @@ def universal_copy(d: str):
     one that would run code is refused before the converter sees it."""
     import argparse
     import io
-    import sys
 
     from deepspeed.checkpoint import ds_to_universal
     for f in glob.glob(os.path.join(d, "ds", "*.pt")):
@@ -249,15 +248,13 @@ def universal_copy(d: str):
     args = argparse.Namespace(input_folder=os.path.join(d, "ds"), output_folder=os.path.join(out, "ds"),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # no tensor parallelism: the default info
-    stdout, sys.stdout = sys.stdout, io.StringIO()  # the converter prints a page per conversion
     try:
-        ds_to_universal.main(args)
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a page per conversion
+            ds_to_universal.main(args)
     except Exception as e:  # noqa: BLE001 - named for the user, with the way out
         raise CheckpointError(f"{d}: its DeepSpeed state cannot be re-partitioned for another world size "
                               f"({type(e).__name__}: {str(e)[:300]}); resume it with the number of workers that "
                               f"wrote it") from e
-    finally:
-        sys.stdout = stdout
     try:
         yield out
     finally:

@@ -45,9 +45,16 @@ class MemoryPlan:
 
 def count_params(cfg) -> tuple[int, int]:
     """(trainable, frozen) parameters of the LatentDiffusion module DeepSpeed trains, counted on the meta device."""
+    return _counts(_meta_model(cfg))
+
+
+def _meta_model(cfg):
     from ldm.model import LatentDiffusion
     with torch.device("meta"):
-        model = LatentDiffusion(cfg)
+        return LatentDiffusion(cfg)
+
+
+def _counts(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
@@ -129,13 +136,14 @@ def plan(cfg, *, zero_stage: int, workers: int, batch: int, latent_hw: tuple[int
          checkpointing: bool | None = None, device: str = "cuda", ema: bool = True) -> MemoryPlan:
     """The worst worker's bytes (rank 0: it also holds the whole EMA below ZeRO-3). `batch` is the worker's
     micro-batch; `precision` fp32 | bf16 | autocast (fp32 weights, bf16 activations)."""
-    n, frozen = count_params(cfg)
+    model = _meta_model(cfg)
+    n, frozen = _counts(model)
     w = max(1, workers)
     low = 2 if precision == "bf16" else 4                   # weights and gradients as the model holds them
     shard = w if zero_stage >= 3 else 1
     params = (n + frozen) * low // shard
     if zero_stage >= 3:  # a gathered block's full weights while it runs
-        params += _largest_block(cfg) * low
+        params += _largest_block(model.unet) * low
     grads = n * low // (w if zero_stage >= 2 else 1)
     opt_shard = w if zero_stage >= 1 else 1
     # Adam's two fp32 moments, and an fp32 master copy wherever DeepSpeed keeps one (ZeRO 1-3, or bf16 weights)
@@ -150,10 +158,7 @@ def plan(cfg, *, zero_stage: int, workers: int, batch: int, latent_hw: tuple[int
     return MemoryPlan(params, grads, optimizer, ema_bytes, act, int(FRAMEWORK.get(device, FRAMEWORK["cuda"])), step)
 
 
-def _largest_block(cfg) -> int:
-    from ldm.unet import UNetModel
-    with torch.device("meta"):
-        unet = UNetModel(cfg.unet)
+def _largest_block(unet) -> int:
     blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
     return max(sum(p.numel() for p in b.parameters()) for b in blocks)
 
