@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import perturb_
 from ldm.config import PRESETS, UNetConfig, get_preset
 from ldm.unet import UNetModel, timestep_embedding
 
@@ -96,9 +97,7 @@ def _inputs(cfg: UNetConfig, g: torch.Generator) -> dict:
 def test_activation_checkpointing_gives_the_plain_models_gradients(preset):
     cfg = _small(get_preset(preset).unet)
     torch.manual_seed(0)
-    plain = UNetModel(cfg).train()
-    for p in plain.parameters():  # off the zero-init so every block's gradient is non-trivial
-        p.data.add_(0.05 * torch.randn_like(p))
+    plain = perturb_(UNetModel(cfg).train())  # off the zero-init so every block's gradient is non-trivial
     ckpt = UNetModel(replace(cfg, grad_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     assert sum(m.checkpointed for m in ckpt.modules() if hasattr(m, "checkpointed")) >= 2
