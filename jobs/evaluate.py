@@ -48,7 +48,9 @@ def parse(argv=None):
                    "records give their conditioning and their real images)")
     m.add_argument("--cfg-scales", type=_floats, default=(4.0,), help="guidance scales to sweep, e.g. 1,2,4,8")
     m.add_argument("--steps", type=_ints, default=(50,), help="sampling steps to sweep, e.g. 10,25,50")
-    m.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (ldm.sampling.SAMPLERS)")
+    m.add_argument("--sampler", choices=["auto", *sorted(SAMPLERS)], default="auto",
+                   help="sampler (ldm.sampling.SAMPLERS); auto: the model's own, ddim for the ddpm objective, euler "
+                        "for flow (heun: flow's second-order sampler)")
     m.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     m.add_argument("--workers", type=int, default=0, help="generation workers (Ray Data actors); 0 = as many as "
                    "Ray's CPUs / --cpus-per-worker, 1 = in this process")

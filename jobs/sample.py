@@ -29,7 +29,9 @@ def parse(argv=None):
                         "(0 = clean .. conditioning.lowres_noise_max; -1 = the model's lowres_noise_sample)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--out", default="samples.png", help="output grid PNG (one row per prompt)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (ldm.sampling.SAMPLERS)")
+    p.add_argument("--sampler", choices=["auto", *sorted(SAMPLERS)], default="auto",
+                   help="sampler (ldm.sampling.SAMPLERS); auto: the model's own, ddim for the ddpm objective, euler "
+                        "for flow (heun: flow's second-order sampler)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 deterministic (the default), 1 DDPM-like; ddim sampler only")

@@ -1,6 +1,9 @@
 """The forward process and the LDM objective (paper §3.2, eq. 1-2; DDPM, Ho et al. 2020).
 
 L_LDM = E_{E(x), y, eps~N(0,1), t} [ w(t) || target - eps_theta(z_t, t, tau(y)) ||^2 ]
+
+`diffusion.objective=flow` swaps in rectified flow (ldm/flow.py) behind the same two entry points,
+`sample_timesteps` and `diffusion_loss`.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldm import flow
 from ldm.config import DiffusionConfig
 
 
@@ -40,13 +44,14 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 class Schedule:
     betas: torch.Tensor            # (T,) float64
     alphas_cumprod: torch.Tensor   # alpha_bar_t (T,) float64
+    cfg: DiffusionConfig = DiffusionConfig()
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
         betas = make_betas(cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end)
         if cfg.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas, torch.cumprod(1 - betas, 0))
+        return cls(betas, torch.cumprod(1 - betas, 0), cfg)
 
     @property
     def num_timesteps(self) -> int:
@@ -105,7 +110,9 @@ def sample_noise(x0: torch.Tensor, offset: float = 0.0, generator: torch.Generat
 
 
 def sample_timesteps(n: int, schedule: Schedule, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """t ~ U{0, ..., T-1} (eq. 2), drawn where the generator lives."""
+    """t ~ U{0, ..., T-1} (eq. 2), drawn where the generator lives; a flow objective's t in (0, 1) (ldm/flow.py)."""
+    if schedule.cfg.objective == "flow":
+        return flow.sample_t(n, schedule.cfg, generator, device)
     dev = generator.device if generator is not None else device
     return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=dev).to(device)
 
@@ -118,6 +125,8 @@ def diffusion_loss(model, x0: torch.Tensor, cfg: DiffusionConfig, schedule: Sche
         t = sample_timesteps(x0.shape[0], schedule, generator, x0.device)
     if noise is None:
         noise = sample_noise(x0, cfg.offset_noise, generator)
+    if cfg.objective == "flow":
+        return flow.flow_loss(model, x0, noise, t, cfg.loss_type, **model_kwargs)
     zt = q_sample(x0, t, noise, schedule.alphas_cumprod)
     target = training_target(x0, noise, t, schedule.alphas_cumprod, cfg.parameterization)
     out = model(zt, t, **model_kwargs)

@@ -2,9 +2,11 @@
 one signature `sample_x(model, x, timesteps, alphas_cumprod, *, parameterization, generator, noises, mask,
 x0_known, callback)` and one registry, SAMPLERS.
 
-`parameterization` says what the callable predicts (eps, x0 or v); every sampler converts it to
-(eps, x0) with `predict_eps_x0`. Wrap a conditional UNet with `guided(...)` for classifier-free
-guidance (Ho & Salimans 2022; paper §4.3.2 and §4.5) and pass `mask`/`x0_known` to inpaint (§4.5).
+`parameterization` says what the callable predicts (eps, x0 or v); every ddpm sampler converts it to
+(eps, x0) with `predict_eps_x0`. A rectified-flow model (parameterization "flow", ldm/flow.py) predicts the velocity
+at t in [0, 1]; its samplers (euler, heun) take `timesteps` as those times, descending, and no alphas_cumprod.
+Wrap a conditional UNet with `guided(...)` for classifier-free guidance (Ho & Salimans 2022; paper §4.3.2 and §4.5)
+and pass `mask`/`x0_known` to inpaint (§4.5).
 `generate` is the whole of text-to-image sampling in latent space: z_T ~ N(0, I) -> sampler -> D(z).
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from ldm.flow import FLOW_TIME_SCALE, flow_timesteps
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -167,12 +171,90 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alph
     return _known(x, mask, x0_known)
 
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
+def _velocity(model: Model, x: torch.Tensor, t: float) -> torch.Tensor:
+    return model(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype))
+
+
+def _paste_known_flow(x, mask, x0_known, t: float, generator):
+    """Inpainting on the flow path: the known region at time t is (1 - t) x0 + t eps."""
+    if mask is None:
+        return x
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return mask * ((1 - t) * x0_known + t * noise) + (1 - mask) * x
+
+
+def on_flow_time(net: Callable) -> Callable:
+    """The network of a flow model called with the sampler's t in [0, 1]: it sees t * FLOW_TIME_SCALE (ldm/flow.py)."""
+    return lambda x, t, **kw: net(x, t * FLOW_TIME_SCALE, **kw)
+
+
+def _flow_only(name: str, parameterization: str) -> None:
+    if parameterization != "flow":
+        raise ValueError(f"the {name} sampler integrates a flow model's ODE; this model predicts "
+                         f"{parameterization!r} (objective ddpm): use ddim, ddpm or dpmpp_2m")
+
+
+@torch.no_grad()
+def sample_euler(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor | None = None,
+                 *, parameterization: str = "flow", generator: torch.Generator | None = None,
+                 noises: list | None = None, mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                 callback: Callable | None = None) -> torch.Tensor:
+    """Euler's method on dx/dt = v_theta(x, t) from t = 1 to 0 (Esser et al. 2024 §2): x <- x + (t' - t) v. On the
+    straight path this is DDIM with eta 0. Deterministic; `noises` is not used."""
+    _flow_only("euler", parameterization)
+    ts = timesteps.tolist() + [0.0]
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        x = _paste_known_flow(x, mask, x0_known, t, generator)
+        v = _velocity(model, x, t)
+        x0 = x - t * v  # the data point the velocity points at
+        x = x + (t_next - t) * v
+        if callback is not None:
+            callback(i, t, x, x0)
+    return _known(x, mask, x0_known)
+
+
+@torch.no_grad()
+def sample_heun(model: Model, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor | None = None,
+                *, parameterization: str = "flow", generator: torch.Generator | None = None,
+                noises: list | None = None, mask: torch.Tensor | None = None, x0_known: torch.Tensor | None = None,
+                callback: Callable | None = None) -> torch.Tensor:
+    """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn) on the flow ODE: an Euler step, then the
+    mean of the velocities at both ends; the last step, to t = 0, is Euler's. Two model calls per step but the last."""
+    _flow_only("heun", parameterization)
+    ts = timesteps.tolist() + [0.0]
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        x = _paste_known_flow(x, mask, x0_known, t, generator)
+        v = _velocity(model, x, t)
+        x0 = x - t * v
+        x_euler = x + (t_next - t) * v
+        x = x_euler if t_next == 0 else x + (t_next - t) * 0.5 * (v + _velocity(model, x_euler, t_next))
+        if callback is not None:
+            callback(i, t, x, x0)
+    return _known(x, mask, x0_known)
+
+
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_euler,
+            "heun": sample_heun}
+FLOW_SAMPLERS = ("euler", "heun")
+
+
+def resolve_sampler(sampler: str, parameterization: str) -> str:
+    """"auto" = the model's own (ddim for the ddpm objective, euler for flow); a sampler of the other family is
+    refused by name."""
+    flow = parameterization == "flow"
+    if sampler == "auto":
+        return "euler" if flow else "ddim"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: one of auto, {', '.join(SAMPLERS)}")
+    if flow != (sampler in FLOW_SAMPLERS):
+        family = "euler or heun (a flow model)" if flow else "ddim, ddpm or dpmpp_2m (a ddpm model)"
+        raise ValueError(f"sampler {sampler!r} does not fit this model: use {family}, or auto")
+    return sampler
 
 
 @torch.no_grad()
 def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts: list, shape: tuple, alphas_cumprod:
-             torch.Tensor, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
+             torch.Tensor | None, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "auto",
              parameterization: str = "eps", device="cpu", seeds: list[int] | None = None,
              eta: float = 0.0, orig_size: tuple[int, int] | None = None,
              crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -181,9 +263,9 @@ def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts
     `seeds` (one per prompt) draws each z_T from its own seed, so an image does not depend on its batch. `shape` may
     be larger than the training latents: the UNet is convolutional (§4.3.2). `eta` is DDIM's noise (0: deterministic,
     1: DDPM-like). A micro-conditioned model (SDXL) is told the image is cropped at `crop` from an original of
-    `orig_size` (default: the sample's size, uncropped)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    `orig_size` (default: the sample's size, uncropped). A flow model (`parameterization="flow"`) needs no
+    alphas_cumprod and integrates from t = 1; `sampler="auto"` picks the model's own sampler."""
+    sampler = resolve_sampler(sampler, parameterization)
     if eta and sampler != "ddim":
         raise ValueError(f"eta={eta} is DDIM's: the {sampler} sampler takes none (use --sampler ddim or eta 0)")
     g = torch.Generator(device=device).manual_seed(seed)
@@ -196,11 +278,13 @@ def generate(net: Callable, conditioner, latent_scale, decode: Callable, prompts
     if getattr(conditioner, "micro", False):  # SDXL micro-conditioning: as if cropped at `crop` from `orig_size`
         cond, uncond = conditioner.with_micro(cond, uncond, len(prompts), (shape[-2] * conditioner.f,
                                                                            shape[-1] * conditioner.f), orig_size, crop)
+    if parameterization == "flow":
+        net = on_flow_time(net)
     if uncond is None:  # a condition without a null (an image never dropped in training): no guidance
         fn = lambda x, t: net(x, t, **cond)  # noqa: E731
     else:
         fn = guided(net, cond, uncond, cfg_scale) if cond else (lambda x, t: net(x, t))
-    ts = ddim_timesteps(alphas_cumprod.shape[0], steps)
+    ts = flow_timesteps(steps) if parameterization == "flow" else ddim_timesteps(alphas_cumprod.shape[0], steps)
     extra = {"eta": eta} if eta else {}  # only DDIM takes it (checked above)
     z = SAMPLERS[sampler](fn, x_t, ts, alphas_cumprod, parameterization=parameterization, generator=g, **extra)
     return decode(latent_scale.to_latent(z)).clamp(-1, 1)

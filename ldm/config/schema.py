@@ -95,7 +95,9 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Forward process and objective (paper §3.2, eq. 1-2; DDPM, Ho et al. 2020)."""
+    """Forward process and objective: the paper's (§3.2, eq. 1-2; DDPM, Ho et al. 2020) or rectified flow (Esser et
+    al. 2024, SD 3)."""
+    objective: str = "ddpm"              # "ddpm" (the paper's: discrete t, a beta schedule) | "flow" (rectified flow)
     timesteps: int = 1000
     beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" (CompVis "linear") | "cosine"
     linear_start: float = 0.00085
@@ -106,6 +108,16 @@ class DiffusionConfig:
     loss_weighting: str = "simple"       # "simple" (L_simple) | "min_snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0
+    # objective="flow": how t in (0, 1) is drawn: "uniform" or "logit_normal" (sigmoid of N(logit_mean, logit_std^2),
+    # Esser et al. 2024 §3.1: the best of the samplings that paper compared, at m=0, s=1)
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @property
+    def prediction(self) -> str:
+        """What the network outputs: "flow" (the velocity noise - data) or the ddpm parameterization."""
+        return "flow" if self.objective == "flow" else self.parameterization
 
 
 @dataclass(frozen=True)
@@ -191,9 +203,26 @@ class LDMConfig:
             raise ConfigError("diffusion.zero_terminal_snr=true needs diffusion.parameterization=v (or x0): at SNR 0 "
                               "the last step's noise prediction says nothing about x0 and sampling gives NaN "
                               "(Lin et al. 2024, §3.2)")
+        _check_objective(self.diffusion)
         from ldm.kinds import kind_of
         kind_of(cond.kind).validate(self)  # the kind's own checks (ldm/kinds/)
         return self
+
+
+def _check_objective(d: DiffusionConfig) -> None:
+    """Fields that belong to one objective only, refused under the other rather than silently ignored."""
+    if d.objective == "flow":
+        wrong = [(f, v, ok) for f, v, ok in (("parameterization", d.parameterization, "eps"),
+                                             ("zero_terminal_snr", d.zero_terminal_snr, False),
+                                             ("loss_weighting", d.loss_weighting, "simple")) if v != ok]
+        if wrong:
+            f, v, ok = wrong[0]
+            raise ConfigError(f"diffusion.{f}={v} belongs to objective=ddpm: a flow model predicts the velocity "
+                              f"(noise - data) at t in (0, 1), weighted through diffusion.timestep_sampling; "
+                              f"leave diffusion.{f} at {ok}")
+    elif d.timestep_sampling != "uniform":
+        raise ConfigError(f"diffusion.timestep_sampling={d.timestep_sampling} belongs to objective=flow; the ddpm "
+                          f"objective draws t uniformly from its {d.timesteps} steps (eq. 2)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +264,8 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "unet.adm_in_channels": _nonneg, "unet.context_dim": (lambda v: v is None or v > 0, "null or > 0"),
     "unet.num_classes": (lambda v: v is None or v > 0, "null or > 0"), "unet.dropout": _prob,
     "unet.norm_groups": _pos,
-    "diffusion.timesteps": (lambda v: v >= 2, ">= 2"),
+    "diffusion.objective": _one_of("ddpm", "flow"), "diffusion.timesteps": (lambda v: v >= 2, ">= 2"),
+    "diffusion.timestep_sampling": _one_of("uniform", "logit_normal"), "diffusion.logit_std": _pos,
     "diffusion.beta_schedule": _one_of("linear", "scaled_linear", "cosine"),
     "diffusion.linear_start": _unit, "diffusion.linear_end": _unit,
     "diffusion.parameterization": _one_of("eps", "x0", "v"), "diffusion.loss_type": _one_of("l2", "l1"),

@@ -10,11 +10,12 @@ figures do not depend on how the prompts were batched or spread.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from ldm.sampling import resolve_sampler
 from pipeline.evaluate.scores import from_uint8, to_uint8
 
 
@@ -25,7 +26,7 @@ class ModelEvalOptions:
     num_samples: int = 500                      # generated (and real) images per point of the sweep
     cfg_scales: tuple[float, ...] = (4.0,)      # classifier-free guidance scales to sweep
     steps: tuple[int, ...] = (50,)              # sampling steps to sweep
-    sampler: str = "ddim"
+    sampler: str = "auto"
     seed: int = 0                               # image i starts from the noise of seed + i
     batch_size: int = 50                        # prompts per generation batch
     workers: int = 0                            # generation workers (Ray Data actors); 0 = what Ray can give
@@ -95,6 +96,7 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
     prompts = kind.held_out(cfg, held)
     scores = SampleScores(load_feature_net(o.inception_weights), held.images)
     judge = _judge(held, o, log)
+    o = replace(o, sampler=resolve_sampler(o.sampler, cfg.diffusion.prediction))  # "auto" -> the model's own
     workers = generation_workers(o)
     log(f"[evaluate] {o.model}: {len(prompts)} held-out images of {o.input} ({local.sampler.mode} conditioning), "
         f"features {scores.net.name}, generation on {workers} worker(s)")

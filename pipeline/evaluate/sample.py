@@ -117,7 +117,7 @@ class LDMSampler:
 
     @torch.no_grad()
     def __call__(self, prompts: list, *, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
-                 sampler: str = "ddim", seeds: list[int] | None = None, eta: float = 0.0,
+                 sampler: str = "auto", seeds: list[int] | None = None, eta: float = 0.0,
                  size: tuple[int, int] | None = None, orig_size: tuple[int, int] | None = None,
                  crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
         if (orig_size is not None or crop != (0, 0)) and not self.conditioner.micro:
@@ -133,13 +133,13 @@ class LDMSampler:
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.autocast):
             images = generate(self.net, self.conditioner, self.info["latent_scale"], self.decode, prompts,
                               self.latent_shape(size), self.alphas_cumprod, steps=steps, cfg_scale=cfg_scale,
-                              seed=seed, sampler=sampler, parameterization=self.net.cfg.diffusion.parameterization,
+                              seed=seed, sampler=sampler, parameterization=self.net.cfg.diffusion.prediction,
                               device=self.device, seeds=seeds, eta=eta, orig_size=orig_size, crop=crop).float()
         return self.kind.finish(images, prompts)
 
 
 def sample_images(export: str, prompts: list, n_per_prompt: int = 1, autoencoder: str = "", text_encoder: str = "",
-                  steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "ddim",
+                  steps: int = 50, cfg_scale: float = 5.0, seed: int = 0, sampler: str = "auto",
                   device="cpu", eta: float = 0.0, size: tuple[int, int] | None = None,
                   noise_level: int | None = None, orig_size: tuple[int, int] | None = None,
                   crop: tuple[int, int] = (0, 0), precision: str = "") -> tuple[torch.Tensor, list]:

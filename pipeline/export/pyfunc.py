@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 ROOT = Path(__file__).resolve().parents[2]
-PARAMS = {"steps": 50, "cfg_scale": 5.0, "sampler": "ddim", "eta": 0.0}
+PARAMS = {"steps": 50, "cfg_scale": 5.0, "sampler": "auto", "eta": 0.0}
 
 
 class LDMPyfunc(mlflow.pyfunc.PythonModel):

@@ -233,7 +233,7 @@ class EMAImages:
         return generate(net, self.conditioner, job.latent_scale, self.decoder().model.decode, prompts,
                         job.latent_shape, Schedule.from_config(job.cfg.diffusion).alphas_cumprod,
                         steps=o.sample_steps, cfg_scale=o.cfg_scale, seed=o.sample_seed,
-                        parameterization=job.cfg.diffusion.parameterization, device=dev, seeds=seeds).cpu()
+                        parameterization=job.cfg.diffusion.prediction, device=dev, seeds=seeds).cpu()
 
 
 def sample_grid(make: EMAImages, ema: dict, step: int) -> None:

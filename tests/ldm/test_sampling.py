@@ -3,7 +3,8 @@ import torch
 
 from ldm.diffusion import Schedule
 from ldm.config import DiffusionConfig
-from ldm.sampling import (SAMPLERS, all_timesteps, ddim_timesteps, generate, guided, predict_eps_x0, sample_ddim,
+from ldm.flow import flow_timesteps
+from ldm.sampling import (FLOW_SAMPLERS, SAMPLERS, all_timesteps, ddim_timesteps, generate, guided, predict_eps_x0, sample_ddim,
                           sample_ddpm, sample_dpmpp_2m)
 
 SCHED = Schedule.from_config(DiffusionConfig(timesteps=1000))
@@ -134,8 +135,12 @@ def test_every_sampler_takes_one_signature_and_generate_dispatches_by_name():
     g = torch.Generator().manual_seed(0)
     x_star = torch.randn(1, 3, 4, 4, generator=g)
     ts = ddim_timesteps(1000, 20)
+    flow_ts = flow_timesteps(20)
+    toward = lambda x, t: (x - x_star) / t.view(-1, 1, 1, 1)  # noqa: E731 - a flow model's velocity toward x*
     for name, fn in SAMPLERS.items():
-        out = fn(perfect(x_star, "eps"), torch.randn(2, 3, 4, 4, generator=g), ts, AC, parameterization="eps",
+        flow = name in FLOW_SAMPLERS
+        out = fn(toward if flow else perfect(x_star, "eps"), torch.randn(2, 3, 4, 4, generator=g),
+                 flow_ts if flow else ts, None if flow else AC, parameterization="flow" if flow else "eps",
                  generator=g, noises=None, mask=None, x0_known=None, callback=None)
         assert out.shape == (2, 3, 4, 4), name
 
@@ -147,8 +152,8 @@ def test_every_sampler_takes_one_signature_and_generate_dispatches_by_name():
     img = generate(perfect(x_star, "eps"), Uncond(), LatentScale(2.0, 0.5), lambda z: z, ["a", "b"], (3, 4, 4), AC,
                    steps=20, sampler="dpmpp_2m")
     assert torch.allclose(img, (x_star / 2.0 + 0.5).clamp(-1, 1).expand(2, -1, -1, -1), atol=1e-3)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        generate(perfect(x_star, "eps"), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC, sampler="euler")
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        generate(perfect(x_star, "eps"), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC, sampler="lms")
     # DDIM's eta: with eta > 0 each step adds fresh noise, so two seeds differ where eta 0 is deterministic
     ddim = dict(steps=10, sampler="ddim")
     a0, b0 = (generate(lambda x, t: torch.zeros_like(x), Uncond(), LatentScale(), lambda z: z, ["a"], (3, 4, 4), AC,

@@ -6,6 +6,7 @@ import torch
 
 from kinds import TINY, cache_batch
 from ldm.conditioning import Conditioner
+from ldm.diffusion import Schedule, diffusion_loss
 from ldm.kinds import KINDS, CacheMismatch, kind_of
 from ldm.latent_scale import LatentScale
 from ldm.model import LatentDiffusion
@@ -21,8 +22,8 @@ def merged(a: dict, b: dict) -> dict:
     return {k: {**a.get(k, {}), **b.get(k, {})} for k in {*a, *b}}
 
 
-def setup(name: str):
-    cfg = load_config("tiny", overrides=TINY[name].overrides)
+def setup(name: str, *extra: str):
+    cfg = load_config("tiny", overrides=(*TINY[name].overrides, *extra))
     model = LatentDiffusion(cfg).eval()
     f = cfg.autoencoder.downsample_factor
     encode = lambda px: torch.zeros(px.shape[0], 4, px.shape[1] // f, px.shape[2] // f)  # noqa: E731 - a first stage
@@ -83,6 +84,25 @@ def test_a_request_samples_through_the_kind_end_to_end(name):
     assert images.shape == (2, 3, shape[1] * 2, shape[2] * 2) and torch.isfinite(images).all()
     assert c.kind.finish(images, prompts).shape == images.shape
     assert all(isinstance(c.kind.describe(p, i), str) for i, p in enumerate(prompts))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_kind_trains_and_samples_under_the_flow_objective(name):
+    cfg, model, c = setup(name, "diffusion.objective=flow", "diffusion.timestep_sampling=logit_normal")
+    g = torch.Generator().manual_seed(0)
+    batch = cache_batch(c.kind.columns(cfg, False), 4)
+    z0 = torch.randn(4, 4, 8, 8, generator=g)
+    loss = diffusion_loss(model.train(), z0, cfg.diffusion, Schedule.from_config(cfg.diffusion), generator=g,
+                          **c.batch(batch, torch.tensor([False, True, False, False]), g)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    prompts = request_prompts(c.kind, TINY[name].request)
+    prompts, size = c.kind.canvas(c, prompts, None, (16, 16))
+    shape = (4, *(v // 2 for v in (size or (16, 16))))
+    decode = lambda z: torch.nn.functional.interpolate(z[:, :3], scale_factor=2.0)  # noqa: E731
+    images = generate(model.eval(), c, LatentScale(1.0, 0.0), decode, prompts, shape, None, steps=2, cfg_scale=3.0,
+                      seeds=[0, 1], sampler="heun", parameterization=cfg.diffusion.prediction)
+    assert images.shape == (2, 3, shape[1] * 2, shape[2] * 2) and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
