@@ -74,6 +74,12 @@ def refuse(x: Exportable, fmt: str) -> None:
         raise ValueError(f"a {kind}-conditioned model has no diffusers pipeline and no single-file layout that "
                          f"loads it ({', '.join(PIPELINES.values())} are text-to-image): its ldm-ray export is the "
                          f"model, for jobs/sample.py, the served MLflow model and --init-from")
+    if x.cfg.diffusion.objective == "flow":
+        raise ValueError("a rectified-flow UNet (diffusion.objective=flow) has no Stable Diffusion pipeline that "
+                         "samples it: StableDiffusionPipeline's schedulers are ddpm ones (FlowMatchEulerDiscrete"
+                         "Scheduler lacks the init_noise_sigma and scale_model_input it calls), and a single file "
+                         "records no objective; its ldm-ray export is the model (jobs/sample.py --sampler euler|heun, "
+                         "the served MLflow model, --init-from)")
     if x.cfg.unet.micro_cond:
         raise ValueError("the UNet's size-and-crop embedding (unet.micro_cond) has no counterpart in diffusers' "
                          "UNet2DConditionModel (SDXL's size conditioning is the text_pooled kind's): its ldm-ray "

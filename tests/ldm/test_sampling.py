@@ -4,8 +4,8 @@ import torch
 from ldm.diffusion import Schedule
 from ldm.config import DiffusionConfig
 from ldm.flow import flow_timesteps
-from ldm.sampling import (FLOW_SAMPLERS, SAMPLERS, all_timesteps, ddim_timesteps, generate, guided, predict_eps_x0, sample_ddim,
-                          sample_ddpm, sample_dpmpp_2m)
+from ldm.sampling import (FLOW_SAMPLERS, SAMPLERS, all_timesteps, ddim_timesteps, generate, guided, predict_eps_x0,
+                          sample_ddim, sample_ddpm, sample_dpmpp_2m)
 
 SCHED = Schedule.from_config(DiffusionConfig(timesteps=1000))
 AC = SCHED.alphas_cumprod

@@ -392,3 +392,43 @@ def test_launch_checks_from_the_manifest(tiny_cache, tmp_path):
     with pytest.raises(CacheConfigMismatch, match="not the first stage the cache .* was encoded with"):
         run_train(topts(tiny_cache, tmp_path, autoencoder="random:tiny:1"))  # same config, other weights
     assert time.time() - t0 < 20
+
+
+FLOW = TINY_TEXT + ("diffusion.objective=flow", "diffusion.timestep_sampling=logit_normal")
+
+
+def test_flow_model_trains_resumes_exactly_samples_exports_and_evaluates(tiny_cache, tmp_path):
+    """diffusion.objective=flow through the whole pipeline: training (a grid sampled with Euler), a resume from a
+    mid-run checkpoint that repeats the same steps with the same losses, jobs/sample.py with Heun, the export that
+    records the objective, evaluation that samples with the model's own sampler."""
+    from pipeline.evaluate.model_eval import ModelEvalOptions, evaluate_model
+    from pipeline.export.formats import export_model
+    uri = f"sqlite:///{tmp_path}/m.db"
+
+    def run(max_steps, resume=""):
+        return run_train(topts(tiny_cache, tmp_path, num_workers=1, max_steps=max_steps, checkpoint_every=4,
+                               keep_checkpoints=10, sample_every=8, sample_steps=3, name="flow", mlflow_uri=uri,
+                               overrides=FLOW, resume=resume, max_failures=0, shuffle_buffer=40))
+    s = run(8)
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(s["mlflow_run_id"]).data.params["ldm.diffusion.objective"] == "flow"
+    assert "samples/step_0000008.png" in {a.path for a in client.list_artifacts(s["mlflow_run_id"], "samples")}
+    ckpts, steps = run_checkpoints(tmp_path / "runs" / "flow")
+    assert steps == [4, 8]
+    again = run(8, resume=str(ckpts[0]))  # steps 5-8 once more, from step 4's weights, data position and noise
+    assert again["step"] == 8 and again["mlflow_run_id"] == s["mlflow_run_id"]
+    hist = sorted(client.get_metric_history(s["mlflow_run_id"], "loss"), key=lambda m: m.timestamp)
+    assert [m.step for m in hist] == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8]
+    np.testing.assert_allclose([m.value for m in hist[8:]], [m.value for m in hist[4:8]], rtol=1e-4)
+    _, config, _ = load_components(again["export"])
+    assert config["diffusion"]["objective"] == "flow" and config["diffusion"]["timestep_sampling"] == "logit_normal"
+    out = tmp_path / "heun.png"
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), "--model", again["export"], "--prompt",
+                        "a bag", "--n", "2", "--steps", "3", "--sampler", "heun", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and out.exists(), r.stderr[-3000:]
+    with pytest.raises(ValueError, match="rectified-flow UNet .* has no Stable Diffusion pipeline"):
+        export_model(again["export"], "diffusers", str(tmp_path / "sd"))
+    report = evaluate_model(ModelEvalOptions(model=again["export"], input=str(Path(tiny_cache).parent / "shards"),
+                                             num_samples=8, steps=(3,), workers=1, agreement=False))
+    assert report["sampler"] == "euler" and report["rows"][0]["fd"] > 0
