@@ -21,6 +21,16 @@ from pipeline.train.options import TrainOptions
 D = {k: f.default for k, f in TrainOptions.__dataclass_fields__.items()}  # the dataclass holds every default
 
 
+def _sigma_rels(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give relative stds as numbers, e.g. 0.05,0.10") from None
+    if not values or not all(0 < v < 0.28 for v in values):  # a power-function profile has sigma_rel < 0.2887
+        raise argparse.ArgumentTypeError(f"{text!r}: each sigma_rel must be in (0, 0.28), e.g. 0.05,0.10")
+    return values
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. unet.model_channels=64)")
@@ -74,6 +84,11 @@ def parse(argv=None):
     t.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="clip the global gradient norm (0 = off)")
     t.add_argument("--ema-every", type=int, default=D["ema_every"],
                    help="update the EMA every N steps (ZeRO-3: each worker averages its own partition, no gather)")
+    t.add_argument("--posthoc-ema", type=_sigma_rels, nargs="?", const=(0.05, 0.10), default=D["posthoc_ema"],
+                   metavar="S,S", help="also keep EDM2's power-function EMA profiles of these relative stds (bare "
+                   "flag: 0.05,0.10) and snapshot them at every checkpoint (into the checkpoint and the MLflow run's "
+                   "posthoc_ema/), so that jobs/posthoc_ema.py can rebuild the EMA of any other sigma_rel after "
+                   "training (ZeRO-3: each worker keeps its partition of them)")
     t.add_argument("--nan-tolerance", type=int, default=D["nan_tolerance"],
                    help="stop after this many skipped optimizer steps in a row: a micro-batch with a non-finite "
                    "loss is set aside and replaced (--grad-accum of them count one step), a step with non-finite "

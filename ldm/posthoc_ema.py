@@ -5,6 +5,8 @@ closest to the one wanted. Times are counted in EMA updates.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 
@@ -31,6 +33,18 @@ def solve_weights(in_t, in_sigma, out_t, out_sigma) -> np.ndarray:
     return np.nan_to_num(np.linalg.lstsq(a, b, rcond=None)[0])
 
 
+def combine(states: Iterable[dict[str, torch.Tensor]], weights: np.ndarray) -> list[dict[str, torch.Tensor]]:
+    """sum_i weights[i, j] state_i for each column j, in float64, reading the states one at a time (a lazy iterable
+    keeps one snapshot of a large model in memory)."""
+    out: list[dict] = [{} for _ in range(weights.shape[1])]
+    for i, state in enumerate(states):
+        for k, v in state.items():
+            v = v.double()
+            for j, acc in enumerate(out):
+                acc[k] = acc[k] + float(weights[i, j]) * v if k in acc else float(weights[i, j]) * v
+    return [{k: v.float() for k, v in acc.items()} for acc in out]
+
+
 def reconstruct(snapshots: list[tuple[int, float, dict[str, torch.Tensor]]], sigma_rels: list[float],
                 t_out: int | None = None) -> list[dict[str, torch.Tensor]]:
     """The EMA of each wanted relative std at update t_out (default: the last snapshot's) from `snapshots`, a list
@@ -38,10 +52,5 @@ def reconstruct(snapshots: list[tuple[int, float, dict[str, torch.Tensor]]], sig
     if not snapshots:
         raise ValueError("post-hoc EMA needs snapshots of the tracked profiles; the run saved none")
     t_out = max(t for t, _, _ in snapshots) if t_out is None else t_out
-    x = solve_weights([t for t, _, _ in snapshots], [s for _, s, _ in snapshots], t_out, np.float64(sigma_rels))
-    out = []
-    for j in range(len(sigma_rels)):
-        keys = snapshots[0][2]
-        out.append({k: sum(float(x[i, j]) * snap[k].double() for i, (_, _, snap) in enumerate(snapshots)).float()
-                    for k in keys})
-    return out
+    x = solve_weights([t for t, _, _ in snapshots], [s for _, s, _ in snapshots], t_out, list(sigma_rels))
+    return combine((state for _, _, state in snapshots), x)

@@ -164,7 +164,8 @@ def load_checkpoint(d: str, *, t: "Trainee", state: dict, job: "LDMJob", w: "Wor
                     if os.path.exists(f)), None)
         if rng:
             gen.set_state(safe_load(rng))
-    t.ema.load(d)
+    for e in (t.ema, *t.posthoc):
+        e.load(d)
 
 
 def export(job: LDMJob, engine, ema: RankZeroEMA | ShardedEMA, rank: int, step: int, out_dir: str) -> str | None:
@@ -199,12 +200,31 @@ def checkpoint(job: LDMJob, w: Worker, t: "Trainee", state: dict, metrics: dict,
         for s, gen in t.gens.items():
             torch.save(gen.get_state(), os.path.join(d, f"rng_stream{s}.pt"))
         t.ema.save(d)  # ema.pt from rank 0, or (ZeRO-3) every rank's ema_rank{r}.pt
+        for e in t.posthoc:
+            e.save(d)
+        snapshot = posthoc_snapshot(t, w.rank, state["step"], d) if t.posthoc else None
         if w.rank == 0:
             with open(os.path.join(d, "train_state.json"), "w") as f:
                 json.dump(state, f)
         path = export(job, t.engine, t.ema, w.rank, state["step"], os.path.join(d, "export")) if final else None
         if path:
             w.tracker.artifact(path, "model")
+        if snapshot:  # kept in MLflow too, where pruning old checkpoints does not reach it
+            w.tracker.artifact(snapshot, "posthoc_ema")
+
+
+def posthoc_snapshot(t: "Trainee", rank: int, step: int, d: str) -> str | None:
+    """EDM2's snapshot: every post-hoc EMA profile, whole (gathered at ZeRO-3: every rank joins), in one safetensors
+    file (keys `{sigma_rel}/{name}`, metadata: the step and each profile's number of updates); rank 0 -> its path."""
+    from safetensors.torch import save_file
+    wholes = [(e, e.full()) for e in t.posthoc]
+    if rank != 0:
+        return None
+    tensors = {f"{e.ema.sigma_rel:g}/{k}": v.detach().cpu().contiguous() for e, sd in wholes for k, v in sd.items()}
+    meta = {"step": str(step), "updates": json.dumps({f"{e.ema.sigma_rel:g}": e.num_updates for e, _ in wholes})}
+    path = os.path.join(d, f"posthoc_ema_step{step:07d}.safetensors")
+    save_file(tensors, path, meta)
+    return path
 
 
 class EMAImages:
@@ -392,6 +412,7 @@ class Trainee:
     ema: RankZeroEMA | ShardedEMA
     schedule: Schedule
     gens: dict[int, torch.Generator]      # the noise of each data stream this worker hosts
+    posthoc: list                         # --posthoc-ema: EDM2's power-function EMA profiles, kept like the EMA
 
     @classmethod
     def build(cls, job: LDMJob, w: Worker) -> "Trainee":
@@ -420,7 +441,8 @@ class Trainee:
         from pipeline.train.epoch_plan import hosted_streams
         gens = {s: torch.Generator(device=w.device).manual_seed(o.seed * 1000 + s)
                 for s in hosted_streams(o.data_streams, w.world, w.rank)}
-        return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gens)
+        posthoc = [build_ema(engine, o.zero_stage, w.rank, w.world, o.ema_decay, None, s) for s in o.posthoc_ema]
+        return cls(engine, lr_sched, conditioner, ema, Schedule.from_config(job.cfg.diffusion), gens, posthoc)
 
 
 def restored(job: LDMJob, w: Worker, t: Trainee) -> dict:
@@ -475,7 +497,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         # ---- periodic work: EMA, the step line, a sample grid, a checkpoint
         if step % o.ema_every == 0:
-            t.ema.update()  # ZeRO-3: each rank its own partition, no collective
+            for e in (t.ema, *t.posthoc):
+                e.update()  # ZeRO-3: each rank its own partition, no collective
         progress.tick()
         log_step(w, progress, state, last_loss, t.engine, t.lr_sched.get_last_lr()[0], o.log_every)
         ema_images(job, t, make, evaluate, progress)

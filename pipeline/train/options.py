@@ -99,6 +99,7 @@ class TrainOptions(RunOptions):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_every: int = 1
+    posthoc_ema: tuple[float, ...] = ()  # EDM2 power-function EMA profiles (sigma_rel) snapshotted at checkpoints
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 50
     cfg_scale: float = 5.0

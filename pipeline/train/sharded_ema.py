@@ -4,7 +4,8 @@ ZeRO 0-2 (`RankZeroEMA`): every rank holds the whole model, so rank 0 keeps the 
 ZeRO-3 (`ShardedEMA`): each rank holds one flat partition of every parameter (`p.ds_tensor`) and keeps the fp32
 average of that partition only, updated from it with no collective; the whole average is gathered to rank 0 only
 when a sample grid, an evaluation or the export needs it. Both save into the checkpoint dir (`ema.pt` from rank 0;
-ZeRO-3: `ema_rank{r}.pt` from every rank) and read either form back at any world size.
+ZeRO-3: `ema_rank{r}.pt` from every rank) and read either form back at any world size. A post-hoc EMA profile
+(`sigma_rel`, EDM2) is one more of them under its own file name.
 """
 from __future__ import annotations
 
@@ -22,42 +23,47 @@ from pipeline.train.checkpoints import safe_load
 BUCKET = 1 << 24  # fp32 elements per gather (64 MiB): a few collectives for the whole model, bounded memory
 
 
-def build_ema(engine, zero_stage: int, rank: int, world: int, decay: float, init: dict | None):
+def build_ema(engine, zero_stage: int, rank: int, world: int, decay: float, init: dict | None, sigma_rel: float = 0.0):
     """The EMA for this engine: sharded at ZeRO-3, whole on rank 0 below. `init` (a whole state dict) starts the
-    average elsewhere than the initial weights (--init-from carries its EMA)."""
+    average elsewhere than the initial weights (--init-from carries its EMA). `sigma_rel` > 0: a post-hoc EMA
+    profile (power function, EDM2), saved as `posthoc_ema_{sigma_rel}`."""
+    name = f"posthoc_ema_{sigma_rel:g}" if sigma_rel else "ema"
     if zero_stage == 3:
-        return ShardedEMA(engine.module, rank, world, decay, init)
-    return RankZeroEMA(engine.module, rank, decay, init)
+        return ShardedEMA(engine.module, rank, world, decay, init, sigma_rel, name)
+    return RankZeroEMA(engine.module, rank, decay, init, sigma_rel, name)
 
 
-def _whole_from_files(d: str) -> dict:
+def _whole_from_files(d: str, name: str = "ema") -> dict:
     """A checkpoint's EMA as one whole EMA state ({'shadow', 'num_updates', ...}), from `ema.pt` or every rank's
     part (`ShardedEMA.save`: the EMA state of its partitions, rank 0's also of the buffers, and each one's shape)."""
-    whole = os.path.join(d, "ema.pt")
+    whole = os.path.join(d, f"{name}.pt")
     if os.path.exists(whole):
         return safe_load(whole)
-    files = sorted(glob.glob(os.path.join(d, "ema_rank*.pt")))
+    files = sorted(glob.glob(os.path.join(d, f"{name}_rank*.pt")))
     if not files:
-        raise CheckpointError(f"{d} holds no EMA (ema.pt or ema_rank*.pt)")
+        raise CheckpointError(f"{d} holds no EMA ({name}.pt or {name}_rank*.pt)")
     parts = [safe_load(f) for f in files]
     world = parts[0]["world"]
     if len(parts) != world or sorted(p["rank"] for p in parts) != list(range(world)):
-        raise CheckpointError(f"{d} holds {len(parts)} of the {world} ranks' EMA files ema_rank*.pt: the checkpoint "
+        raise CheckpointError(f"{d} holds {len(parts)} of the {world} ranks' EMA files {name}_rank*.pt: the checkpoint "
                               f"is incomplete; resume from an earlier one")
     parts.sort(key=lambda p: p["rank"])
     shapes = parts[0]["shapes"]
     shadow = {k: torch.cat([p["shadow"][k] for p in parts])[:math.prod(shape)].view(shape)
               for k, shape in shapes.items()}
     shadow.update({k: v for k, v in parts[0]["shadow"].items() if k not in shapes})  # the buffers
-    return {**{k: parts[0][k] for k in ("num_updates", "max_decay", "warmup")}, "shadow": shadow}
+    return {**{k: parts[0][k] for k in ("num_updates", "max_decay", "warmup", "sigma_rel") if k in parts[0]},
+            "shadow": shadow}
 
 
 class RankZeroEMA:
     """ZeRO 0-2: rank 0 averages the whole (replicated) model; other ranks hold nothing."""
 
-    def __init__(self, module: torch.nn.Module, rank: int, decay: float, init: dict | None):
-        self.module, self.rank = module, rank
-        self.ema = EMA(init if init is not None else module.state_dict(), decay) if rank == 0 else None
+    def __init__(self, module: torch.nn.Module, rank: int, decay: float, init: dict | None, sigma_rel: float = 0.0,
+                 name: str = "ema"):
+        self.module, self.rank, self.name = module, rank, name
+        self.ema = EMA(init if init is not None else module.state_dict(), decay, sigma_rel=sigma_rel) \
+            if rank == 0 else None
         if self.ema is not None:
             self.ema.to(next(module.parameters()).device)
 
@@ -75,23 +81,24 @@ class RankZeroEMA:
 
     def save(self, d: str) -> None:
         if self.ema is not None:
-            torch.save(self.ema.state_dict(), os.path.join(d, "ema.pt"))
+            torch.save(self.ema.state_dict(), os.path.join(d, f"{self.name}.pt"))
 
     def load(self, d: str) -> None:
         if self.ema is not None:
-            self.ema.load_state_dict(_whole_from_files(d))
+            self.ema.load_state_dict(_whole_from_files(d, self.name))
 
 
 class ShardedEMA:
     """ZeRO-3: the EMA (ldm/ema.py) of this rank's partition of every parameter, and on rank 0 of the buffers."""
 
-    def __init__(self, module: torch.nn.Module, rank: int, world: int, decay: float, init: dict | None):
-        self.rank, self.world = rank, world
+    def __init__(self, module: torch.nn.Module, rank: int, world: int, decay: float, init: dict | None,
+                 sigma_rel: float = 0.0, name: str = "ema"):
+        self.rank, self.world, self.name = rank, world, name
         self.params = dict(module.named_parameters())
         # buffers are replicated, not partitioned: rank 0 averages them whole
         self.buffers = ({k: v for k, v in module.state_dict().items() if k not in self.params and v.is_floating_point()}
                         if rank == 0 else {})
-        self.ema = EMA(self._own_state(init) if init is not None else self._current(), decay)
+        self.ema = EMA(self._own_state(init) if init is not None else self._current(), decay, sigma_rel=sigma_rel)
 
     @property
     def shadow(self) -> dict[str, torch.Tensor]:
@@ -149,14 +156,14 @@ class ShardedEMA:
     def save(self, d: str) -> None:
         torch.save({"rank": self.rank, "world": self.world, **self.ema.state_dict(),
                     "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()}},
-                   os.path.join(d, f"ema_rank{self.rank}.pt"))
+                   os.path.join(d, f"{self.name}_rank{self.rank}.pt"))
 
     def load(self, d: str) -> None:
         """This rank's part: its own file when the world size is the checkpoint's, else cut from the whole."""
-        mine = os.path.join(d, f"ema_rank{self.rank}.pt")
+        mine = os.path.join(d, f"{self.name}_rank{self.rank}.pt")
         state = safe_load(mine) if os.path.exists(mine) else None
         if state is None or state["world"] != self.world:
-            whole = _whole_from_files(d)
+            whole = _whole_from_files(d, self.name)
             _check_keys(set(self.shadow), whole["shadow"], d)
             state = {**whole, "shadow": self._own_state(whole["shadow"])}
         _check_keys(set(self.shadow), state["shadow"], d)

@@ -46,9 +46,12 @@ def test_zero3_run_tracks_to_mlflow_server_and_registers_a_pyfunc(tiny_cache, ml
     the run continues on one worker (its DeepSpeed state and EMA re-partitioned, its two data streams on one)."""
     stage = 3
     s = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, mlflow_uri=mlflow_server, experiment=f"zero{stage}",
-                        name=f"z{stage}", overrides=TINY_TEXT + ("unet.grad_checkpointing=true",)))
+                        name=f"z{stage}", overrides=TINY_TEXT + ("unet.grad_checkpointing=true",),
+                        posthoc_ema=(0.05, 0.1)))
     assert s["step"] == 12 and s["images_seen"] == 12 * 8 * 2
-    assert {"ema_rank0.pt", "ema_rank1.pt"} <= {p.name for p in Path(s["checkpoint"]).iterdir()}
+    # the EMA and the post-hoc profiles each kept as the ranks' partitions; the profiles' snapshot gathered whole
+    assert {"ema_rank0.pt", "ema_rank1.pt", "posthoc_ema_0.05_rank0.pt", "posthoc_ema_0.1_rank1.pt",
+            "posthoc_ema_step0000012.safetensors"} <= {p.name for p in Path(s["checkpoint"]).iterdir()}
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(s["mlflow_run_id"])
     assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["ldm.unet.model_channels"] == "32"
@@ -81,12 +84,14 @@ def test_zero3_run_tracks_to_mlflow_server_and_registers_a_pyfunc(tiny_cache, ml
     assert Path(s["export"]).exists()
     said = []
     one = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, num_workers=1, max_steps=14, name=f"z{stage}",
-                          sample_every=0, overrides=TINY_TEXT + ("unet.grad_checkpointing=true",)), log=said.append)
+                          sample_every=0, overrides=TINY_TEXT + ("unet.grad_checkpointing=true",),
+                          posthoc_ema=(0.05, 0.1)), log=said.append)
     assert one["step"] == 14 and one["images_seen"] == 14 * 8 * 2  # the same global batch on one worker
     assert any("continuing a run of 2 worker(s) on 1: its 2 data stream(s)" in ln for ln in said)
     state = json.loads((Path(one["checkpoint"]) / "train_state.json").read_text())
     assert state["world"] == 1 and state["data_streams"] == 2
-    assert torch.load(Path(one["checkpoint"]) / "ema_rank0.pt")["num_updates"] == 14
+    for name in ("ema", "posthoc_ema_0.05", "posthoc_ema_0.1"):
+        assert torch.load(Path(one["checkpoint"]) / f"{name}_rank0.pt")["num_updates"] == 14, name
 
 
 def test_loss_falls_on_a_fixed_cache(tiny_cache, tmp_path):
