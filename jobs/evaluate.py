@@ -57,6 +57,10 @@ def parse(argv=None):
     m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
     m.add_argument("--inception-weights", default="", help="TorchScript Inception-v3 of StyleGAN3/clean-fid "
                    "(inception-2015-12-05.pt) for real FID/KID/IS; nothing is downloaded")
+    m.add_argument("--clip-model", default="", help="a local CLIP model folder in transformers' format (CLIPModel + "
+                   "CLIPProcessor files; nothing is downloaded): adds the CLIP score of each image against its "
+                   "held-out caption, raw cosine (clip_score, MLPerf's figure) and max(100 x cosine, 0) "
+                   "(clip_score_x100, torchmetrics' and most papers')")
     m.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the export's own)")
     m.add_argument("--first-stage", default="", help="first stage to decode with (default: the export's own)")
     m.add_argument("--no-agreement", action="store_true", help="skip the Fashion-MNIST classifier agreement")
@@ -88,7 +92,7 @@ def evaluate_model(a) -> int:
                          steps=a.steps, sampler=a.sampler, seed=a.seed, batch_size=a.batch_size, workers=a.workers,
                          cpus_per_worker=a.cpus_per_worker, inception_weights=a.inception_weights,
                          autoencoder=a.first_stage, text_encoder=a.text_encoder, agreement=not a.no_agreement,
-                         baselines=a.baselines, tracking_uri=a.mlflow_uri)
+                         baselines=a.baselines, clip_model=a.clip_model, tracking_uri=a.mlflow_uri)
     r = evaluate_model(o)
     print(format_table(r))
     png = plot(r, a.plot or (os.path.splitext(a.json)[0] + ".png" if a.json else "evaluate.png"))

@@ -92,3 +92,22 @@ def tiny_sd(family: str, folder: Path, seed: int = 0) -> Path:
                                                  requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random CLIPModel (text and vision towers, 32x32 images) with its tokenizer and image processor, saved as a
+    transformers folder: a stand-in for a real CLIP in CLIP-score tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    tok = clip_tokenizer(folder / "tokenizer")
+    vocab = json.loads((tok / "vocab.json").read_text())
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab[SPECIAL[0]],
+                eos_token_id=vocab[SPECIAL[1]], pad_token_id=vocab[SPECIAL[1]])
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(str(folder))
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=CLIPTokenizer.from_pretrained(str(tok))).save_pretrained(str(folder))
+    return folder

@@ -36,6 +36,7 @@ class ModelEvalOptions:
     text_encoder: str = ""                      # default: the export's own text encoder
     agreement: bool = True                      # Fashion-MNIST data: judge prompted class with the classifier
     baselines: bool = False                     # also score pure noise and the untrained model (same config)
+    clip_model: str = ""                        # a local transformers CLIP: CLIP score against the captions
     tracking_uri: str = ""
 
 
@@ -96,6 +97,7 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
     prompts = kind.held_out(cfg, held)
     scores = SampleScores(load_feature_net(o.inception_weights), held.images)
     judge = _judge(held, o, log)
+    clip = _clip(held, o, len(prompts))
     o = replace(o, sampler=resolve_sampler(o.sampler, cfg.diffusion.prediction))  # "auto" -> the model's own
     workers = generation_workers(o)
     log(f"[evaluate] {o.model}: {len(prompts)} held-out images of {o.input} ({local.sampler.mode} conditioning), "
@@ -105,13 +107,13 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
         for steps in o.steps:
             t = time.time()
             images = from_uint8(generate_all(o, local, prompts, cfg_scale, steps, workers))
-            row = score_point(scores, judge, images, o.seed, cfg_scale=cfg_scale, steps=steps)
+            row = score_point(scores, judge, images, o.seed, clip, cfg_scale=cfg_scale, steps=steps)
             row["seconds"] = round(time.time() - t, 1)
             rows.append(row)
             agree = f", agreement {100 * row['agreement']:.1f}%" if "agreement" in row else ""
             log(f"[evaluate] cfg {cfg_scale:g}, {o.sampler} {steps} steps: {format_scores(row)}{agree} "
                 f"({row['seconds']:.0f} s)")
-    base = baselines(o, local, prompts, scores, judge) if o.baselines else []
+    base = baselines(o, local, prompts, scores, judge, clip) if o.baselines else []
     for row in base:
         log(f"[evaluate] baseline {row['baseline']}: {format_scores(row)}")
     names = rows[0]["names"]
@@ -121,7 +123,7 @@ def evaluate_model(o: ModelEvalOptions, log=print) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
-def baselines(o: ModelEvalOptions, local: GenerateBatch, prompts: list, scores, judge) -> list[dict]:
+def baselines(o: ModelEvalOptions, local: GenerateBatch, prompts: list, scores, judge, clip=None) -> list[dict]:
     """What the model's figures must beat, at the sweep's first point: uniform noise images, and the same
     model untrained (the export's config, weights freshly initialised with the seed)."""
     from ldm.model import LatentDiffusion
@@ -135,16 +137,29 @@ def baselines(o: ModelEvalOptions, local: GenerateBatch, prompts: list, scores, 
         untrained = from_uint8(generate_all(o, local, prompts, o.cfg_scales[0], o.steps[0], 1))
     finally:
         local.sampler.net = trained
-    return [score_point(scores, judge, images, o.seed, baseline=name, cfg_scale=o.cfg_scales[0], steps=o.steps[0])
-            for name, images in (("noise", noise), ("untrained", untrained))]
+    return [score_point(scores, judge, images, o.seed, clip, baseline=name, cfg_scale=o.cfg_scales[0],
+                        steps=o.steps[0]) for name, images in (("noise", noise), ("untrained", untrained))]
 
 
-def score_point(scores, judge, images: torch.Tensor, seed: int, **tags) -> dict:
-    """One row of the table: `tags`, the scores of `images`, and the judge's agreement where there is one."""
+def score_point(scores, judge, images: torch.Tensor, seed: int, clip=None, **tags) -> dict:
+    """One row of the table: `tags`, the scores of `images`, the judge's agreement and the CLIP score where there
+    are ones."""
     row = {**tags, **scores.score(images, seed=seed)}
     if judge is not None:
         row["agreement"] = judge(images)
+    if clip is not None:
+        row.update(clip(images))
     return row
+
+
+def _clip(held, o: ModelEvalOptions, n: int):
+    """images -> CLIP score against the held-out records' captions (the prompts they were sampled from); None
+    without --clip-model."""
+    if not o.clip_model:
+        return None
+    from pipeline.evaluate.clip_score import ClipScore
+    scorer, captions = ClipScore(o.clip_model), list(held.captions[:n])
+    return lambda images: scorer.score(images, captions)
 
 
 def _judge(held, o: ModelEvalOptions, log):
@@ -162,7 +177,7 @@ def format_table(r: dict) -> str:
     n = r["names"]
     has_agree = "agreement" in r["rows"][0]
     head = f"| cfg | steps | {n['fd']} | {n['kid']} | {n['is']} | precision | recall |" + (
-        " agreement |" if has_agree else "")
+        " agreement |" if has_agree else "") + (" CLIP score (x100) |" if "clip_score" in r["rows"][0] else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for x in r["rows"] + r.get("baselines", []):
         cells = [x.get("baseline", f"{x['cfg_scale']:g}"), str(x["steps"]), f"{x['fd']:.2f}", f"{x['kid']:.4f}",
@@ -170,6 +185,8 @@ def format_table(r: dict) -> str:
                  f"{x.get('precision', float('nan')):.3f}", f"{x.get('recall', float('nan')):.3f}"]
         if has_agree:
             cells.append(f"{100 * x['agreement']:.1f}%")
+        if "clip_score" in x:
+            cells.append(f"{x['clip_score']:.4f} ({x['clip_score_x100']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

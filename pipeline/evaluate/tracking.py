@@ -45,7 +45,8 @@ def log_model_eval(uri: str, experiment: str, r: dict, plot_png: str) -> tuple[s
     metrics = {}
     for row in r["rows"]:
         for key, name in (("fd", n["fd"]), ("kid", n["kid"]), ("is", n["is"]), ("precision", "precision"),
-                          ("recall", "recall"), ("agreement", "agreement")):
+                          ("recall", "recall"), ("agreement", "agreement"), ("clip_score", "clip_score"),
+                          ("clip_score_x100", "clip_score_x100")):
             if key in row:
                 metrics[point_key(name, row)] = row[key]
                 metrics.setdefault(name, row[key])  # the first point under the plain name
@@ -62,7 +63,8 @@ def log_model_eval(uri: str, experiment: str, r: dict, plot_png: str) -> tuple[s
             json.dump(r, f, indent=2)
         client.log_artifact(rid, path, "evaluate")
         client.log_table(rid, {k: [row.get(k) for row in r["rows"]]
-                               for k in ("cfg_scale", "steps", "fd", "kid", "is", "precision", "recall", "agreement")
+                               for k in ("cfg_scale", "steps", "fd", "kid", "is", "precision", "recall", "agreement",
+                                         "clip_score", "clip_score_x100")
                                if k in r["rows"][0]}, "evaluate/table.json")
     client.log_artifact(rid, plot_png, "evaluate")
     client.set_terminated(rid)

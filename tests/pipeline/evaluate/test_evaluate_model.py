@@ -20,6 +20,7 @@ from pipeline.evaluate.model_eval import ModelEvalOptions, evaluate_model
 from pipeline.evaluate.scores import SampleScores, load_feature_net
 from pipeline.train.ldm_driver import run_train
 from pipeline.train.options import TrainOptions
+from sd_models import tiny_clip
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -84,10 +85,12 @@ def test_generation_spread_over_ray_data_workers_gives_the_same_images(trained):
 
 def test_evaluate_job_sweeps_and_writes_json_plot_and_a_child_mlflow_run(trained, tmp_path):
     out = tmp_path / "eval.json"
+    clip = tiny_clip(tmp_path / "clip")  # a random stand-in: the CLIP score's plumbing, not its value
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--model", trained["export"],
                         "--input", str(trained["root"] / "test"), "--num-samples", "24", "--cfg-scales", "1,3",
                         "--steps", "4,8", "--json", str(out), "--mlflow-uri", trained["uri"], "--workers", "1",
-                        "--no-agreement", "--baselines"], capture_output=True, text=True, timeout=600)
+                        "--no-agreement", "--baselines", "--clip-model", str(clip)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| cfg | steps | FD-EffNetLite0 |" in r.stdout
     res = json.loads(out.read_text())
@@ -102,6 +105,11 @@ def test_evaluate_job_sweeps_and_writes_json_plot_and_a_child_mlflow_run(trained
     assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == trained["mlflow_run_id"]
     assert runs[0].data.metrics["FD-EffNetLite0/cfg3_steps8"] == pytest.approx(res["rows"][3]["fd"])
     assert runs[0].data.metrics["FD-EffNetLite0/baseline_noise"] == pytest.approx(res["baselines"][0]["fd"])
+    # the CLIP score of every point, raw and x100, in the JSON, the table and MLflow
+    assert all(-1 <= x["clip_score"] <= 1 and x["clip_score_x100"] == pytest.approx(max(100 * x["clip_score"], 0))
+               for x in res["rows"] + res["baselines"])
+    assert "CLIP score (x100) |" in r.stdout
+    assert runs[0].data.metrics["clip_score/cfg3_steps8"] == pytest.approx(res["rows"][3]["clip_score"])
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "evaluate")}
     assert {"evaluate/eval.png", "evaluate/evaluate.json", "evaluate/table.json"} <= arts
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--model", trained["export"],
