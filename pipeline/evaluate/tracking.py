@@ -69,3 +69,29 @@ def log_model_eval(uri: str, experiment: str, r: dict, plot_png: str) -> tuple[s
     client.log_artifact(rid, plot_png, "evaluate")
     client.set_terminated(rid)
     return rid, where
+
+
+def log_mlperf(uri: str, experiment: str, r: dict) -> tuple[str, str]:
+    """The MLPerf protocol's figures as a run of their own, filed under the model's training run where it is here."""
+    import mlflow
+
+    from pipeline.common.tracking import ensure_experiment
+    client = mlflow.MlflowClient(uri)
+    parent = _training_run(client, r.get("model_run_id", ""))
+    if parent is not None:
+        exp_id, where = parent.info.experiment_id, f"under training run {parent.info.run_id}"
+        tags = {"mlflow.parentRunId": parent.info.run_id, "ldm_ray.evaluates_run": parent.info.run_id}
+    else:
+        exp_id, where, tags = ensure_experiment(uri, experiment), f"experiment {experiment}", {}
+    run = client.create_run(exp_id, run_name=f"mlperf {os.path.basename(r['model'])}",
+                            tags={**tags, "ldm_ray.kind": "evaluate", "ldm_ray.protocol": "mlperf"})
+    rid, ts = run.info.run_id, int(time.time() * 1000)
+    params = {k: r[k] for k in ("model", "captions", "seed", "sampler", "steps", "cfg_scale", "num_samples",
+                                "clip_model")}
+    metrics = {k: float(r[k]) for k in ("fid", "clip_score", "clip_score_x100")}
+    metrics["meets_target"] = float(r["meets_target"])
+    client.log_batch(rid, metrics=[mlflow.entities.Metric(f"mlperf/{k}", v, ts, 0) for k, v in metrics.items()],
+                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    client.log_dict(rid, r, "evaluate/mlperf.json")
+    client.set_terminated(rid)
+    return rid, where

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,33 @@ def test_evaluate_job_sweeps_and_writes_json_plot_and_a_child_mlflow_run(trained
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--model", trained["export"],
                           "--input", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "nowhere" in bad.stderr
+
+
+def test_mlperf_protocol_end_to_end_on_stand_in_files(trained, tmp_path):
+    """--protocol mlperf at a tiny size: COCO-style captions, a stand-in Inception and CLIP, reference statistics of
+    the stand-in's features of real held-out images; the figures in the JSON and an MLflow run under training's."""
+    from helpers import coco_json, tiny_inception
+    inception = tiny_inception(tmp_path / "inception.pt")
+    real = read_held_out(str(trained["root"] / "test"), 16, 48).images
+    feats = load_feature_net(str(inception))(real)[0].double().numpy()
+    np.savez(tmp_path / "stats.npz", mu=feats.mean(0), sigma=np.cov(feats.T))
+    out = tmp_path / "mlperf.json"
+    args = ["--model", trained["export"], "--protocol", "mlperf", "--captions", str(coco_json(tmp_path / "c.json")),
+            "--inception-weights", str(inception), "--clip-model", str(tiny_clip(tmp_path / "clip")),
+            "--fid-stats", str(tmp_path / "stats.npz"), "--num-samples", "6", "--steps", "3", "--workers", "1",
+            "--json", str(out), "--mlflow-uri", trained["uri"]]
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), *args], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["num_samples"] == 6 and res["cfg_scale"] == 8.0 and res["seed"] == 2023 and res["sampler"] == "ddim"
+    assert res["fid"] > 0 and -1 <= res["clip_score"] <= 1 and isinstance(res["meets_target"], bool)
+    assert "MLPerf: FID" in r.stdout and "the target (FID <= 90, CLIP >= 0.15)" in r.stdout
+    client = mlflow.MlflowClient(trained["uri"])
+    runs = client.search_runs([client.get_run(trained["mlflow_run_id"]).info.experiment_id],
+                              "tags.ldm_ray.protocol = 'mlperf'")
+    assert len(runs) == 1 and runs[0].data.metrics["mlperf/fid"] == pytest.approx(res["fid"])
+    missing = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--model", trained["export"],
+                              "--protocol", "mlperf", "--captions", str(tmp_path / "nowhere.json")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "--fid-stats (not given)" in missing.stderr

@@ -2,6 +2,7 @@ import pytest
 import torch
 from scipy import linalg
 
+from helpers import tiny_inception
 from pipeline.evaluate.scores import SampleScores, frechet_distance, load_feature_net
 
 
@@ -39,22 +40,8 @@ def test_scores_are_deterministic_and_rank_noise_below_real_images(photos):
     assert held_out["num_samples"] == 32 and held_out["num_real"] == 32
 
 
-class _TinyInception(torch.nn.Module):
-    """The calling convention of StyleGAN3/clean-fid's TorchScript Inception-v3, with random weights."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 16, 3, stride=4)
-        self.fc = torch.nn.Linear(16, 10)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        f = self.conv(img / 255.0).mean(dim=(2, 3))
-        return f if return_features else self.fc(f)
-
-
 def test_inception_weights_by_path_give_fid_names_and_bad_paths_say_what_to_give(tmp_path, photos):
-    path = tmp_path / "inception.pt"
-    torch.jit.script(_TinyInception()).save(str(path))
+    path = tiny_inception(tmp_path / "inception.pt")
     net = load_feature_net(str(path))
     r = SampleScores(net, photos[:8]).score(photos[8:16])
     assert r["feature_net"] == "Inception" and r["names"] == {"fd": "FID", "kid": "KID", "is": "IS"}
