@@ -65,13 +65,16 @@ def encode_cache(out: Path, autoencoder: str, uri: str, log, task: Task, threads
                                     mlflow_uri=uri, experiment="demo-encode"), log)
 
 
-def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task: Task) -> dict:
+def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task: Task, **changes) -> dict:
     """The task's LDM: evaluated half-way and at the end (halves rounded up: 25 steps evaluate at 13 and 25); a scene
-    task's held-out scenes are twice its training crops, judged at the end at their own size instead."""
+    task's held-out scenes are twice its training crops, judged at the end at their own size instead. `changes`
+    replace the demo's training options (a study's variants)."""
+    from dataclasses import replace
+
     from pipeline.train.ldm_driver import run_train
     from pipeline.train.options import TrainOptions
     steps = task.ldm_steps(size)
-    return run_train(TrainOptions(
+    return run_train(replace(TrainOptions(
         latents=str(out / f"latents{task.tag}"), preset=task.preset, num_workers=1, zero_stage=2,
         max_steps=steps, batch_size=size.ldm_batch_size, lr=2e-3, warmup_steps=50, lr_schedule="cosine",
         ema_decay=0.999, checkpoint_every=max(200, steps // 3), sample_every=max(200, steps // 2),
@@ -79,7 +82,7 @@ def train_ldm(out: Path, size: DemoSize, uri: str, opts: DemoOptions, log, task:
         eval_every=0 if task.scenes else max(10, -(-steps // 2)), eval_samples=size.eval_samples,
         eval_input=str(out / "shards" / task.shards("test")),
         storage_path=str(out / "runs"), name=f"ldm{task.tag}", mlflow_uri=uri, experiment=f"demo-ldm{task.tag}",
-        register_model=f"demo-ldm{task.tag}", seed=opts.seed, precision=task.precision()), log)
+        register_model=f"demo-ldm{task.tag}", seed=opts.seed, precision=task.precision()), **changes), log)
 
 
 def cache_mb(out: Path, task: Task) -> float:

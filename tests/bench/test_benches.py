@@ -12,6 +12,7 @@ FIGURES = {  # each bench and the figures it must print
     "autocast_step": ("autocast_over_fp32", "forward_relative_difference"),
     "buckets": ("buckets_over_square", "phase2_samples_per_s"),
     "encode_scale": ("commit_ms_1000_shards", "commit_ms_50000_shards", "driver_side_us_per_row"),
+    "objective_study": ("fd_eps", "fd_flow", "agreement_flow", "posthoc_best_sigma_rel"),
     "encode_throughput": ("job_over_loop_1x", "job_memory_2x_over_1x"),
     "inpaint_cost": ("encode_time_ratio", "train_time_encoding_step_share"),
     "memory_plan": ("tiny_total_gib", "plan_over_measured"),
