@@ -82,10 +82,15 @@ def variant(a, out: Path, uri: str, objective: str, seed: int, clf, log) -> dict
                            checkpoint_every=max(1, steps // a.snapshots))
     judged = task.judge(run["export"], clf, size, opts, out)
     shutil.copy(judged["grid"], out / f"grid-{objective}-s{seed}.png")
-    return {"objective": objective, "seed": seed, "fd": judged["fd"], "kid": judged["kid"],
-            "agreement": judged["prompt_class_agreement"], "fd_name": judged["names"]["fd"],
-            "run_id": run["mlflow_run_id"], "export": run["export"], "steps": steps,
-            "seconds": round(time.time() - t0, 1)}
+    row = {"objective": objective, "seed": seed, "fd": judged["fd"], "kid": judged["kid"],
+           "agreement": judged["prompt_class_agreement"], "fd_name": judged["names"]["fd"],
+           "run_id": run["mlflow_run_id"], "export": run["export"], "steps": steps,
+           "seconds": round(time.time() - t0, 1)}
+    log(f"[study] {objective} seed {seed}: {row['fd_name']} {row['fd']:.1f}, KID {row['kid']:.4f}, agreement "
+        f"{row['agreement']:.1%} ({row['seconds']:.0f} s)")
+    with open(out / "study-rows.jsonl", "a") as f:  # each variant as it finishes: a long study's partial table
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def posthoc_curve(a, out: Path, uri: str, row: dict, clf, log) -> list[dict]:
