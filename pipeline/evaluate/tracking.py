@@ -19,21 +19,25 @@ def _training_run(client, run_id: str):
         return None
 
 
+def _filed(client, uri: str, experiment: str, model_run_id: str) -> tuple[str, str, dict]:
+    """(experiment id, where in words, tags) of an evaluation run: a child of the model's training run where that run
+    is at this tracking URI, else a stand-alone run in `experiment`."""
+    from pipeline.common.tracking import ensure_experiment
+    parent = _training_run(client, model_run_id)
+    if parent is not None:
+        return (parent.info.experiment_id, f"under training run {parent.info.run_id}",
+                {"mlflow.parentRunId": parent.info.run_id, "ldm_ray.evaluates_run": parent.info.run_id})
+    return ensure_experiment(uri, experiment), f"experiment {experiment}", {}
+
+
 def point_key(name: str, row: dict) -> str:
     return f"{name}/cfg{row['cfg_scale']:g}_steps{row['steps']}"
 
 
 def log_model_eval(uri: str, experiment: str, r: dict, plot_png: str) -> tuple[str, str]:
     import mlflow
-
-    from pipeline.common.tracking import ensure_experiment
     client = mlflow.MlflowClient(uri)
-    parent = _training_run(client, r.get("model_run_id", ""))
-    if parent is not None:
-        exp_id, where = parent.info.experiment_id, f"under training run {parent.info.run_id}"
-        tags = {"mlflow.parentRunId": parent.info.run_id, "ldm_ray.evaluates_run": parent.info.run_id}
-    else:
-        exp_id, where, tags = ensure_experiment(uri, experiment), f"experiment {experiment}", {}
+    exp_id, where, tags = _filed(client, uri, experiment, r.get("model_run_id", ""))
     run = client.create_run(exp_id, run_name=f"evaluate {os.path.basename(r['model'])}",
                             tags={**tags, "ldm_ray.kind": "evaluate"})
     rid = run.info.run_id
@@ -74,15 +78,8 @@ def log_model_eval(uri: str, experiment: str, r: dict, plot_png: str) -> tuple[s
 def log_mlperf(uri: str, experiment: str, r: dict) -> tuple[str, str]:
     """The MLPerf protocol's figures as a run of their own, filed under the model's training run where it is here."""
     import mlflow
-
-    from pipeline.common.tracking import ensure_experiment
     client = mlflow.MlflowClient(uri)
-    parent = _training_run(client, r.get("model_run_id", ""))
-    if parent is not None:
-        exp_id, where = parent.info.experiment_id, f"under training run {parent.info.run_id}"
-        tags = {"mlflow.parentRunId": parent.info.run_id, "ldm_ray.evaluates_run": parent.info.run_id}
-    else:
-        exp_id, where, tags = ensure_experiment(uri, experiment), f"experiment {experiment}", {}
+    exp_id, where, tags = _filed(client, uri, experiment, r.get("model_run_id", ""))
     run = client.create_run(exp_id, run_name=f"mlperf {os.path.basename(r['model'])}",
                             tags={**tags, "ldm_ray.kind": "evaluate", "ldm_ray.protocol": "mlperf"})
     rid, ts = run.info.run_id, int(time.time() * 1000)
