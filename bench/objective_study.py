@@ -20,6 +20,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def _list(kind):
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="study-out", help="shards, stage 1, cache, runs and the MLflow store")
+    ap.add_argument("--out", default="", help="shards, stage 1, cache, runs and the MLflow store (default study-out; "
+                    "--tiny: a temporary folder, removed at the end)")
     ap.add_argument("--size", default="default", choices=["smoke", "quick", "default"], help="the demo's size")
     ap.add_argument("--seeds", type=_list(int), default=(0, 1), help="seeds of weights, data order and noise")
     ap.add_argument("--objectives", type=_list(str), default=tuple(OBJECTIVES), help="of " + ", ".join(OBJECTIVES))
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     from pipeline.common.runtime import init_ray
     from pipeline.evaluate.classifier import load_judge
     a = parse(argv)
-    out = Path(a.out).resolve()
+    scratch = a.tiny and not a.out  # CI's size leaves nothing behind (a run's checkpoints are hundreds of MB)
+    out = Path(tempfile.mkdtemp(prefix="objective-study-") if scratch else a.out or "study-out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out}/mlflow.db"
     log = print
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
         for c in curve:
             print(f"| {c['sigma_rel']:g} | {c['fd']:.1f} | {c['agreement']:.1%} |")
     (out / "study.json").write_text(json.dumps({"rows": rows, "posthoc": curve, "mlflow_parent": parent}, indent=2))
+    if scratch:
+        shutil.rmtree(out, ignore_errors=True)
     mean = {o: {k: statistics.mean(r[k] for r in rows if r["objective"] == o) for k in ("fd", "agreement")}
             for o in a.objectives}
     figures(**{f"fd_{o}": m["fd"] for o, m in mean.items()}, **{f"agreement_{o}": m["agreement"]

@@ -29,8 +29,11 @@ def test_every_bench_is_run_here():
 
 @pytest.mark.parametrize("bench", sorted(FIGURES))
 def test_bench_runs_at_its_tiny_size(bench):
+    before = {p.name for p in ROOT.iterdir()}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{bench}.py"), "--tiny"], capture_output=True, text=True,
                        timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in FIGURES[bench]:
         assert re.search(rf"(^|\s){name}=[-\d.e+x']", r.stdout, re.M), f"{bench} printed no {name}=: {r.stdout[-2000:]}"
+    # nothing left in the checkout (a later `ray job submit --working-dir` would upload it)
+    assert {p.name for p in ROOT.iterdir()} <= before, {p.name for p in ROOT.iterdir()} - before
