@@ -16,6 +16,19 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(ROOT / "pipeline" / "common" / "ray_data_logging.yaml"))
 
 
+def sigma_rel(text: str) -> float:
+    """An argparse type: one post-hoc EMA length, a relative std in (0, 0.28) (a power-function profile's is below
+    0.2887, EDM2 eq. 3)."""
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a relative std, e.g. 0.05)") from None
+    if not 0 < v < 0.28:
+        raise argparse.ArgumentTypeError(f"sigma_rel {v:g} must be in (0, 0.28)")
+    return v
+
+
 def run(main, tag: str) -> None:
     """Exit with a clear status and one line that names the problem (the last line, for `ray job logs`): 0 done
     (or main's own code, e.g. 3 when encode shards failed); 2 bad arguments, config, input or checkpoint (a retry

@@ -15,17 +15,7 @@ Exit status: 0 written; 2 bad arguments or a run without snapshots; 5 storage or
 """
 import argparse
 
-from _common import run
-
-
-def _sigma_rel(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v < 0.28:
-        raise argparse.ArgumentTypeError(f"sigma_rel {v:g} must be in (0, 0.28)")
-    return v
+from _common import run, sigma_rel
 
 
 def parse(argv=None):
@@ -33,7 +23,7 @@ def parse(argv=None):
     p.add_argument("--run", required=True, help="the training run: its Ray run dir (local or s3://; snapshots from "
                    "its kept checkpoints), or mlflow:RUN_ID / runs:/RUN_ID (snapshots from the run's posthoc_ema/ "
                    "artifacts, which checkpoint pruning does not remove)")
-    p.add_argument("--sigma-rel", type=_sigma_rel, nargs="+", required=True,
+    p.add_argument("--sigma-rel", type=sigma_rel, nargs="+", required=True,
                    help="relative stds of the EMAs to rebuild, each in (0, 0.28), e.g. 0.05 0.1 0.15")
     p.add_argument("--out", required=True, help="folder for the exports: OUT/sigma_rel_S/model.safetensors")
     p.add_argument("--step", type=int, default=0, help="rebuild the EMA as of this snapshot's step (default: the last)")
