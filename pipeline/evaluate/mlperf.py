@@ -115,7 +115,7 @@ def evaluate_mlperf(o: MLPerfOptions, log=print) -> dict:
     for i in range(0, len(captions), o.chunk):
         part = captions[i:i + o.chunk]
         images = from_uint8(generate_all(replace(mo, seed=i), local, part, o.cfg_scale, o.steps, workers))
-        feats.append(inception(images)[0])
+        feats.append(inception(images, with_logits=False)[0])
         cosines.append(clip.cosines(images, part))
         log(f"[evaluate] {i + len(part)}/{len(captions)} images scored ({time.time() - t0:.0f} s)")
     cos = torch.cat(cosines).double().mean().item()

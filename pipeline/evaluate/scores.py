@@ -57,7 +57,10 @@ class FeatureNet:
         return {k: f"{k.upper()}-{self.name}" for k in ("fd", "kid", "is")}
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, batch_size: int = 64,
+                 with_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features, logits); with_logits=False skips the classifier head (FID needs only the features: the
+        Inception would otherwise run twice)."""
         feats, logits = [], []
         for i in range(0, len(images), batch_size):
             x = F.interpolate(images[i:i + batch_size].float().clamp(-1, 1), size=(self.size, self.size),
@@ -65,12 +68,14 @@ class FeatureNet:
             if self.name == "Inception":
                 x255 = (x + 1) * 127.5
                 feats.append(self.net(x255, return_features=True).float())
-                logits.append(self.net(x255).float())
+                if with_logits:
+                    logits.append(self.net(x255).float())
             else:
                 f = self.net.pooled(x)
                 feats.append(f)
-                logits.append(self.net._fc(f))
-        return torch.cat(feats), torch.cat(logits)
+                if with_logits:
+                    logits.append(self.net._fc(f))
+        return torch.cat(feats), torch.cat(logits) if with_logits else None
 
 
 def load_feature_net(inception_weights: str = "") -> FeatureNet:
