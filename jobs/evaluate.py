@@ -60,8 +60,9 @@ def parse(argv=None):
     m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
     m.add_argument("--inception-weights", default="", help="TorchScript Inception-v3 of StyleGAN3/clean-fid "
                    "(inception-2015-12-05.pt) for real FID/KID/IS; nothing is downloaded")
-    m.add_argument("--clip-model", default="", help="a local CLIP model folder in transformers' format (CLIPModel + "
-                   "CLIPProcessor files; nothing is downloaded): adds the CLIP score of each image against its "
+    m.add_argument("--clip-model", default="", help="a local CLIP model: a folder in transformers' format (CLIPModel + "
+                   "CLIPProcessor files) or an OpenCLIP checkpoint file (open_clip_pytorch_model.bin or .safetensors, "
+                   "its tokenizer files and optional open_clip_config.json beside it); nothing is downloaded. Adds the CLIP score of each image against its "
                    "held-out caption, raw cosine (clip_score, MLPerf's figure) and max(100 x cosine, 0) "
                    "(clip_score_x100, torchmetrics' and most papers')")
     m.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the export's own)")

@@ -40,9 +40,16 @@ def openclip_to_hf(sd: dict[str, torch.Tensor], layers: int | None = None) -> di
            f"{HF}final_layer_norm.weight": sd["ln_final.weight"], f"{HF}final_layer_norm.bias": sd["ln_final.bias"]}
     if "text_projection" in sd:
         out["text_projection.weight"] = sd["text_projection"].t().contiguous()
-    n = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
+    return out | blocks_to_hf(sd, "transformer.resblocks.", f"{HF}encoder.layers.", layers)
+
+
+def blocks_to_hf(sd: dict[str, torch.Tensor], src: str, dst: str, layers: int | None = None) -> dict[str, torch.Tensor]:
+    """OpenCLIP's residual attention blocks `{src}N.*` -> Hugging Face's CLIP encoder layers `{dst}N.*` (the first
+    `layers` of them), for a text or a vision tower."""
+    out = {}
+    n = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(src) + r"(\d+)\.", k)))
     for i in range(n if layers is None else layers):
-        a, b = f"transformer.resblocks.{i}.", f"{HF}encoder.layers.{i}."
+        a, b = f"{src}{i}.", f"{dst}{i}."
         for part in ("weight", "bias"):
             q, k, v = sd[f"{a}attn.in_proj_{part}"].chunk(3)  # one fused projection -> three
             out.update({f"{b}self_attn.q_proj.{part}": q, f"{b}self_attn.k_proj.{part}": k,

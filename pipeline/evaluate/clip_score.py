@@ -1,11 +1,11 @@
 """CLIP score (Hessel et al. 2021) of generated images against the captions they were sampled from, with a local CLIP
-model in transformers' format (nothing is downloaded): the mean cosine of the image and caption embeddings, reported
-both raw (`clip_score`, the MLPerf text-to-image benchmark's figure: >= 0.15 with OpenCLIP ViT-H-14) and in the x100
-convention of torchmetrics and most papers (`clip_score_x100` = max(100 x mean cosine, 0)).
+model (nothing is downloaded): the mean cosine of the image and caption embeddings, reported both raw (`clip_score`,
+the MLPerf text-to-image benchmark's figure: >= 0.15 with OpenCLIP ViT-H-14) and in the x100 convention of torchmetrics
+and most papers (`clip_score_x100` = max(100 x mean cosine, 0)).
 
-MLPerf's ViT-H-14 (OpenCLIP laion2b_s32b_b79k) exists in transformers' format as the Hugging Face repository
-laion/CLIP-ViT-H-14-laion2B-s32B-b79K: the same weights. An OpenCLIP .bin/.safetensors file is refused with that
-pointer.
+The model is a transformers CLIP folder, or an OpenCLIP checkpoint file (MLPerf's ViT-H-14 laion2b_s32b_b79k as
+open_clip_pytorch_model.bin) with its tokenizer beside it, mapped onto transformers' CLIPModel by
+pipeline/evaluate/openclip.py.
 """
 from __future__ import annotations
 
@@ -22,24 +22,34 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _transformers_clip(path: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from ldm.text_encoders import resolve_local_dir
+    local = Path(resolve_local_dir(path)) if "://" in path else Path(path)
+    if not (local / "config.json").exists():
+        raise FileNotFoundError(
+            f"--clip-model {path}: neither a CLIP model folder in transformers' format (config.json, weights, "
+            f"tokenizer and preprocessor files, as CLIPModel.save_pretrained and CLIPProcessor.save_pretrained write "
+            f"them) nor an OpenCLIP checkpoint file (open_clip_pytorch_model.bin, or .safetensors, .pt, .pth). "
+            f"MLPerf's OpenCLIP ViT-H-14 is the Hugging Face repository laion/CLIP-ViT-H-14-laion2B-s32B-b79K, "
+            f"which holds both, downloaded where the network is reachable")
+    return CLIPModel.from_pretrained(str(local)), CLIPProcessor.from_pretrained(str(local)), local.name
+
+
 class ClipScore:
     """A CLIP model and its processor, loaded once: `score(images, captions)` -> the two figures."""
 
     def __init__(self, path: str, device="cpu", batch_size: int = 64):
-        from transformers import CLIPModel, CLIPProcessor
-
-        from ldm.text_encoders import resolve_local_dir
-        local = Path(resolve_local_dir(path)) if "://" in path else Path(path)
-        if not (local / "config.json").exists():
-            raise FileNotFoundError(
-                f"--clip-model {path}: not a CLIP model folder in transformers' format (config.json, weights, "
-                f"tokenizer and preprocessor files, as CLIPModel.save_pretrained and CLIPProcessor.save_pretrained "
-                f"write them). For MLPerf's OpenCLIP ViT-H-14 use its transformers release, the Hugging Face "
-                f"repository laion/CLIP-ViT-H-14-laion2B-s32B-b79K, downloaded where the network is reachable")
-        self.model = CLIPModel.from_pretrained(str(local)).eval().to(device)
-        self.processor = CLIPProcessor.from_pretrained(str(local))
+        from pipeline.evaluate.openclip import is_openclip_file, load_openclip
+        if is_openclip_file(path):
+            model, self.processor = load_openclip(path)
+            name = Path(path).parent.name or Path(path).stem
+        else:
+            model, self.processor, name = _transformers_clip(path)
+        self.model = model.eval().to(device)
         self.max_length = self.model.config.text_config.max_position_embeddings
-        self.name, self.device, self.batch_size = local.name, device, batch_size
+        self.name, self.device, self.batch_size = name, device, batch_size
 
     @torch.no_grad()
     def cosines(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
