@@ -62,8 +62,9 @@ def parse(argv=None):
                    "(inception-2015-12-05.pt) for real FID/KID/IS; nothing is downloaded")
     m.add_argument("--clip-model", default="", help="a local CLIP model: a folder in transformers' format (CLIPModel + "
                    "CLIPProcessor files) or an OpenCLIP checkpoint file (open_clip_pytorch_model.bin or .safetensors, "
-                   "its tokenizer files and optional open_clip_config.json beside it); nothing is downloaded. Adds the CLIP score of each image against its "
-                   "held-out caption, raw cosine (clip_score, MLPerf's figure) and max(100 x cosine, 0) "
+                   "its tokenizer files and optional open_clip_config.json beside it); nothing is downloaded. Adds "
+                   "the CLIP score of each image against its held-out caption, raw cosine (clip_score, MLPerf's "
+                   "figure) and max(100 x cosine, 0) "
                    "(clip_score_x100, torchmetrics' and most papers')")
     m.add_argument("--text-encoder", default="", help="frozen text encoder folder (default: the export's own)")
     m.add_argument("--first-stage", default="", help="first stage to decode with (default: the export's own)")
