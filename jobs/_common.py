@@ -103,8 +103,13 @@ def add_run_args(p, cls, what: str) -> dict:
                        "decoded size of the images is unknown before reading")
     t.add_argument("--seed", type=int, default=dv["seed"], help="seed of weights, noise and data order")
     s = p.add_argument_group("distribution (Ray Train)")
-    s.add_argument("--num-workers", type=int, default=dv["num_workers"],
-                   help="Ray Train workers (one per GPU on a GPU cluster)")
+    elastic = "min_workers" in d and cls.__name__ == "TrainOptions"
+    s.add_argument("--num-workers", type=workers if elastic else int, default=dv["num_workers"],
+                   help="Ray Train workers (one per GPU on a GPU cluster)" + (
+                       "; MIN-MAX (e.g. 1-4): elastic, it starts on as many as the cluster can place (at least "
+                       "MIN) and a worker-group restart (a lost node) takes as many as it can then, the run's data "
+                       "streams shared among them (a number of them that every size in the range divides), so the "
+                       "global batches stay the same" if elastic else ""))
     s.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    default=dv["placement_strategy"], help="how the workers are placed over the cluster's nodes: "
                    "PACK fills a node first, SPREAD puts them on different nodes where it can")
@@ -139,12 +144,27 @@ def add_run_args(p, cls, what: str) -> dict:
     return {"optimisation": t, "distribution": s, "tracking": c}
 
 
+def workers(text: str) -> int | tuple[int, int]:
+    """--num-workers N, or MIN-MAX for an elastic run."""
+    import argparse
+    lo, sep, hi = text.partition("-")
+    try:
+        n = (int(lo), int(hi)) if sep else int(lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of workers, or MIN-MAX (e.g. 1-4)") from None
+    if isinstance(n, tuple) and not 1 <= n[0] <= n[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: MIN-MAX with 1 <= MIN <= MAX")
+    return n
+
+
 def options_from(cls, args, **explicit):
     """`cls(...)` from parsed arguments whose names match its fields; `explicit` for the ones that differ. A
     password in --mlflow-uri moves to MLFLOW_TRACKING_PASSWORD (never logged)."""
     from pipeline.common.tracking import credentials_to_env
     names = set(cls.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(kw.get("num_workers"), tuple):  # MIN-MAX: elastic
+        kw["min_workers"], kw["num_workers"] = kw["num_workers"]
     kw.update(explicit)
     if kw.get("mlflow_uri"):
         kw["mlflow_uri"] = credentials_to_env(kw["mlflow_uri"])

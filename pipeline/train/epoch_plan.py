@@ -100,13 +100,15 @@ def to_tensors(table: pa.Table) -> dict:
 
 
 class RayDataParts:
-    """Whole parts, in the order asked, read by Ray Data (its V1 parquet reader, order preserved, no progress
-    bars), split back into parts by the manifest's row counts; with `keep`, each part read is kept in this process
+    """Whole parts, in the order asked, read by Ray Data (a read task per part: pipeline/cache/reader.py
+    parts_datasource; order preserved, no progress bars), split back into parts by the manifest's row counts; with `keep`, each part read is kept in this process
     and later epochs read no file again."""
 
     def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False,
-                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None):
+                 row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None,
+                 read_cpus: float = 1.0):
         self.files, self.rows, self.columns, self.keep = list(files), list(rows), list(columns), keep
+        self.read_cpus = read_cpus       # CPUs each Ray Data read task asks for
         self.rename = rename or {}  # cache column -> the name a step reads it by (another resolution's latents)
         # --filter (pipeline/train/row_filter.py): a part's rows that pass, `filtered_rows[p]` of them
         self.filter, self.filtered_rows = row_filter, list(filtered_rows) if filtered_rows is not None else None
@@ -141,10 +143,13 @@ class RayDataParts:
             return
         import ray.data
 
+        from pipeline.cache.reader import parts_datasource
         from pipeline.common.runtime import training_stream_context
         columns = self.columns + [c for c in (self.filter.columns if self.filter else []) if c not in self.columns]
         with training_stream_context(preserve_order=True):
-            ds = ray.data.read_parquet([self.files[p] for p in parts], columns=columns)
+            ds = ray.data.read_datasource(parts_datasource([self.files[p] for p in parts],
+                                                           [self.rows[p] for p in parts], columns),
+                                          override_num_blocks=len(parts), ray_remote_args={"num_cpus": self.read_cpus})
         k, pending, have = 0, [], 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             while len(block):

@@ -133,7 +133,8 @@ def fit(loop, job, opts: RunOptions, plan: RunPlan, res: Resources, datasets: di
     ray_hooks.install(embedded=res.mode == "local")
     trainer = TorchTrainer(
         loop, train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(opts.min_workers, opts.num_workers) if opts.min_workers
+                                     else opts.num_workers, use_gpu=opts.use_gpu,
                                      placement_strategy=opts.placement_strategy,
                                      resources_per_worker={"CPU": res.cpus, **({"GPU": 1} if opts.use_gpu else {})}),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path,

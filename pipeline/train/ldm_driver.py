@@ -3,6 +3,7 @@ with Ray Data and run the Ray Train TorchTrainer (workers: pipeline/train/ldm_lo
 exported model."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -170,22 +171,31 @@ def prepare(opts: TrainOptions, log) -> Prepared:
     return Prepared(opts, cfg, manifest, scale, prompts, plan, data, cached_emb, init.sha256 if init else "")
 
 
+def workers_text(opts) -> str:
+    return f"{opts.min_workers}-{opts.num_workers}" if opts.min_workers else str(opts.num_workers)
+
+
 def data_streams(opts: TrainOptions, plan, log) -> int:
     """The run's number of data streams (pipeline/train/epoch_plan.py Streams), fixed for the run so that it reads
     the same global batches on any number of workers: the checkpoint's when it continues one, else --data-streams,
     else --num-workers. Every worker hosts an equal share of them."""
     ckpt = plan.resume_from or (plan.known_checkpoints[0] if plan.known_checkpoints else "")
     saved = storage.read_json(storage.join(ckpt, "train_state.json"), {}) if ckpt and not plan.phase_start else {}
-    streams = saved.get("data_streams") or saved.get("world") or opts.data_streams or opts.num_workers
+    sizes = range(opts.min_workers or opts.num_workers, opts.num_workers + 1)  # elastic: any of these
+    streams = saved.get("data_streams") or saved.get("world") or opts.data_streams or math.lcm(*sizes)
     if opts.data_streams and opts.data_streams != streams:
         raise ValueError(f"--data-streams {opts.data_streams}: the run this continues reads {streams} data stream(s) "
                          f"(its data order); leave --data-streams out or pass {streams}")
-    if streams % opts.num_workers:
+    if any(streams % n for n in sizes):
         fit = [n for n in range(1, streams + 1) if streams % n == 0]
-        raise DataError(f"--num-workers {opts.num_workers} cannot share the run's {streams} data stream(s) equally: "
+        raise DataError(f"--num-workers {workers_text(opts)} cannot share the run's {streams} data stream(s) equally: "
                         f"use {' or '.join(map(str, fit))} worker(s)" + ("" if saved else
-                        " (or set --data-streams to a multiple of --num-workers)"))
-    if saved.get("world", opts.num_workers) != opts.num_workers:
+                        " (or set --data-streams to a number that each of them divides)"))
+    if opts.min_workers:
+        log(f"[train] elastic: {workers_text(opts)} workers share {streams} data stream(s); a worker-group restart "
+            f"takes as many workers as Ray can place then, and the global batch stays {streams} x "
+            f"{opts.batch_size} x {opts.grad_accum}")
+    elif saved.get("world", opts.num_workers) != opts.num_workers:
         log(f"[train] continuing a run of {saved['world']} worker(s) on {opts.num_workers}: its {streams} data "
             f"stream(s), {streams // opts.num_workers} per worker, keep the global batches and their order")
     return streams
@@ -216,12 +226,13 @@ def run_train(opts: TrainOptions, log=print) -> dict:
     side = tuple(manifest["latent_shape"][1:])
     check_fits(cfg, opts, side, log)
     data = replace(p.data, keep=keep_parts(opts, p.data.files, list(p.data.columns),
-                                           sum(p.data.filtered_rows or p.data.rows), log))
+                                           sum(p.data.filtered_rows or p.data.rows), log),
+                   read_cpus=0.0 if opts.min_workers else 1.0)
     text_id = manifest.get("text_encoder", {})
     job = LDMJob(opts, cfg, kit.worker_run(plan, res, run_id), opts.precision, tuple(manifest["latent_shape"]),
                  p.scale, p.prompts, opts.autoencoder or manifest["autoencoder"]["source"], manifest["autoencoder"],
                  opts.text_encoder or text_encoder_path(text_id), text_id, data, plan.name)
-    log(f"[train] ray {res.mode}: {opts.num_workers} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
+    log(f"[train] ray {res.mode}: {workers_text(opts)} worker(s) x {res.cpus:g} CPU ({res.threads} threads), "
         f"ZeRO-{opts.zero_stage} {opts.precision}, run dir {plan.run_dir}")
     t0 = time.time()
     result = kit.fit(train_loop_per_worker, job, opts, plan, res, {})

@@ -72,6 +72,10 @@ class TrainData:
     rename: tuple[tuple[str, str], ...] = ()   # another resolution's latent columns -> the names a step reads
     scale: int = 1                       # that resolution / the cache's first (crop offsets are the first's)
     units: tuple[tuple[int, ...], ...] = ()  # part indices of each unit; () = every part its own unit
+    # CPUs per read task. An elastic run asks none: its workers are sized to what a node can place, and under Ray
+    # Train's elastic policy Ray Data's share of the cluster is what Train's reservation leaves (often a fraction of a
+    # CPU, or nothing), where a 1-CPU read never starts. A read decompresses a part of latents, light beside the step.
+    read_cpus: float = 1.0
 
     def batches(self, o: TrainOptions, w: "Worker"):
         """This worker's data streams (epoch_plan.Streams), each planned over the run's `o.data_streams`."""
@@ -83,7 +87,7 @@ class TrainData:
         units = self.units or tuple((p,) for p in range(len(self.files)))
         sort = "key" not in self.columns  # the key orders a unit's rows and is dropped after
         reader = RayDataParts(self.files, self.rows, self.columns + (("key",) if sort else ()), self.keep, flt,
-                              self.filtered_rows, dict(self.rename))
+                              self.filtered_rows, dict(self.rename), self.read_cpus)
         reader = KeyOrderedUnits(reader, units, drop_key=sort)
         unit_rows = [sum(rows[p] for p in u) for u in units]
         if self.buckets:

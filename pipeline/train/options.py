@@ -53,7 +53,8 @@ class RunOptions:
     preset: str = "demo"
     config_yaml: str = ""
     overrides: tuple[str, ...] = ()
-    num_workers: int = 1
+    num_workers: int = 1                 # with min_workers: the most (Ray Train elastic)
+    min_workers: int = 0                 # > 0: elastic, between min_workers and num_workers (LDM job only)
     placement_strategy: str = "PACK"     # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray Train workers over nodes)
     max_steps: int = 1000
     batch_size: int = 32                 # LDM: per data stream, per micro-step; stage 1: per worker
