@@ -101,8 +101,8 @@ def to_tensors(table: pa.Table) -> dict:
 
 class RayDataParts:
     """Whole parts, in the order asked, read by Ray Data (a read task per part: pipeline/cache/reader.py
-    parts_datasource; order preserved, no progress bars), split back into parts by the manifest's row counts; with `keep`, each part read is kept in this process
-    and later epochs read no file again."""
+    parts_datasource; order preserved, no progress bars), split back into parts by the manifest's row counts; with
+    `keep`, each part read is kept in this process and later epochs read no file again."""
 
     def __init__(self, files: Sequence[str], rows: Sequence[int], columns: Sequence[str], keep: bool = False,
                  row_filter=None, filtered_rows: Sequence[int] | None = None, rename: dict | None = None,

@@ -22,9 +22,13 @@ def plan_with(tmp_path, state: dict | None, phase_start=False):
                    phase_start=phase_start)
 
 
-def test_a_new_run_takes_the_workers_or_its_own_number(tmp_path):
+def test_a_new_run_takes_the_workers_or_the_elastic_ranges_lcm(tmp_path):
     said = []
     assert data_streams(opts(num_workers=3), plan_with(tmp_path, None), said.append) == 3
+    assert data_streams(opts(num_workers=4, min_workers=2), plan_with(tmp_path, None), said.append) == 12
+    assert "elastic: 2-4 workers share 12 data stream(s)" in said[-1]
+    with pytest.raises(DataError, match="--num-workers 2-3 cannot share the run's 4 data stream"):
+        data_streams(opts(num_workers=3, min_workers=2, data_streams=4), plan_with(tmp_path, None), said.append)
     assert data_streams(opts(num_workers=2, data_streams=6), plan_with(tmp_path, None), said.append) == 6
     with pytest.raises(DataError, match="--num-workers 4 cannot share the run's 6 data stream"):
         data_streams(opts(num_workers=4, data_streams=6), plan_with(tmp_path, None), said.append)
@@ -42,3 +46,17 @@ def test_a_continued_run_keeps_its_streams_on_any_worker_count_that_divides_them
     # a new phase (--resume-from) plans its data afresh
     assert data_streams(opts(num_workers=3), plan_with(tmp_path, {"world": 2, "data_streams": 2}, True),
                         said.append) == 3
+
+
+def test_num_workers_min_max_parses_into_an_elastic_range():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "jobs"))
+    import train_ldm
+    o = train_ldm.options(train_ldm.parse(["--latents", "x", "--num-workers", "1-4"]))
+    assert (o.min_workers, o.num_workers) == (1, 4)
+    o = train_ldm.options(train_ldm.parse(["--latents", "x", "--num-workers", "3"]))
+    assert (o.min_workers, o.num_workers) == (0, 3)
+    for bad in ("4-2", "0-2", "a-b"):
+        with pytest.raises(SystemExit):
+            train_ldm.parse(["--latents", "x", "--num-workers", bad])

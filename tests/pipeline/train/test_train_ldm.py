@@ -180,12 +180,18 @@ def straight(tiny_cache, tmp_path_factory):
 def test_resume_mid_epoch_matches_uninterrupted(tiny_cache, straight, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     common = dict(mlflow_uri=uri, **STRAIGHT)
-    # the first run stops at step 13, mid-epoch, and continues on ONE worker that hosts both data streams: the same
+    # the first run stops at step 13, mid-epoch, and continues elastic (--num-workers 1-2) with 1.5 of the cluster's
+    # 2 CPUs per worker: Ray places ONE, which hosts both data streams (its reads asking no CPU beside it): the same
     # global batches, so the same losses. It streams the parts every epoch (--in-memory no), the straight one keeps
     # them after one read
     a1 = run_train(topts(tiny_cache, tmp_path, max_steps=13, name="resumed", in_memory="no", **common))
     assert a1["step"] == 13
-    a2 = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="resumed", in_memory="no", num_workers=1, **common))
+    said = []
+    a2 = run_train(topts(tiny_cache, tmp_path, max_steps=40, name="resumed", in_memory="no", min_workers=1,
+                         cpus_per_worker=1.5, **common), log=said.append)
+    assert any("elastic: 1-2 workers share 2 data stream(s)" in ln for ln in said), said
+    state = json.loads((Path(a2["checkpoint"]) / "train_state.json").read_text())
+    assert (state["world"], state["data_streams"]) == (1, 2)
     b, lb = straight
     assert a2["step"] == b["step"] == 40 and a2["images_seen"] == b["images_seen"]
     assert a2["mlflow_run_id"] == a1["mlflow_run_id"]  # one MLflow run continued
