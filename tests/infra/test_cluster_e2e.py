@@ -44,7 +44,7 @@ def stack(tmp_path_factory):
              "S3_PORT": free_port(), "RAY_CLIENT_PORT": free_port(), "DASHBOARD_AGENT_PORT": free_port(),
              "WORKER_AGENT_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "STACK_DIR": str(d), "RAY_NUM_CPUS": "2",
-           "RAY_WORKER_CPUS": "1", "VENV": str(BIN.parent)}
+           "RAY_WORKER_CPUS": "2", "VENV": str(BIN.parent)}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # the stack makes and hands out its own token
         env.pop(k, None)
     up = subprocess.run(["bash", str(ROOT / "infra" / "local" / "start.sh")], env=env, capture_output=True, text=True,
@@ -202,8 +202,10 @@ def second_node_raylet():
     return None
 
 
-def test_killing_the_second_nodes_raylet_resumes_from_the_last_checkpoint(stack):
-    """Runs last in this module: the second node is gone afterwards."""
+def test_killing_the_second_nodes_raylet_goes_on_elastic_on_one_worker(stack):
+    """An elastic run (--num-workers 1-2) with one worker per node (1.5 of each node's 2 CPUs): the second node's
+    raylet is killed, and the run goes on from its last checkpoint on the one worker the head can place, which hosts
+    both data streams (the same global batch). Runs last in this module: the second node is gone afterwards."""
     env = stack["env"]
     raylet = second_node_raylet()
     assert raylet is not None, "the stack's second node has no raylet"
@@ -211,9 +213,10 @@ def test_killing_the_second_nodes_raylet_resumes_from_the_last_checkpoint(stack)
         test_ray_job_submit_encode_then_train(stack)
     sid = f"e2e-kill-{uuid.uuid4().hex[:8]}"
     args = ["jobs/train_ldm.py", "--latents", "s3://ldm/latents", "--preset", "tiny", "conditioning.text_encoder=hf",
-            "unet.context_dim=384", "--num-workers", "2", "--zero-stage", "2", "--max-steps", "40", "--batch-size", "8",
-            "--checkpoint-every", "4", "--sample-every", "0", "--log-every", "1", "--storage-path", "s3://ldm/runs",
-            "--name", "killed", "--placement-strategy", "SPREAD", "--cpus-per-worker", "0.5", "--max-failures", "2"]
+            "unet.context_dim=384", "--num-workers", "1-2", "--zero-stage", "2", "--max-steps", "40",
+            "--batch-size", "8", "--checkpoint-every", "4", "--sample-every", "0", "--log-every", "1",
+            "--storage-path", "s3://ldm/runs", "--name", "killed", "--placement-strategy", "SPREAD",
+            "--cpus-per-worker", "1.5", "--max-failures", "2"]
     ray_bin = [str(BIN / "ray"), "job"]
     addr = ["--address", env["RAY_API_SERVER_ADDRESS"]]
     r = subprocess.run([*ray_bin, "submit", *addr, "--submission-id", sid, "--no-wait", "--working-dir", str(ROOT),
@@ -240,6 +243,9 @@ def test_killing_the_second_nodes_raylet_resumes_from_the_last_checkpoint(stack)
     # a checkpoint step, before the end, is what matters
     assert resumed and resumed[0] % 4 == 0 and 4 <= resumed[0] < 40, logs[-4000:]
     assert "ranks on 1 Ray node(s)" in logs and "done: step 40" in logs, logs[-3000:]
+    assert "elastic: 1-2 workers share 2 data stream(s)" in logs, logs[-3000:]
+    assert "written by 2 worker(s), continued on 1: the same 2 data stream(s)" in logs, logs[-3000:]
+    assert "rank 0 of 1:" in logs and f"images {40 * 8 * 2} |" in logs, logs[-3000:]  # the same global batch
 
 
 def fs_of(env):
