@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm import flow
+from ldm.flow import per_sample
 from ldm.config import DiffusionConfig
 
 
@@ -62,14 +63,10 @@ class Schedule:
         return a / (1 - a)
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
-
-
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps (eq. 1's closed form)."""
     a = alphas_cumprod.to(t.device)[t]
-    return _bcast(a.sqrt(), x0) * x0 + _bcast((1 - a).sqrt(), x0) * noise
+    return per_sample(a.sqrt(), x0) * x0 + per_sample((1 - a).sqrt(), x0) * noise
 
 
 def training_target(x0, noise, t, alphas_cumprod, parameterization: str) -> torch.Tensor:
@@ -80,7 +77,7 @@ def training_target(x0, noise, t, alphas_cumprod, parameterization: str) -> torc
         return x0
     if parameterization == "v":
         a = alphas_cumprod.to(t.device)[t]
-        return _bcast(a.sqrt(), x0) * noise - _bcast((1 - a).sqrt(), x0) * x0
+        return per_sample(a.sqrt(), x0) * noise - per_sample((1 - a).sqrt(), x0) * x0
     raise ValueError(f"unknown parameterization {parameterization!r}")
 
 

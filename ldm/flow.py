@@ -14,13 +14,14 @@ from ldm.config import DiffusionConfig
 FLOW_TIME_SCALE = 1000.0
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample value (B,) shaped to multiply x (B, ...), on x's device and dtype."""
     return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x_0 + t eps (Esser et al. 2024, eq. 2 with a_t = 1 - t, b_t = t)."""
-    return _bcast(1 - t, x0) * x0 + _bcast(t, x0) * noise
+    return per_sample(1 - t, x0) * x0 + per_sample(t, x0) * noise
 
 
 def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
