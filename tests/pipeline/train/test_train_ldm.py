@@ -43,7 +43,8 @@ def metric_history(uri, run_id, key):
 def test_zero3_run_tracks_to_mlflow_server_and_registers_a_pyfunc(tiny_cache, mlflow_server, tmp_path):
     """Two workers under ZeRO-3 with activation checkpointing (each keeps the EMA of its own partition, gathered for
     samples and the export; every other run here is ZeRO-2 or plain DDP) tracked to a real `mlflow server`; then
-    the run continues on one worker (its DeepSpeed state and EMA re-partitioned, its two data streams on one)."""
+    the run continues elastic on the one worker Ray can place (its DeepSpeed state and EMA re-partitioned, its two data
+    streams on one)."""
     stage = 3
     s = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, mlflow_uri=mlflow_server, experiment=f"zero{stage}",
                         name=f"z{stage}", overrides=TINY_TEXT + ("unet.grad_checkpointing=true",),
@@ -82,12 +83,12 @@ def test_zero3_run_tracks_to_mlflow_server_and_registers_a_pyfunc(tiny_cache, ml
         model.predict(pd.DataFrame({"caption": ["x"]}))
     # the export also lies in the last Ray checkpoint
     assert Path(s["export"]).exists()
-    said = []
-    one = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, num_workers=1, max_steps=14, name=f"z{stage}",
-                          sample_every=0, overrides=TINY_TEXT + ("unet.grad_checkpointing=true",),
+    said = []  # continued elastic (1-2 workers of 1.5 CPUs on 2): Ray places one, which hosts both data streams
+    one = run_train(topts(tiny_cache, tmp_path, zero_stage=stage, min_workers=1, cpus_per_worker=1.5, max_steps=14,
+                          name=f"z{stage}", sample_every=0, overrides=TINY_TEXT + ("unet.grad_checkpointing=true",),
                           posthoc_ema=(0.05, 0.1)), log=said.append)
     assert one["step"] == 14 and one["images_seen"] == 14 * 8 * 2  # the same global batch on one worker
-    assert any("continuing a run of 2 worker(s) on 1: its 2 data stream(s)" in ln for ln in said)
+    assert any("elastic: 1-2 workers share 2 data stream(s)" in ln for ln in said), said
     state = json.loads((Path(one["checkpoint"]) / "train_state.json").read_text())
     assert state["world"] == 1 and state["data_streams"] == 2
     for name in ("ema", "posthoc_ema_0.05", "posthoc_ema_0.1"):
