@@ -199,7 +199,6 @@ def first_rows(files: list[str], columns: list[str], n: int) -> list[dict]:
     return out
 
 
-
 def _read_part(uri: str, columns: list[str]):
     fs, path = storage.fs_and_path(uri)
     with fs.open(path, "rb") as f:

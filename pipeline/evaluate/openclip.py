@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ldm.convert.clip import blocks_to_hf, config_from_hf, openclip_to_hf
+from ldm.convert.single_file import read_single_file
 
 SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -32,12 +33,7 @@ def is_openclip_file(path: str) -> bool:
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: a bare state dict, or open_clip's training checkpoint ({"state_dict": module.*})."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state, _ = read_single_file(path)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -117,8 +113,11 @@ def load_openclip(path: str):
     meta = json.loads(side.read_text()) if side.exists() else {}
     weights = to_transformers(load_state(path))
     config = clip_config(weights, meta.get("model_cfg", {}), tokenizer.eos_token_id)
-    model = CLIPModel(config)
-    model.load_state_dict(weights, strict=True)
+    # built around the mapped weights (no random initialisation of a model the file then overwrites), strictly
+    model, info = CLIPModel.from_pretrained(None, config=config, state_dict=weights, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ValueError(f"{path}: the mapped weights do not fit CLIPModel (missing {sorted(info['missing_keys'])}, "
+                         f"unexpected {sorted(info['unexpected_keys'])})")
     pre, size = meta.get("preprocess_cfg", {}), config.vision_config.image_size
     images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                 image_mean=list(pre.get("mean", OPENAI_MEAN)),
