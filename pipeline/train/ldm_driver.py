@@ -178,7 +178,7 @@ def workers_text(opts) -> str:
 def data_streams(opts: TrainOptions, plan, log) -> int:
     """The run's number of data streams (pipeline/train/epoch_plan.py Streams), fixed for the run so that it reads
     the same global batches on any number of workers: the checkpoint's when it continues one, else --data-streams,
-    else --num-workers. Every worker hosts an equal share of them."""
+    else --num-workers (elastic MIN-MAX: the least common multiple of MIN..MAX). Every worker hosts an equal share."""
     ckpt = plan.resume_from or (plan.known_checkpoints[0] if plan.known_checkpoints else "")
     saved = storage.read_json(storage.join(ckpt, "train_state.json"), {}) if ckpt and not plan.phase_start else {}
     sizes = range(opts.min_workers or opts.num_workers, opts.num_workers + 1)  # elastic: any of these

@@ -72,9 +72,9 @@ class TrainData:
     rename: tuple[tuple[str, str], ...] = ()   # another resolution's latent columns -> the names a step reads
     scale: int = 1                       # that resolution / the cache's first (crop offsets are the first's)
     units: tuple[tuple[int, ...], ...] = ()  # part indices of each unit; () = every part its own unit
-    # CPUs per read task. An elastic run asks none: its workers are sized to what a node can place, and under Ray
-    # Train's elastic policy Ray Data's share of the cluster is what Train's reservation leaves (often a fraction of a
-    # CPU, or nothing), where a 1-CPU read never starts. A read decompresses a part of latents, light beside the step.
+    # CPUs per read task. An elastic run asks none: Ray Train places as many workers as the nodes hold, so a node may
+    # keep less than a whole CPU free, and a 1-CPU read task would wait for one forever. A read decompresses a part
+    # of latents, light beside the step.
     read_cpus: float = 1.0
 
     def batches(self, o: TrainOptions, w: "Worker"):
