@@ -14,7 +14,7 @@ from typing import Any
 
 import fsspec
 
-from ldm.checkpoint import atomic_write_bytes
+from ldm.files import atomic_write_bytes
 
 
 def sha256_files(*paths) -> str:

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ldm.kinds.lowres import downscale
 from pipeline.data.dedup import caption_hash, image_hash, phash
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
@@ -333,6 +332,7 @@ def preprocess_record(batch: dict, i: int, cfg: PreprocessConfig) -> tuple[str |
         out["layout"] = boxes.tobytes()
     out["pixels"] = arr.tobytes()
     if cfg.lowres_factor:
+        from ldm.kinds.lowres import downscale  # here: the kinds import torch, which a decode worker need not load
         out["lowres"] = downscale(arr, cfg.lowres_factor).tobytes()
     if cfg.inpaint_variants:
         out["masks"] = inpaint_masks(key, cfg).astype(np.uint8).tobytes()
