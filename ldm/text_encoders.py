@@ -77,6 +77,26 @@ def _model_class(folder: str):
         else transformers.AutoModel
 
 
+def tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded and truncated to max_length."""
+    tok = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return tok["input_ids"], tok["attention_mask"]
+
+
+class CaptionTokenizer:
+    """The (first) text encoder's tokenizer alone: what a cache keeps of a caption when it keeps no embeddings (its
+    ids and mask), without loading the encoder's weights."""
+
+    def __init__(self, path: str = "", max_length: int = 77):
+        from transformers import AutoTokenizer
+        folder = encoder_folders(resolve_local_dir(path) if path else default_text_encoder_path())[0][1]
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.max_length = max_length
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(self.tokenizer, captions, self.max_length)
+
+
 class FrozenHFTextEncoder(nn.Module):
     """tau(y) from a frozen pretrained text encoder: its last hidden states (after the final norm), or those of its
     penultimate layer (SDXL); with `mask_padding` the tokens' mask goes into the encoder (and, by the caller, into
@@ -100,9 +120,7 @@ class FrozenHFTextEncoder(nn.Module):
             if hasattr(self.model, "text_projection") else self.dim
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return tok["input_ids"], tok["attention_mask"]
+        return tokenize(self.tokenizer, captions, self.max_length)
 
     @torch.no_grad()
     def encode_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
@@ -212,9 +230,7 @@ class TransformerTextEncoder(nn.Module):
         return self._tokenizer
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return tok["input_ids"], tok["attention_mask"]
+        return tokenize(self.tokenizer, captions, self.max_length)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.token_emb(input_ids) + self.pos_emb[:, : input_ids.shape[1]]

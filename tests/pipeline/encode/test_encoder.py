@@ -37,3 +37,12 @@ def test_precisions_agree_with_fp32_and_unknown_settings_are_refused():
         LatentEncoder("random:tiny", "", "none", 16, False, 16, precision="fp16")
     with pytest.raises(ValueError, match="compile 'yes'"):
         LatentEncoder("random:tiny", "", "none", 16, False, 16, compile="yes")
+
+
+def test_without_embeddings_the_actor_loads_the_tokenizer_alone_and_tokenizes_the_same():
+    """A cache that keeps no text embeddings needs no text encoder weights in the actor, and the same tokens."""
+    lean, full = (LatentEncoder("random:tiny", "", "", 16, keep, 16) for keep in (False, True))
+    assert not hasattr(lean.text, "model") and hasattr(full.text, "model")
+    captions = ["a photo of a coat", "a dress, " * 20]  # the second one is truncated to max_length
+    for a, b in zip(lean.text.tokenize(captions), full.text.tokenize(captions)):
+        assert a.shape == (2, 16) and torch.equal(a, b)
