@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--autoencoder", default="random:demo")
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--num-encoders", type=int, default=1)
+    ap.add_argument("--num-encoders", type=int, default=0, help="the job's encoder actors (0 = its default, auto)")
     ap.add_argument("--scale", type=int, default=10, help="input multiple for the memory comparison")
     ap.add_argument("--baseline", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     add_tiny(ap)
@@ -144,7 +144,7 @@ def main() -> None:
         t_j, m_j, _ = run_measured(job + ["--input", str(tmp / f"in{mult}"), "--output", str(tmp / f"out{mult}")])
         res[mult] = (t_l, m_l, t_j, m_j)
     print(f"\nencode throughput (Fashion-MNIST, {a.autoencoder}, {a.resolution}px, batch {a.batch_size}, "
-          f"{a.num_encoders} encoder actor(s), {os.cpu_count()} CPUs; end to end, Ray start-up included)")
+          f"{a.num_encoders or 'auto'} encoder actor(s), {os.cpu_count()} CPUs; end to end, Ray start-up included)")
     for mult, (t_l, m_l, t_j, m_j) in res.items():
         n = a.images * mult
         print(f"  {n:6d} images: loop {n / t_l:7.1f} img/s ({t_l:5.1f} s) | job {n / t_j:7.1f} img/s ({t_j:5.1f} s) "

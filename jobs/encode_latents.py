@@ -133,8 +133,12 @@ def parse(argv=None):
                          "caption is the same too (case and spaces ignored), so one image with several captions "
                          "keeps them all")
     r = p.add_argument_group("Ray Data resources")
-    r.add_argument("--num-encoders", type=int, default=1, help="encoder actors (ActorPoolStrategy size)")
-    r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs reserved by each encoder actor")
+    r.add_argument("--num-encoders", type=int, default=0,
+                   help="encoder actors (ActorPoolStrategy size); 0 = auto: with --cpus-per-encoder 0 on the embedded "
+                        "Ray without GPUs, one single-threaded encoder per CPU, else 1")
+    r.add_argument("--cpus-per-encoder", type=float, default=0.0,
+                   help="CPUs reserved by each encoder actor; 0 = auto: with --num-encoders 0 on the embedded Ray "
+                        "without GPUs, the CPUs one decode task (--cpus-per-decoder) leaves, shared, else 1")
     r.add_argument("--encoder-threads", type=int, default=0,
                    help="torch threads of each encoder actor on a CPU (0 = its --cpus-per-encoder, at least 1); more "
                         "than it reserves lets one actor use the cores the decode tasks leave idle once they are done")

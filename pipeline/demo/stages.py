@@ -61,7 +61,8 @@ def encode_cache(out: Path, autoencoder: str, uri: str, log, task: Task, threads
                                                                 inpaint_variants=task.inpaint_variants,
                                                                 label_maps=task.label_maps),
                                     text_encoder="" if task.text else "none", max_length=16,
-                                    store_text_embeddings=task.text, batch_size=128, encoder_threads=threads,
+                                    store_text_embeddings=task.text, batch_size=128, num_encoders=1,
+                                    cpus_per_encoder=1.0, encoder_threads=threads,
                                     mlflow_uri=uri, experiment="demo-encode"), log)
 
 

@@ -17,13 +17,14 @@ class LatentEncoder:
     """precision: fp32; autocast (fp32 weights, bf16 matmuls/convs); bf16 (bf16 weights and activations, norm
     statistics accumulated in fp32); auto = bf16 on a GPU, fp32 on a CPU.
     compile: torch.compile the encoder (GroupNorm + SiLU fused; a one-off compile per actor); auto = on a GPU.
-    bf16 + compile is the fastest of these on a GPU and channels_last helps neither, so it is off by default
-    (docs/benchmarks.md, bench/mfu.py). On a GPU the pixels go through a pinned buffer and their scaling to [-1, 1]
-    runs inside the compiled graph. cudnn_benchmark lets cuDNN time its algorithms once per shape."""
+    bf16 + compile is the fastest of these on a GPU and channels_last helps neither, so it is off there by default
+    (docs/benchmarks.md, bench/mfu.py); on a CPU channels_last (None = auto) is on: oneDNN's convolutions run NHWC
+    about 15% faster on one thread (docs/measurements.md). On a GPU the pixels go through a pinned buffer and their
+    scaling to [-1, 1] runs inside the compiled graph. cudnn_benchmark lets cuDNN time its algorithms once per shape."""
 
     def __init__(self, autoencoder: str, autoencoder_preset: str, text_encoder: str, max_length: int,
                  store_text_embeddings: bool, resolution: int, threads: int = 1, tracking_uri: str = "",
-                 precision: str = "auto", compile: str = "auto", channels_last: bool = False,
+                 precision: str = "auto", compile: str = "auto", channels_last: bool | None = None,
                  cudnn_benchmark: bool = True, flip: bool = False, bucket: bool = False,
                  extra_resolutions: tuple[int, ...] = ()):
         from pipeline.common.models import load_autoencoder
@@ -39,6 +40,8 @@ class LatentEncoder:
         precision = resolve(precision, cuda=self.device == "cuda")
         self.autocast = precision == "autocast"
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if channels_last is None:
+            channels_last = self.device == "cpu"
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.ae = load_autoencoder(autoencoder, autoencoder_preset, tracking_uri).model
         self.ae = self.ae.to(self.device, self.dtype).to(memory_format=fmt)
@@ -49,13 +52,12 @@ class LatentEncoder:
         self.flip = flip  # also encode each image mirrored left-right (--flip-latents)
         self.bucket = bucket  # rows of several sizes (aspect buckets): latents as one flat array per row
         self.extra = tuple(extra_resolutions)  # the same crops at these resolutions too (a multi-resolution cache)
-        self.text = None
-        self.tokenizer = None
+        self.text = None  # the frozen text encoder(s) with --store-text-embeddings, else its tokenizer alone
         self.store_text_embeddings = store_text_embeddings
         if text_encoder != "none":
-            from ldm.text_encoders import load_frozen_text
-            self.text = load_frozen_text(text_encoder, max_length).to(self.device)
-            self.tokenizer = self.text.tokenizer
+            from ldm.text_encoders import CaptionTokenizer, load_frozen_text
+            self.text = load_frozen_text(text_encoder, max_length).to(self.device) if store_text_embeddings \
+                else CaptionTokenizer(text_encoder, max_length)
         self.max_length = max_length
         self.node = node_id()
 

@@ -33,8 +33,8 @@ class EncodeOptions:
     max_length: int = 77
     store_text_embeddings: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    num_encoders: int = 1
-    cpus_per_encoder: float = 1.0
+    num_encoders: int = 0                # 0 = auto (encoder_pool): one per CPU on an embedded Ray without GPUs, else 1
+    cpus_per_encoder: float = 0.0        # 0 = auto (encoder_pool): there, the CPUs a decode task leaves shared; else 1
     encoder_threads: int = 0             # torch threads per encoder actor; 0 = its reserved CPUs (at least 1)
     gpus_per_encoder: float = -1.0       # -1: 1 when the cluster has GPUs, else 0
     cpus_per_decoder: float = 0.5
@@ -148,8 +148,8 @@ def run_encode(opts: EncodeOptions, log=print) -> dict:
     try:
         kept, precision = 0, ""
         if todo:
-            precision, records = encoded_records(opts, todo, shard_set.layout, log,
-                                                 part_files(opts.output, ledger.manifest))
+            opts, precision, records = encoded_records(opts, todo, shard_set.layout, log,
+                                                       part_files(opts.output, ledger.manifest))
             kept = write_encoded(write_stage(records, opts, latent_shape[0], ledger.run), ledger, len(todo), log)
     finally:
         ledger.write_manifest()  # the commits so far, compacted, whatever happened
@@ -257,10 +257,25 @@ def whole_pool_context(mode: str):
         ctx.wait_for_min_actors_s = old
 
 
+def encoder_pool(opts: EncodeOptions, mode: str, cpus: float, gpus: float) -> EncodeOptions:
+    """The options with the encoder pool resolved: its size, CPUs and torch threads per actor. Auto (0 for both) on the
+    embedded Ray without GPUs: one single-threaded encoder per CPU, the actors sharing what one decode task leaves (on
+    2 cores two one-thread actors encode faster beside the decode tasks than one actor of two threads, whose threads
+    wait for each other whenever a decode task takes a core: docs/measurements.md). Elsewhere one encoder of 1 CPU:
+    a cluster's pool is sized by its user (--num-encoders, --cpus-per-encoder)."""
+    n, each = opts.num_encoders, opts.cpus_per_encoder
+    if mode == "local" and gpus == 0 and not n and not each:
+        n = max(1, int(cpus))
+        each = round(max(0.1, (cpus - opts.cpus_per_decoder) / n), 3)
+    n, each = n or 1, each or 1.0
+    return replace(opts, num_encoders=n, cpus_per_encoder=each,
+                   encoder_threads=opts.encoder_threads or max(1, int(each)))
+
+
 def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, done_files: list[str] = ()):
-    """(the encoders' precision, resolved on their device; the Ray Data chain: preprocessed records of `shards`
-    (without duplicates of the cache's rows, `done_files`, or of each other, with --dedup), encoded by a pool of
-    LatentEncoder actors)."""
+    """(the options with the encoder pool resolved; the encoders' precision, resolved on their device; the Ray Data
+    chain: preprocessed records of `shards` (without duplicates of the cache's rows, `done_files`, or of each other,
+    with --dedup), encoded by a pool of LatentEncoder actors)."""
     import ray
 
     from pipeline.common.runtime import init_ray
@@ -270,7 +285,8 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     gpus = opts.gpus_per_encoder
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    threads = opts.encoder_threads or max(1, int(opts.cpus_per_encoder))
+    opts = encoder_pool(opts, mode, ray.cluster_resources().get("CPU", 1), gpus)
+    threads = opts.encoder_threads
     precision = resolve_precision(opts.precision, cuda=gpus > 0)
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
         f"{gpus} GPU, {threads} thread(s)), batch {opts.batch_size}, {precision}")
@@ -278,7 +294,7 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     with whole_pool_context(mode):
         ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size,
                                   dedup)
-    return precision, ds.map_batches(
+    return opts, precision, ds.map_batches(
         LatentEncoder, batch_size=opts.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=opts.num_encoders), num_cpus=opts.cpus_per_encoder, num_gpus=gpus,
         fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,

@@ -5,16 +5,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from ldm.metrics import psnr
 from pipeline.common import storage
-from pipeline.encode.flow import EncodeOptions, run_encode
+from pipeline.encode.flow import EncodeOptions, encoder_pool, run_encode
 from pipeline.cache.reader import part_files, read_manifest
 from pipeline.encode.latent_cache import CacheMismatch
 from pipeline.common.models import load_autoencoder
@@ -204,7 +206,30 @@ def test_mlflow_summary(ray_local, fmnist_shards, tmp_path):
     mlflow.set_tracking_uri(uri)
     run = mlflow.get_run(s["mlflow_run_id"])
     assert run.data.metrics["kept"] == s["kept"] and run.data.params["preprocess.resolution"] == "16"
+    cpus = ray.cluster_resources()["CPU"]  # the pool as it ran (auto: one single-threaded encoder per CPU), not "0"
+    assert (run.data.params["num_encoders"], run.data.params["encoder_threads"]) == (str(int(cpus)), "1")
     assert "manifest.json" in [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+
+
+def test_decode_and_write_tasks_do_not_import_torch():
+    """Every Ray worker that runs a read, decode or write task imports these modules; torch would cost each ~2 s."""
+    code = ("import sys, pipeline.data.datasets, pipeline.encode.latent_cache; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_encoder_pool_auto_on_the_embedded_cpu_ray_else_one_encoder_of_one_cpu():
+    o = EncodeOptions(input="", output="", autoencoder="random:tiny")
+    assert (o.num_encoders, o.cpus_per_encoder) == (0, 0.0)  # auto
+    local = encoder_pool(o, "local", 2, 0)  # one single-threaded encoder per CPU, beside one decode task (0.5 CPU)
+    assert (local.num_encoders, local.cpus_per_encoder, local.encoder_threads) == (2, 0.75, 1)
+    assert encoder_pool(o, "local", 8, 0).cpus_per_encoder == 0.938
+    for mode, gpus in (("cluster", 0), ("local", 1)):  # a cluster's pool or a GPU's: one encoder of 1 CPU
+        p = encoder_pool(o, mode, 8, gpus)
+        assert (p.num_encoders, p.cpus_per_encoder, p.encoder_threads) == (1, 1.0, 1)
+    mine = encoder_pool(replace(o, num_encoders=3, encoder_threads=2), "local", 2, 0)  # given: kept (CPUs: 1 each)
+    assert (mine.num_encoders, mine.cpus_per_encoder, mine.encoder_threads) == (3, 1.0, 2)
 
 
 def _encode_cmd(inp, out):
