@@ -86,7 +86,7 @@ def test_super_resolution_task_from_lowres_copies_to_samples(label_cache, tmp_pa
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.data.preprocess import downscale
+    from ldm.kinds.lowres import downscale
     cache, _ = label_cache
     m = read_manifest(cache)
     assert m["preprocess"]["lowres_factor"] == 4
